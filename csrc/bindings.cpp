@@ -1,0 +1,98 @@
+// kernels._C: pybind11 bindings. No libtorch: arguments are addresses (Python ints), sizes,
+// strides, dtype codes and stream handles. The Python side (kernels/*.py) validates tensors,
+// allocates outputs and passes tensor.data_ptr(). CPU kernels release the GIL while they run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common.h"
+#include "cpu/kernels_cpu.h"
+#ifdef KERNELS_WITH_CUDA
+#include "cuda/kernels_cuda.h"
+#endif
+
+namespace py = pybind11;
+using kernels::cpu::available_isas;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t addr) {
+  return reinterpret_cast<T*>(addr);
+}
+
+#ifndef KERNELS_WITH_CUDA
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error(
+      "kernels._C was built without CUDA (nvcc was not found at build time, or KERNELS_NO_CUDA=1 "
+      "was set); rebuild with nvcc on PATH to use the CUDA kernels");
+}
+#endif
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = KERNELS_VERSION;
+  d["cxx_compiler"] = KERNELS_CXX_COMPILER;
+#ifdef KERNELS_HAVE_OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["cpu_isas"] = available_isas();
+#ifdef KERNELS_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_compiler"] = KERNELS_CUDA_COMPILER;
+  d["cuda_archs"] = KERNELS_CUDA_ARCHS;
+  d["cuda_runtime"] = kernels::cuda::runtime_version();
+#else
+  d["cuda"] = false;
+  d["cuda_compiler"] = py::none();
+  d["cuda_archs"] = py::none();
+  d["cuda_runtime"] = py::none();
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Compiled kernels (C++ CPU and CUDA) behind the kernels package";
+  m.def("build_info", &build_info, "How this module was built");
+
+  // ------------------------------------------------------------------ CPU
+  m.def("cpu_isas", &available_isas, "CPU instruction sets built in and supported here");
+  m.def("cpu_isa", &kernels::cpu::current_isa, "The CPU instruction set the kernels use now");
+  m.def("set_cpu_isa", &kernels::cpu::set_isa, py::arg("name"),
+        "Use another CPU instruction set ('' restores the automatic choice)");
+
+  m.def(
+      "rms_norm_fwd_cpu",
+      [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t cols,
+         int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, float eps, int threads) {
+        kernels::cpu::rms_norm_fwd(ptr<const void>(x), ptr<const void>(w), ptr<void>(y),
+                                   ptr<float>(rstd), rows, cols, x_stride, y_stride, x_dtype,
+                                   w_dtype, eps, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "rms_norm_bwd_cpu",
+      [](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw,
+         int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
+         int x_dtype, int w_dtype, int threads) {
+        kernels::cpu::rms_norm_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const void>(w),
+                                   ptr<const float>(rstd), ptr<void>(dx), ptr<void>(dw), rows,
+                                   cols, dy_stride, x_stride, dx_stride, x_dtype, w_dtype,
+                                   threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  // ------------------------------------------------------------------ CUDA
+#ifdef KERNELS_WITH_CUDA
+  m.def("rms_norm_fwd_cuda", &kernels::cuda::rms_norm_fwd);
+  m.def("rms_norm_bwd_cuda", &kernels::cuda::rms_norm_bwd);
+  m.def("rms_norm_max_cols_cuda", &kernels::cuda::rms_norm_max_cols);
+#else
+  m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("rms_norm_max_cols_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
+#endif
+}

@@ -1,0 +1,134 @@
+// Shared by the C++ and CUDA sources: dtype codes, error checks, and scalar conversions.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace kernels {
+
+// Must match DTYPE_CODES in kernels/_dispatch.py.
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+inline DType to_dtype(int code, const char* arg) {
+  if (code < 0 || code > 2) {
+    std::ostringstream msg;
+    msg << arg << ": unknown dtype code " << code << " (expected 0=float32, 1=float16, 2=bfloat16)";
+    throw std::invalid_argument(msg.str());
+  }
+  return static_cast<DType>(code);
+}
+
+#define KERNELS_CHECK(cond, msg_expr)                                    \
+  do {                                                                   \
+    if (!(cond)) {                                                       \
+      std::ostringstream kernels_msg_;                                   \
+      kernels_msg_ << msg_expr;                                          \
+      throw std::invalid_argument(kernels_msg_.str());                   \
+    }                                                                    \
+  } while (0)
+
+// Storage types for 16-bit floats on the CPU side. CUDA code uses __half / __nv_bfloat16.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+
+inline float to_float(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Portable IEEE half <-> single conversions (round to nearest even), used where the compiler
+// has no _Float16. Kept always compiled so they can be checked against _Float16.
+inline float half_bits_to_float(uint16_t bits) {
+  uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  uint32_t exp = (bits >> 10) & 0x1fu;
+  uint32_t man = bits & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    uint32_t shift = 0;
+    while (!(man & 0x400u)) { man <<= 1; ++shift; }
+    u = sign | ((113u - shift) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_half_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  uint32_t absu = u & 0x7fffffffu;
+  if (absu > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (absu >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (absu < 0x38800000u) {  // subnormal or zero in half
+    if (absu < 0x33000000u) return sign;
+    uint32_t m = (absu & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126u - (absu >> 23);  // value / 2^-24 = m >> shift
+    uint32_t q = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u);
+    uint32_t halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  uint32_t q = absu - 0x38000000u;  // rebias exponent 127 -> 15
+  uint32_t rem = q & 0x1fffu;
+  q >>= 13;
+  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;
+  return static_cast<uint16_t>(sign | q);
+}
+
+inline float to_float(f16_t v) {
+#if defined(__FLT16_MAX__)
+  _Float16 h;
+  std::memcpy(&h, &v.bits, sizeof(h));
+  return static_cast<float>(h);
+#else
+  return half_bits_to_float(v.bits);
+#endif
+}
+
+template <typename T> inline T from_float(float v);
+
+template <> inline float from_float<float>(float v) { return v; }
+
+template <> inline bf16_t from_float<bf16_t>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bf16_t{static_cast<uint16_t>(u >> 16)};
+}
+
+template <> inline f16_t from_float<f16_t>(float v) {
+#if defined(__FLT16_MAX__)
+  _Float16 h = static_cast<_Float16>(v);
+  f16_t out;
+  std::memcpy(&out.bits, &h, sizeof(h));
+  return out;
+#else
+  return f16_t{float_to_half_bits(v)};
+#endif
+}
+
+}  // namespace kernels

@@ -1,0 +1,34 @@
+// CPU kernels. Each kernel source is compiled once per instruction set (see CMakeLists.txt),
+// into the namespace kernels::cpu::<isa>. kernels::cpu::<name>() in dispatch.cpp calls the
+// best variant the running CPU supports.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#define KERNELS_CPU_DECLARE_KERNELS                                                          \
+  void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows,         \
+                    int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, \
+                    float eps, int num_threads);                                              \
+  void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx, \
+                    void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, \
+                    int64_t dx_stride, int x_dtype, int w_dtype, int num_threads);
+
+namespace kernels {
+namespace cpu {
+
+namespace baseline { KERNELS_CPU_DECLARE_KERNELS }
+namespace avx2 { KERNELS_CPU_DECLARE_KERNELS }
+namespace avx512 { KERNELS_CPU_DECLARE_KERNELS }
+
+// Dispatching entry points: the same signatures, routed to the selected ISA.
+KERNELS_CPU_DECLARE_KERNELS
+
+// Instruction sets compiled into this build and supported by this CPU, best last.
+std::vector<std::string> available_isas();
+// The ISA used now; set_isa() overrides the automatic choice (for tests and benchmarks).
+std::string current_isa();
+void set_isa(const std::string& name);
+
+}  // namespace cpu
+}  // namespace kernels

@@ -1,0 +1,15 @@
+// Module-wide CUDA helpers.
+#include <string>
+
+#include "cuda/common.cuh"
+#include "cuda/kernels_cuda.h"
+
+namespace kernels {
+namespace cuda {
+
+std::string runtime_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+}  // namespace cuda
+}  // namespace kernels

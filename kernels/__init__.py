@@ -1,0 +1,51 @@
+"""Compiled kernels for LLaMA-family models: Triton, CUDA and C++ CPU, each with a PyTorch reference.
+
+Public ops choose a backend per call (see kernels._dispatch): CUDA, then Triton, then C++ CPU
+or the reference. `KERNELS_BACKEND=torch|triton|cuda|cpu` or `use_backend(...)` forces one.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from ._dispatch import BACKENDS, available_backends, capabilities, use_backend
+from .rms_norm import rms_norm, rms_norm_reference
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "build_info",
+    "rms_norm",
+    "rms_norm_reference",
+    "use_backend",
+]
+
+
+def build_info() -> dict:
+    """How the kernels were built and what this process can run."""
+    caps = capabilities()
+    info = {"version": __version__}
+    if caps.ext is not None:
+        ext = dict(caps.ext.build_info())
+        info.update({k: v for k, v in ext.items() if k != "version"})
+        info["extension_version"] = ext["version"]
+        info["cpu_isa"] = caps.ext.cpu_isa()
+    else:
+        info["extension_error"] = caps.ext_error
+    info.update(
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        triton=caps.triton_version,
+        triton_interpreter=caps.interpreter,
+        python=platform.python_version(),
+        cuda_device=torch.cuda.get_device_name() if caps.cuda_available else None,
+        backends={
+            "cpu": available_backends("cpu"),
+            **({"cuda": available_backends("cuda")} if caps.cuda_available else {}),
+        },
+        forced_backend=os.environ.get("KERNELS_BACKEND") or None,
+    )
+    return info

@@ -1,0 +1,163 @@
+"""Capability detection and backend choice.
+
+Each op runs on one of four backends, tried in this order for the tensor's device:
+
+* ``cuda``   - hand-written CUDA kernels in ``kernels._C`` (CUDA tensors, module built with nvcc)
+* ``triton`` - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
+  and then only when forced, since the interpreter is for testing, not speed)
+* ``cpu``    - C++ kernels in ``kernels._C`` (CPU tensors)
+* ``torch``  - the PyTorch reference, always available
+
+``KERNELS_BACKEND=torch|triton|cuda|cpu`` or ``with kernels.use_backend(...)`` forces one; a
+forced backend that cannot run the call raises. An automatic fallback is logged once per op and
+reason on the ``kernels`` logger.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional
+
+import torch
+
+log = logging.getLogger("kernels")
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+# Codes for the dtypes the compiled kernels take; must match DType in csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kernels_backend", default=None)
+_logged: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    ext: object  # the kernels._C module, or None
+    ext_error: Optional[str]  # why kernels._C could not be imported
+    ext_cuda: bool  # kernels._C was built with CUDA
+    triton_version: Optional[str]
+    triton_error: Optional[str]
+    interpreter: bool  # TRITON_INTERPRET=1
+    cuda_available: bool  # torch sees a CUDA device
+
+
+@functools.lru_cache(maxsize=None)
+def capabilities() -> Capabilities:
+    try:
+        ext = importlib.import_module("kernels._C")
+        ext_error = None
+    except ImportError as e:  # not built (source checkout) or built for another Python
+        ext, ext_error = None, f"kernels._C is not importable ({e}); build it with `pip install -e .`"
+    try:
+        import triton
+
+        triton_version, triton_error = triton.__version__, None
+    except ImportError as e:
+        triton_version, triton_error = None, f"triton is not importable ({e})"
+    return Capabilities(
+        ext=ext,
+        ext_error=ext_error,
+        ext_cuda=bool(ext is not None and ext.build_info()["cuda"]),
+        triton_version=triton_version,
+        triton_error=triton_error,
+        interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        cuda_available=torch.cuda.is_available(),
+    )
+
+
+def ext():
+    """The compiled module; raises with the reason when it is missing."""
+    caps = capabilities()
+    if caps.ext is None:
+        raise RuntimeError(caps.ext_error)
+    return caps.ext
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by use_backend() or KERNELS_BACKEND, or None for automatic choice."""
+    name = _forced.get() or os.environ.get("KERNELS_BACKEND", "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"KERNELS_BACKEND: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend for the ops called inside the block (None restores automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"name: unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or None")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on `device` at all, or None if it can."""
+    caps = capabilities()
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        if caps.ext is None:
+            return caps.ext_error
+        return None if caps.ext_cuda else "kernels._C was built without CUDA"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device.type}"
+        return caps.ext_error
+    if backend == "triton":
+        if caps.triton_error:
+            return caps.triton_error
+        if device.type == "cuda" or (device.type == "cpu" and caps.interpreter):
+            return None
+        return f"triton needs CUDA tensors, or TRITON_INTERPRET=1 for {device.type} tensors"
+    raise ValueError(f"backend: unknown backend {backend!r}")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that could run on `device`, in the order they are preferred."""
+    device = torch.device(device)
+    order = _preference(device)
+    return [b for b in order if unavailable(b, device) is None]
+
+
+def _preference(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+
+
+def log_once(op: str, message: str) -> None:
+    key = (op, message)
+    if key not in _logged:
+        _logged.add(key)
+        log.warning("%s: %s", op, message)
+
+
+def choose(op: str, device: torch.device, unsupported: Mapping[str, Callable[[], Optional[str]]] = {}) -> str:
+    """Pick the backend for one call of `op`.
+
+    `unsupported` maps a backend to a check returning why it cannot take this particular call
+    (an odd size, say), or None. A forced backend that cannot run raises RuntimeError.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable(forced, device) or (unsupported[forced]() if forced in unsupported else None)
+        if reason:
+            raise RuntimeError(f"{op}: backend {forced!r} was forced but cannot run this call: {reason}")
+        return forced
+    skipped = []
+    for backend in _preference(device):
+        reason = unavailable(backend, device) or (unsupported[backend]() if backend in unsupported else None)
+        if reason is None:
+            if skipped:
+                log_once(op, f"using {backend} instead of " + "; ".join(skipped))
+            return backend
+        skipped.append(f"{backend} ({reason})")
+    raise AssertionError("the torch backend is always available")

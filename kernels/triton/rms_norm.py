@@ -1,0 +1,143 @@
+"""Triton RMSNorm: forward, and backward with per-program partial sums for the weight gradient.
+
+A row that fits in one block (up to MAX_FUSED_BLOCK elements) is loaded once and kept in
+registers; longer rows are walked in chunks, reading x twice.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FUSED_BLOCK = 8192  # longest row held in registers at once
+LOOP_BLOCK = 4096  # chunk size for longer rows
+
+
+@triton.jit
+def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    y_row = Y + row * stride_y
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + start + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N,
+    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """Program p handles rows p, p + P, ...; dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) and
+    DW_PARTIAL[p] = sum over its rows of dy * xhat."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    part_row = DW_PARTIAL + pid.to(tl.int64) * N
+    if ONE_BLOCK:
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(pid, M, num_programs):
+            row64 = row.to(tl.int64)
+            rstd = tl.load(RSTD + row64)
+            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = x * rstd
+            gw = g * w
+            mean = tl.sum(gw * xhat, axis=0) / N
+            dx = rstd * (gw - xhat * mean)
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += g * xhat
+        tl.store(part_row + cols, dw, mask=mask)
+    else:
+        for start in range(0, N, BLOCK):
+            tl.store(part_row + start + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=start + cols < N)
+        for row in range(pid, M, num_programs):
+            row64 = row.to(tl.int64)
+            rstd = tl.load(RSTD + row64)
+            x_row = X + row64 * stride_x
+            g_row = DY + row64 * stride_dy
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                mask = start + cols < N
+                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                acc += g * w * x
+            mean = tl.sum(acc, axis=0) * rstd / N
+            for start in range(0, N, BLOCK):
+                mask = start + cols < N
+                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = rstd * (g * w - xhat * mean)
+                tl.store(DX + row64 * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                part = tl.load(part_row + start + cols, mask=mask, other=0.0)
+                tl.store(part_row + start + cols, part + g * xhat, mask=mask)
+
+
+def _block(n: int, max_block: int) -> tuple[int, bool]:
+    block = triton.next_power_of_2(n)
+    if block <= max_block:
+        return block, True
+    return min(LOOP_BLOCK, max_block), False
+
+
+def _num_warps(block: int) -> int:
+    return min(max(block // 256, 1), 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_partials_cap(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs are enough to exercise the reduction
+
+
+def rms_norm_fwd(x, w, eps, y, rstd, max_block: int = MAX_FUSED_BLOCK):
+    """x, y: (M, N) with unit column stride; w: (N,); rstd: (M,) fp32. Writes y and rstd."""
+    m, n = x.shape
+    if m == 0:
+        return
+    block, one_block = _block(n, max_block)
+    _fwd_kernel[(m,)](
+        x, w, y, rstd, x.stride(0), y.stride(0), n, eps,
+        BLOCK=block, ONE_BLOCK=one_block, num_warps=_num_warps(block),
+    )
+
+
+def rms_norm_bwd(dy, x, w, rstd, dx, dw, max_block: int = MAX_FUSED_BLOCK):
+    """Writes dx (M, N) and dw (N,) in their own dtypes."""
+    m, n = x.shape
+    programs = max(1, min(m, _num_partials_cap(x.device)))
+    partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    block, one_block = _block(n, max_block)
+    if m > 0:
+        _bwd_kernel[(programs,)](
+            dy, x, w, rstd, dx, partial, dy.stride(0), x.stride(0), dx.stride(0), m, n,
+            BLOCK=block, ONE_BLOCK=one_block, num_warps=_num_warps(block),
+        )
+    else:
+        partial.zero_()
+    dw.copy_(partial.sum(dim=0))
