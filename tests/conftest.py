@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. It must be set
+# before any kernel is decorated, so before kernels.triton.* is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Set-ups that force a backend would leak into every test.
+os.environ.pop("KERNELS_BACKEND", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,98 @@
+"""RMSNorm on a GPU: the CUDA and Triton kernels against the reference at full sizes, in bf16 too."""
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import _dispatch
+import kernels.rms_norm  # noqa: F401
+from tests.helpers import assert_close, poisoned
+
+pytestmark = pytest.mark.gpu
+rms_mod = sys.modules["kernels.rms_norm"]
+
+# LLaMA widths (2048, 4096, 8192, 16384), FFN 5504, and ragged ones that defeat vector loads.
+SHAPES = [(4096, 2048), (333, 4097), (1000, 8192), (64, 16384), (7, 5504), (5, 1000), (2, 40000)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _backends():
+    return [b for b in ("cuda", "triton") if b in kernels.available_backends("cuda")]
+
+
+def _fits_cuda(x2, w):
+    return rms_mod._cuda_unsupported(x2, w) is None
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_fp32", [False, True], ids=["w_same", "w_fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_backward(backend, dtype, w_fp32, shape):
+    if backend not in _backends():
+        pytest.fail(f"{backend} backend unavailable on this GPU machine: {kernels.build_info()}")
+    x = (3 * torch.randn(shape, device="cuda")).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], device="cuda")).to(torch.float32 if w_fp32 else dtype)
+    if backend == "cuda" and not _fits_cuda(x, w):
+        pytest.skip("longer than the CUDA kernel takes; the dispatcher sends it to Triton")
+    y, rstd = poisoned(shape, dtype, "cuda"), poisoned(shape[:1], torch.float32, "cuda")
+    rms_mod.FORWARD[backend](x, w, 1e-5, y, rstd)
+    assert_close(y, kernels.rms_norm_reference(x, w, 1e-5), dtype)
+
+    dy = torch.randn(shape, device="cuda").to(dtype)
+    dx, dw = poisoned(shape, dtype, "cuda"), poisoned(w.shape, w.dtype, "cuda")
+    rms_mod.BACKWARD[backend](dy, x, w, rstd, dx, dw)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref_dx, ref_dw = torch.autograd.grad(kernels.rms_norm_reference(x64, w64, 1e-5), (x64, w64), dy.double())
+    assert_close(dx, ref_dx, dtype)
+    assert_close(dw, ref_dw, w.dtype, scale=max(1.0, shape[0] ** 0.5))
+
+
+def test_unaligned_long_rows_fall_back_to_triton(caplog, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    x = torch.randn(3, 10001, device="cuda", dtype=torch.float16)
+    w = torch.randn(10001, device="cuda", dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="kernels"):
+        y = kernels.rms_norm(x, w)
+    assert_close(y, kernels.rms_norm_reference(x, w), torch.float16)
+    assert any("using triton instead of cuda" in r.getMessage() for r in caplog.records)
+    with kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="exceed the CUDA kernel"):
+        kernels.rms_norm(x, w)
+
+
+def test_runs_on_the_current_stream_and_in_a_cuda_graph():
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    expected = kernels.rms_norm_reference(x, w)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for backend in _backends():  # warm up (Triton compiles) outside the capture
+            with kernels.use_backend(backend):
+                kernels.rms_norm(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    for backend in _backends():
+        graph = torch.cuda.CUDAGraph()
+        with kernels.use_backend(backend), torch.cuda.graph(graph):
+            out = kernels.rms_norm(x, w)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, kernels.rms_norm_reference(x, w), torch.bfloat16)
+        assert not torch.equal(out, expected)
+
+
+def test_autograd_and_compile_bf16():
+    torch._dynamo.reset()
+    x = torch.randn(4, 256, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(2048, device="cuda", dtype=torch.float32, requires_grad=True)
+    fn = torch.compile(lambda x, w: kernels.rms_norm(x, w) * 2, fullgraph=True)
+    y = fn(x, w)
+    dx, dw = torch.autograd.grad(y.float().square().sum(), (x, w))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = kernels.rms_norm_reference(x64, w64) * 2
+    rdx, rdw = torch.autograd.grad(y64.square().sum(), (x64, w64))
+    assert_close(y, y64, torch.bfloat16, scale=2)
+    assert_close(dx, rdx, torch.bfloat16, scale=4)
+    torch.testing.assert_close(dw.double(), rdw, rtol=2e-2, atol=1e-1 * rdw.abs().max().item())

@@ -1,0 +1,31 @@
+"""Shared by the op tests: tolerances by dtype, poisoning, and which backends can run here."""
+import torch
+
+from kernels import _dispatch
+
+# (atol, rtol) for a kernel's output against the fp32 reference cast to the same dtype.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def poisoned(shape, dtype, device="cpu"):
+    """An output buffer full of NaN, so a kernel that skips an element fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+
+
+def cpu_backends():
+    """Backends testable on CPU tensors: the reference, the C++ kernels, Triton's interpreter."""
+    backends = ["torch"]
+    if _dispatch.unavailable("cpu", torch.device("cpu")) is None:
+        backends.append("cpu")
+    if _dispatch.unavailable("triton", torch.device("cpu")) is None:
+        backends.append("triton")
+    return backends

@@ -1,0 +1,253 @@
+import contextlib
+import logging
+
+import pytest
+import torch
+
+import kernels
+from kernels import _dispatch
+import kernels.rms_norm  # noqa: F401  (the module; `kernels.rms_norm` names the function)
+import sys
+
+rms_mod = sys.modules["kernels.rms_norm"]
+from tests.helpers import TOLERANCE, assert_close, cpu_backends, poisoned
+
+# Ragged hidden sizes (1000, 4097) and odd row counts, plus leading batch dims.
+SHAPES = [(1, 8), (3, 1000), (5, 4097), (2, 3, 256), (17, 64)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = cpu_backends()
+
+
+def _cases():
+    ext = kernels.capabilities().ext
+    isas = [f"cpu@{isa}" for isa in ext.cpu_isas()] if "cpu" in BACKENDS else []
+    for backend in BACKENDS + isas:
+        for dtype in DTYPES:
+            # The Triton interpreter computes bf16 wrongly; bf16 Triton is checked on the GPU.
+            if backend == "triton" and dtype == torch.bfloat16:
+                continue
+            for w_dtype in (dtype, torch.float32):
+                if backend == "triton" and w_dtype != dtype and dtype != torch.float32:
+                    w_dtype = torch.float32
+                yield backend, dtype, w_dtype
+
+
+CASES = sorted(set(_cases()), key=str)
+
+
+
+
+def _inputs(shape, dtype, w_dtype):
+    x = torch.randn(shape, dtype=torch.float32).mul_(3).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1])).to(w_dtype)
+    return x, w
+
+
+def _reference_grads(x, w, dy, eps):
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y = kernels.rms_norm_reference(x64, w64, eps)
+    return torch.autograd.grad(y, (x64, w64), dy.double())
+
+
+@contextlib.contextmanager
+def _backend_variant(name):
+    """'cpu@avx2' runs the C++ backend's AVX2 build; other names are plain backends."""
+    backend, _, isa = name.partition("@")
+    ext = kernels.capabilities().ext
+    if isa:
+        ext.set_cpu_isa(isa)
+    try:
+        yield backend
+    finally:
+        if isa:
+            ext.set_cpu_isa("")
+
+
+@pytest.mark.parametrize("backend,dtype,w_dtype", CASES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backend_matches_reference(backend, dtype, w_dtype, shape):
+    x, w = _inputs(shape, dtype, w_dtype)
+    x2 = x.reshape(-1, shape[-1])
+    y = poisoned(x2.shape, dtype)
+    rstd = poisoned(x2.shape[:1], torch.float32)
+    with _backend_variant(backend) as b:
+        rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd)
+
+    expected = kernels.rms_norm_reference(x2, w, 1e-5)
+    assert_close(y, expected, dtype)
+    expected_rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + 1e-5)
+    torch.testing.assert_close(rstd, expected_rstd, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,dtype,w_dtype", CASES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_backward_backend_matches_reference(backend, dtype, w_dtype, shape):
+    x, w = _inputs(shape, dtype, w_dtype)
+    x2 = x.reshape(-1, shape[-1])
+    dy = torch.randn(x2.shape).to(dtype)
+    rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + 1e-5)
+    dx = poisoned(x2.shape, dtype)
+    dw = poisoned(w.shape, w_dtype)
+    with _backend_variant(backend) as b:
+        rms_mod.BACKWARD[b](dy, x2, w, rstd, dx, dw)
+
+    ref_dx, ref_dw = _reference_grads(x2, w, dy, 1e-5)
+    assert_close(dx, ref_dx, dtype)
+    # dw sums over rows, so its error grows with their number.
+    assert_close(dw, ref_dw, w_dtype, scale=max(1.0, x2.shape[0] ** 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_public_op_autograd(backend, dtype):
+    x, w = _inputs((2, 5, 300), dtype, dtype)
+    x.requires_grad_()
+    w.requires_grad_()
+    with kernels.use_backend(backend):
+        y = kernels.rms_norm(x, w, eps=1e-6)
+        dy = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, kernels.rms_norm_reference(x.detach(), w.detach(), 1e-6), dtype)
+    ref_dx, ref_dw = _reference_grads(x.detach(), w.detach(), dy, 1e-6)
+    assert_close(dx, ref_dx, dtype)
+    assert_close(dw, ref_dw, dtype, scale=4.0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("n", [1000, 4097])
+def test_triton_chunked_rows(n):
+    """Rows longer than one block take the looping path; force it with a small block."""
+    from kernels.triton import rms_norm as tri
+
+    x, w = _inputs((3, n), torch.float16, torch.float16)
+    y, rstd = poisoned(x.shape, x.dtype), poisoned((3,), torch.float32)
+    tri.rms_norm_fwd(x, w, 1e-5, y, rstd, max_block=256)
+    assert_close(y, kernels.rms_norm_reference(x, w, 1e-5), x.dtype)
+
+    dy = torch.randn_like(x)
+    dx, dw = poisoned(x.shape, x.dtype), poisoned(w.shape, w.dtype)
+    tri.rms_norm_bwd(dy, x, w, rstd, dx, dw, max_block=256)
+    ref_dx, ref_dw = _reference_grads(x, w, dy, 1e-5)
+    assert_close(dx, ref_dx, x.dtype)
+    assert_close(dw, ref_dw, w.dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_mixed_weight_dtype(backend):
+    x = torch.randn(64, 6).t()  # (6, 64) with column stride 6
+    w = torch.randn(64, dtype=torch.bfloat16)  # neither x's dtype nor fp32
+    with kernels.use_backend(backend):
+        y = kernels.rms_norm(x, w)
+    assert_close(y, kernels.rms_norm_reference(x, w), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    with kernels.use_backend(backend):
+        y = kernels.rms_norm(x, w)
+        y.sum().backward()
+    assert y.shape == (0, 3, 32)
+    assert torch.equal(w.grad, torch.zeros(32))
+
+
+@pytest.mark.parametrize(
+    "x,w,eps,exc,match",
+    [
+        (torch.randn(4, 8), torch.randn(7), 1e-6, ValueError, "weight: has 7 elements"),
+        (torch.randn(4, 8), torch.randn(2, 8), 1e-6, ValueError, r"weight: expected shape \(hidden,\)"),
+        (torch.randn(4, 8).double(), torch.randn(8), 1e-6, TypeError, "x: dtype must be"),
+        (torch.randn(4, 8), torch.randn(8).double(), 1e-6, TypeError, "weight: dtype must be"),
+        (torch.ones(4, 8, dtype=torch.int32), torch.randn(8), 1e-6, TypeError, "x: dtype"),
+        (torch.randn(4, 8), torch.randn(8), -1.0, ValueError, "eps: expected a finite number"),
+        (torch.randn(4, 8), torch.randn(8), float("nan"), ValueError, "eps:"),
+        (torch.randn(4, 0), torch.randn(0), 1e-6, ValueError, "x: the last"),
+        (torch.tensor(1.0), torch.randn(1), 1e-6, ValueError, "x: expected at least one dimension"),
+        ([1.0, 2.0], torch.randn(2), 1e-6, TypeError, "x: expected a torch.Tensor"),
+        (torch.randn(4, 8), torch.randn(8, device="meta"), 1e-6, ValueError, "weight: is on meta"),
+    ],
+)
+def test_bad_inputs_name_the_argument(x, w, eps, exc, match):
+    with pytest.raises(exc, match=match):
+        kernels.rms_norm(x, w, eps)
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    x, w = torch.randn(2, 8), torch.randn(8)
+    with kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        kernels.rms_norm(x, w)
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        kernels.rms_norm(x, w)
+    monkeypatch.setenv("KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="KERNELS_BACKEND: unknown backend 'fastest'"):
+        kernels.rms_norm(x, w)
+    with pytest.raises(ValueError, match="name: unknown backend"):
+        with kernels.use_backend("gpu"):
+            pass
+
+
+def test_env_backend_is_honoured(monkeypatch):
+    calls = []
+    monkeypatch.setitem(rms_mod.FORWARD, "torch", lambda *a: calls.append("torch") or rms_mod._torch_fwd(*a))
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
+    assert calls == ["torch"]
+
+
+def test_automatic_fallback_is_logged_once(monkeypatch, caplog):
+    caps = _dispatch.capabilities()
+    missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "kernels._C is not importable (test)"})
+    monkeypatch.setattr(_dispatch, "capabilities", lambda: missing)
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        for _ in range(3):
+            y = kernels.rms_norm(x, w)
+    assert_close(y, kernels.rms_norm_reference(x, w), torch.float32)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["rms_norm: using torch instead of cpu (kernels._C is not importable (test))"]
+
+
+def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
+    if "cpu" not in BACKENDS:
+        pytest.skip("kernels._C is not built")
+    calls = []
+    monkeypatch.setitem(rms_mod.FORWARD, "cpu", lambda *a: calls.append("cpu") or rms_mod._cpu_fwd(*a))
+    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
+    assert calls == ["cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck(dtype):
+    x, w = _inputs((3, 40), dtype, dtype)
+    x.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.kernels.rms_norm_fwd.default, (x, w, 1e-6))
+    rstd = torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6)
+    torch.library.opcheck(
+        torch.ops.kernels.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), w.detach(), rstd)
+    )
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu():
+    torch._dynamo.reset()
+
+    def block(x, w):
+        return kernels.rms_norm(x * 2, w, 1e-6).sum(dim=-1)
+
+    x = torch.randn(4, 7, 96, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, w)
+    dx, dw = torch.autograd.grad(out.sum(), (x, w))
+    ref = kernels.rms_norm_reference(x.detach() * 2, w.detach(), 1e-6).sum(dim=-1)
+    assert_close(out, ref, torch.float32)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rdx, rdw = torch.autograd.grad(kernels.rms_norm_reference(xr * 2, wr, 1e-6).sum(), (xr, wr))
+    assert_close(dx, rdx, torch.float32, scale=10)
+    assert_close(dw, rdw, torch.float32, scale=10)
