@@ -49,16 +49,17 @@ def _bwd_kernel(
 ):
     """Program p handles rows p, p + P, ...; dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) and
     DW_PARTIAL[p] = sum over its rows of dy * xhat."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
+    my_rows = tl.cdiv(M - pid, num_programs)
     cols = tl.arange(0, BLOCK)
-    part_row = DW_PARTIAL + pid.to(tl.int64) * N
+    part_row = DW_PARTIAL + pid * N
     if ONE_BLOCK:
         mask = cols < N
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(pid, M, num_programs):
-            row64 = row.to(tl.int64)
+        for i in range(0, my_rows):
+            row64 = pid + i * num_programs
             rstd = tl.load(RSTD + row64)
             x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -72,8 +73,8 @@ def _bwd_kernel(
     else:
         for start in range(0, N, BLOCK):
             tl.store(part_row + start + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=start + cols < N)
-        for row in range(pid, M, num_programs):
-            row64 = row.to(tl.int64)
+        for i in range(0, my_rows):
+            row64 = pid + i * num_programs
             rstd = tl.load(RSTD + row64)
             x_row = X + row64 * stride_x
             g_row = DY + row64 * stride_dy
