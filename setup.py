@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _version() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    return re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
+    text = (ROOT / "kernels" / "__init__.py").read_text()
+    return re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
 def _tool(module: str, attr: str, name: str) -> str:
