@@ -196,13 +196,16 @@ def _(grad_y, x, weight, rstd):
 def _setup_context(ctx, inputs, output):
     x, weight, _eps = inputs
     ctx.save_for_backward(x, weight, output[1])
+    # Autograd may run the backward on a worker thread that does not see use_backend().
+    ctx.forced_backend = _dispatch.forced_backend()
 
 
 def _backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     if grad_y is None:
         return None, None, None
-    dx, dw = rms_norm_bwd(grad_y, x, weight, rstd)
+    with _dispatch.use_backend(ctx.forced_backend):
+        dx, dw = rms_norm_bwd(grad_y, x, weight, rstd)
     return dx, dw, None
 
 

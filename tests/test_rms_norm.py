@@ -1,5 +1,6 @@
 import contextlib
 import logging
+import threading
 
 import pytest
 import torch
@@ -251,3 +252,18 @@ def test_torch_compile_on_cpu():
     rdx, rdw = torch.autograd.grad(kernels.rms_norm_reference(xr * 2, wr, 1e-6).sum(), (xr, wr))
     assert_close(dx, rdx, torch.float32, scale=10)
     assert_close(dw, rdw, torch.float32, scale=10)
+
+
+def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch):
+    """Autograd runs CUDA backwards on worker threads; use_backend() must still hold there."""
+    seen = []
+    monkeypatch.setitem(rms_mod.BACKWARD, "torch", lambda *a: seen.append("torch") or rms_mod._torch_bwd(*a))
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    with kernels.use_backend("torch"):
+        y = kernels.rms_norm(x, w)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(torch.autograd.grad(y.sum(), (x, w))))
+    thread.start()
+    thread.join()
+    assert seen == ["torch"] and len(result) == 1
