@@ -1,0 +1,249 @@
+"""Building blocks for benchmark suites: registry, measurement specs, timers.
+
+A suite is a function decorated with ``@suite("name")`` in a module under
+``bench/suites/``. It receives a :class:`SuiteContext` and returns a list of
+:class:`Bench` (something to time) and :class:`Unavailable` (an impl that cannot
+run here, recorded once with its reason). ``bench/run.py`` times each Bench with
+the timer that fits the device and writes one JSONL record per item.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+
+Call = Callable[[], object]
+T = TypeVar("T")
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name used in records: fp32, fp16, bf16 (else torch's name)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One measurement: ``setup()`` builds inputs and returns the calls to time.
+
+    ``setup`` returns one zero-argument call per input copy (see
+    :func:`rotating_copies`); timers cycle through them. ``bytes``/``flops`` are
+    the work of one call, used for GB/s and TFLOP/s. ``cuda_graph`` selects the
+    CUDA-graph timer on GPU (for launch-bound, decode-sized ops).
+    """
+
+    impl: str
+    case: dict
+    dtype: str
+    pass_: str
+    setup: Callable[[], Sequence[Call]]
+    bytes: int | None = None
+    flops: int | None = None
+    cuda_graph: bool = False
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An impl that cannot be measured here; ``status`` is "missing" or "error"."""
+
+    impl: str
+    reason: str
+    status: str = "missing"
+
+
+Item = Union[Bench, Unavailable]
+
+
+@dataclass(frozen=True)
+class SuiteContext:
+    """What a suite may depend on: the target device and quick mode."""
+
+    device: torch.device
+    quick: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @cached_property
+    def cache_bytes(self) -> int:
+        """Last-level cache size of the device (GPU L2, CPU L3), 0 if unknown."""
+        if self.is_cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            return getattr(props, "L2_cache_size", 0) or 64 * 2**20
+        return _cpu_llc_bytes()
+
+    def rotating(self, factory: Callable[[], T], nbytes: int) -> list[T]:
+        """:func:`rotating_copies` sized against this device's cache."""
+        return rotating_copies(factory, nbytes, self.cache_bytes)
+
+
+SuiteFn = Callable[[SuiteContext], list[Item]]
+SUITES: dict[str, SuiteFn] = {}
+
+
+def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Register a suite under ``name``."""
+
+    def register(fn: SuiteFn) -> SuiteFn:
+        if name in SUITES:
+            raise ValueError(f"suite {name!r} registered twice")
+        SUITES[name] = fn
+        return fn
+
+    return register
+
+
+def rotating_copies(
+    factory: Callable[[], T], nbytes: int, cache_bytes: int, factor: float = 2.0, max_copies: int = 64
+) -> list[T]:
+    """Enough independent inputs (``nbytes`` each) to span ``factor`` x the cache.
+
+    Cycling through them keeps a call from finding its operands still cached
+    by the previous call (a 32 MB weight fits in a 50 MB L2). ``max_copies``
+    bounds tiny inputs, whose time is launch latency anyway.
+    """
+    count = max(1, min(max_copies, math.ceil(factor * cache_bytes / max(nbytes, 1))))
+    return [factory() for _ in range(count)]
+
+
+def with_backward(forward: Call, wrt: Sequence[torch.Tensor], grad_output: torch.Tensor) -> Call:
+    """A call running ``forward()`` and the gradients w.r.t. ``wrt`` (no .grad accumulation)."""
+    return lambda: torch.autograd.grad(forward(), wrt, grad_output)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call time statistics in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int | None = None
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], reps: int | None = None) -> Timing:
+        p0, p20, p50, p80 = np.percentile(np.asarray(samples_ms), [0, 20, 50, 80])
+        return cls(float(p50), float(p0), float(p20), float(p80), reps or len(samples_ms))
+
+
+def _cycle(calls: Sequence[Call]) -> Call:
+    if len(calls) == 1:
+        return calls[0]
+    nxt = itertools.cycle(calls).__next__
+    return lambda: nxt()()
+
+
+def time_cpu(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
+             min_reps: int = 5, max_reps: int = 10_000) -> Timing:
+    """Wall-clock per call: warm up, then time single calls until the budget is spent."""
+    fn = _cycle(calls)
+    deadline = time.perf_counter() + warmup_s
+    for i in itertools.count():
+        fn()
+        if i >= 1 and time.perf_counter() >= deadline:
+            break
+    samples = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return Timing.from_samples(samples)
+
+
+def time_gpu(calls: Sequence[Call], *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    """Per-call CUDA time via ``triton.testing.do_bench`` (flushes L2 before each call)."""
+    from triton.testing import do_bench
+
+    p50, p0, p20, p80 = do_bench(_cycle(calls), warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.0, 0.2, 0.8])
+    return Timing(p50, p0, p20, p80)
+
+
+def time_cuda_graph(calls: Sequence[Call], *, rep_ms: float = 100, replays: int = 10,
+                    max_captured: int = 2000) -> Timing:
+    """Per-call CUDA time with launch overhead removed: many calls captured in one graph.
+
+    The graph holds ``n`` calls cycling through ``calls``; each of ``replays``
+    replays gives one sample of (replay time / n).
+    """
+    calls = list(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compile, autotune, allocator
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+
+    probe = calls * math.ceil(5 / len(calls))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for call in probe:
+        call()
+    end.record()
+    end.synchronize()
+    eager_ms = start.elapsed_time(end) / len(probe)
+
+    rounds = max(1, min(max_captured // len(calls), math.ceil(rep_ms / replays / max(eager_ms, 1e-3) / len(calls))))
+    n = rounds * len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls * rounds:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    samples = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / n)
+    return Timing.from_samples(samples, reps=n * replays)
+
+
+def steady_cpu_allocator() -> str | None:
+    """Keep glibc malloc from handing large blocks back to the OS after each free.
+
+    By default a large tensor may be a fresh mmap, page-faulted on every call,
+    depending on allocation history: eager ops with big temporaries then time
+    2-10x slower at random. Pinning the thresholds (the CPU analog of CUDA's
+    caching allocator) makes CPU timings reproducible. Returns what was set,
+    or None where malloc is not glibc's.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for threshold in (1 << 30, 32 << 20):  # newer glibc accepts 1 GiB, older caps at 32 MiB
+        if mallopt(m_mmap_threshold, threshold) == 1 and mallopt(m_trim_threshold, threshold) == 1:
+            return f"glibc mallopt: mmap and trim thresholds {threshold >> 20} MiB"
+    return None
+
+
+def _cpu_llc_bytes() -> int:
+    """Size of the highest-level CPU cache from sysfs (Linux), 0 if unknown."""
+    best_level, best_size = 0, 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        if level > best_level and size.rstrip("KMG").isdigit():
+            best_level, best_size = level, int(size.rstrip("KMG")) * scale
+    return best_size

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Bar charts (PNG) and a Markdown summary from bench JSONL files.
+
+    python bench/plot.py FILE.jsonl [...] [--out DIR]
+
+Records are grouped into runs (suite, device, timestamp). Per run and pass, one
+grouped bar chart: x = case and dtype, bars = impl, y = GB/s (else TFLOP/s,
+else time). ``summary.md`` holds a table per run and pass with the speedup of
+each of ours ("kernels*" impls) over each peer of the same run: peer time / our
+time. Records with status missing/error are listed there, not plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+OURS_PREFIX = "kernels"
+# Main figure per chart: the first one every record of the pass has.
+METRICS = (("gbps", "GB/s (higher is better)"), ("tflops", "TFLOP/s (higher is better)"),
+           ("time_ms", "time ms (lower is better)"))
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return records
+
+
+def make_report(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Write one PNG per run and pass plus ``summary.md`` into ``out_dir``; the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    for record in load_records(paths):
+        runs[(record["suite"], record["device"], record["env"]["timestamp"])].append(record)
+
+    written, summary = [], ["# Benchmark summary", "",
+                            f"Speedup = peer time / our time (> 1: ours faster); ours = impls named `{OURS_PREFIX}*`.", ""]
+    for (suite, device, timestamp), records in runs.items():
+        env = records[0]["env"]
+        ok = [r for r in records if r["status"] == "ok"]
+        summary += _run_header(suite, device, env)
+        for pass_ in dict.fromkeys(r["pass"] for r in ok):
+            rows = [r for r in ok if r["pass"] == pass_]
+            stamp = re.sub(r"[^0-9T]", "", timestamp[:19]) + "Z"
+            path = out_dir / f"{suite}_{device}_{stamp}_{re.sub(r'[^A-Za-z0-9]+', '_', pass_)}.png"
+            _bar_chart(rows, f"{suite} · {pass_} · {env['device_name']}", _env_line(env), path)
+            written.append(path)
+            summary += _pass_tables(pass_, rows)
+        summary += _not_measured(r for r in records if r["status"] != "ok")
+
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(summary))
+    return written + [path]
+
+
+def _shape_label(case: dict | None) -> str:
+    case = case or {}
+    if all(isinstance(v, int) for v in case.values()):
+        return "×".join(map(str, case.values()))
+    return ", ".join(f"{k}={v}" for k, v in case.items())
+
+
+def _case_label(record: dict) -> str:
+    return " ".join(filter(None, [_shape_label(record["case"]), record["dtype"]]))
+
+
+def _env_line(env: dict) -> str:
+    commit = env["git_commit"] or "no commit"
+    if env["git_dirty"]:
+        commit += " (dirty)"
+    return (f"torch {env['torch']} · triton {env['triton'] or '-'} · python {env['python']}"
+            f" · {commit} · {env['timestamp']}")
+
+
+def _metric(records: list[dict]) -> tuple[str, str]:
+    return next((key, label) for key, label in METRICS if all(r[key] is not None for r in records))
+
+
+def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> None:
+    """Grouped bars, one panel per (dtype, timer) so that each gets its own y scale."""
+    key, label = _metric(records)
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    colors = dict(zip(impls, itertools.cycle(plt.get_cmap("tab10").colors)))
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        panels[(r["dtype"], r["timer"])].append(r)
+    most_cases = max(len({_shape_label(r["case"]) for r in rows}) for rows in panels.values())
+    width_in = min(20.0, max(7.0, 1.5 + most_cases * (0.3 * len(impls) + 0.5)))
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 1.2 + 3.3 * len(panels)), squeeze=False)
+    for ax, ((dtype, timer), rows) in zip(axes[:, 0], panels.items()):
+        cases = list(dict.fromkeys(_shape_label(r["case"]) for r in rows))
+        values = {(_shape_label(r["case"]), r["impl"]): r[key] for r in rows}
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            present = [(c, case) for c, case in enumerate(cases) if (case, impl) in values]
+            if not present:
+                continue
+            xs = [c + (i - (len(impls) - 1) / 2) * width for c, _ in present]
+            ys = [values[case, impl] for _, case in present]
+            bars = ax.bar(xs, ys, width, color=colors[impl], edgecolor="white", linewidth=0.5,
+                          hatch="//" if impl.startswith(OURS_PREFIX) else None)
+            ax.bar_label(bars, labels=[_short(y) for y in ys], fontsize=7, rotation=90, padding=2)
+        ax.set_xticks(range(len(cases)), cases, fontsize=8)
+        ax.set_title(" · ".join(filter(None, [dtype, timer])), fontsize=9, loc="left")
+        ax.set_ylabel(label, fontsize=8)
+        ax.margins(y=0.2)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colors[i], hatch="//" if i.startswith(OURS_PREFIX) else None,
+                             edgecolor="white") for i in impls]
+    fig.legend(handles, impls, loc="upper center", ncols=min(len(impls), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.4 / fig.get_figheight()), frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 0.01, subtitle, ha="center", fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.6 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _run_header(suite: str, device: str, env: dict) -> list[str]:
+    quick = ", quick" if env.get("quick") else ""
+    return [f"## {suite} on {env['device_name']} ({device}{quick})", "", _env_line(env), ""]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    ours = [i for i in impls if i.startswith(OURS_PREFIX)]
+    peers = [i for i in impls if not i.startswith(OURS_PREFIX)]
+    show_tflops = any(r["tflops"] is not None for r in records)
+    times: dict[str, dict[str, float]] = defaultdict(dict)  # case label -> impl -> ms
+    for r in records:
+        times[_case_label(r)][r["impl"]] = r["time_ms"]
+
+    header = ["case", "impl", "time ms", "GB/s"] + (["TFLOP/s"] if show_tflops else [])
+    header += [f"vs {p}" for p in peers] if ours else []
+    lines = [f"### {pass_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        label, impl = _case_label(r), r["impl"]
+        cells = [label, impl, _fmt(r["time_ms"], ".4g"), _fmt(r["gbps"], ".1f")]
+        cells += [_fmt(r["tflops"], ".2f")] if show_tflops else []
+        if ours:
+            peer_times = times[label]
+            cells += [f"{peer_times[p] / r['time_ms']:.2f}×" if impl in ours and p in peer_times else ""
+                      for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    if ours and peers:
+        lines += ["Geometric-mean speedup over the cases both measured:", "",
+                  "| impl | " + " | ".join(f"vs {p}" for p in peers) + " |", "|" + "---|" * (len(peers) + 1)]
+        for impl in ours:
+            cells = []
+            for peer in peers:
+                ratios = [t[peer] / t[impl] for t in times.values() if impl in t and peer in t]
+                cells.append(f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}× (n={len(ratios)})"
+                             if ratios else "")
+            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _not_measured(records) -> list[str]:
+    lines = []
+    for r in records:
+        where = " ".join(filter(None, [r["pass"], r["case"] and _case_label(r)]))
+        reason = next(iter((r["reason"] or "").strip().splitlines()), "")[:300]
+        lines.append(f"- `{r['impl']}`{' ' + where if where else ''}: **{r['status']}**: {reason}")
+    return ["### Not measured", "", *lines, ""] if lines else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
+    parser.add_argument("--out", type=Path, help="output folder (default: folder of the first file)")
+    args = parser.parse_args(argv)
+    for path in make_report(args.files, args.out or args.files[0].parent):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""RMSNorm forward and forward+backward: ours (``kernels.rms_norm``) against peers.
+
+GB/s counts the minimum traffic of an (M, N) input with an (N,) weight, element
+size s (the weight shares x's dtype):
+
+* fwd:      read x, read w, write y                                   = 2*M*N*s + N*s
+* fwd+bwd:  fwd, then read dy, read x, read w, write dx, write dw     = 5*M*N*s + 3*N*s
+
+Per-row statistics saved for backward (rstd) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite, with_backward
+
+EPS = 1e-6
+# Our backends worth timing per device type ("torch" is the reference; Triton on CPU is the interpreter).
+OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """``prepare()`` runs once per measurement and returns bind(weight) -> norm(x).
+
+    ``context`` (ours: the forced backend) wraps each timed call, backward included.
+    """
+
+    prepare: Callable[[], Callable[[torch.nn.Parameter], Norm]]
+    context: Callable[[], ContextManager] | None = None
+
+
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """LLaMA's RMSNorm in eager PyTorch: normalize in fp32, cast back, scale."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _functional(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Impl:
+    return Impl(lambda: lambda w: partial(fn, weight=w))
+
+
+def _compile_prepare() -> Callable[[torch.nn.Parameter], Norm]:
+    torch.compiler.reset()  # fresh caches: no recompile limit, no silent fallback to eager
+    compiled = torch.compile(llama_rms_norm)
+    return lambda w: partial(compiled, weight=w)
+
+
+def _torch_functional(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, EPS)
+
+
+def _ours(kernels, backend: str) -> Impl:
+    return Impl(lambda: lambda w: partial(kernels.rms_norm, weight=w, eps=EPS),
+                context=partial(kernels.use_backend, backend))
+
+
+def _liger(module_cls) -> Impl:
+    def bind(w: torch.nn.Parameter) -> Norm:
+        try:
+            module = module_cls(w.numel(), eps=EPS, casting_mode="llama", in_place=False)
+        except TypeError:  # releases before casting_mode/in_place: llama casting, not in place
+            module = module_cls(w.numel(), eps=EPS)
+        module.weight = w
+        return module
+
+    return Impl(lambda: bind)
+
+
+def _impls(ctx: SuiteContext) -> tuple[dict[str, Impl], list[Unavailable]]:
+    impls: dict[str, Impl] = {}
+    unavailable: list[Unavailable] = []
+    try:
+        import kernels
+
+        backends = kernels.available_backends(ctx.device)
+    except Exception as exc:
+        unavailable.append(Unavailable("kernels", f"{type(exc).__name__}: {exc}", status="error"))
+    else:
+        for backend in OUR_BACKENDS[ctx.device.type]:
+            if backend in backends:
+                impls[f"kernels-{backend}"] = _ours(kernels, backend)
+            else:
+                unavailable.append(Unavailable(f"kernels-{backend}", f"not in kernels.available_backends: {backends}"))
+
+    impls["torch-eager"] = _functional(llama_rms_norm)
+    impls["torch-compile"] = Impl(_compile_prepare)
+    if hasattr(F, "rms_norm"):
+        impls["torch-F.rms_norm"] = _functional(_torch_functional)
+    else:
+        unavailable.append(Unavailable("torch-F.rms_norm", f"torch {torch.__version__} has no F.rms_norm"))
+
+    if not ctx.is_cuda:
+        unavailable.append(Unavailable("liger", "Liger-Kernel runs on CUDA only"))
+    else:
+        try:
+            from liger_kernel.transformers import LigerRMSNorm
+        except ImportError as exc:
+            unavailable.append(Unavailable("liger", f"liger_kernel not importable: {exc}"))
+        else:
+            impls["liger"] = _liger(LigerRMSNorm)
+    return impls, unavailable
+
+
+def _cases(ctx: SuiteContext) -> list[tuple[int, int, torch.dtype, bool]]:
+    """(tokens, hidden, dtype, decode) to measure; decode cases use the CUDA-graph timer."""
+    if ctx.is_cuda:
+        shapes = [(4 * 2048, 2048), (8192, 4096), (4096, 8192), (16384, 2048)]
+        decode = [(1, 4096), (32, 4096)]
+        dtypes = [torch.bfloat16, torch.float16]
+        if ctx.quick:
+            shapes, decode, dtypes = shapes[1:2], decode[:1], dtypes[:1]
+    else:
+        shapes = [(2048, 512), (2048, 2048), (1000, 4097)]
+        decode = []
+        dtypes = [torch.float32, torch.bfloat16]
+        if ctx.quick:
+            shapes, dtypes = [(2048, 512), (1000, 4097)], dtypes[:1]
+    return [(m, n, dt, False) for dt in dtypes for m, n in shapes] + \
+        [(m, n, dt, True) for dt in dtypes for m, n in decode]
+
+
+def _setup(ctx: SuiteContext, impl: Impl, m: int, n: int, dtype: torch.dtype, backward: bool) -> list[Callable]:
+    def make_inputs():
+        x = torch.randn(m, n, device=ctx.device, dtype=dtype, requires_grad=backward)
+        w = torch.nn.Parameter(1 + 0.1 * torch.randn(n, device=ctx.device, dtype=dtype), requires_grad=backward)
+        dy = torch.randn_like(x) if backward else None
+        return x, w, dy
+
+    size = dtype.itemsize
+    copies = ctx.rotating(make_inputs, (2 if backward else 1) * m * n * size + n * size)
+    bind = impl.prepare()
+    calls = []
+    for x, w, dy in copies:
+        forward = partial(bind(w), x)
+        calls.append(_within(impl.context, with_backward(forward, (x, w), dy) if backward else forward))
+    return calls
+
+
+def _within(context: Callable[[], ContextManager] | None, call: Callable) -> Callable:
+    if context is None:
+        return call
+
+    def run():
+        with context():
+            return call()
+
+    return run
+
+
+@suite("rms_norm")
+def rms_norm(ctx: SuiteContext) -> list[Item]:
+    impls, items = _impls(ctx)
+    for m, n, dtype, decode in _cases(ctx):
+        size = dtype.itemsize
+        for pass_, backward, nbytes in (("fwd", False, 2 * m * n * size + n * size),
+                                        ("fwd+bwd", True, 5 * m * n * size + 3 * n * size)):
+            for name, impl in impls.items():
+                items.append(Bench(
+                    impl=name,
+                    case={"tokens": m, "hidden": n},
+                    dtype=dtype_name(dtype),
+                    pass_=pass_,
+                    setup=partial(_setup, ctx, impl, m, n, dtype, backward),
+                    bytes=nbytes,
+                    cuda_graph=decode,
+                ))
+    return items
