@@ -140,12 +140,15 @@ def log_once(op: str, message: str) -> None:
         log.warning("%s: %s", op, message)
 
 
-def choose(op: str, device: torch.device, unsupported: Mapping[str, Callable[[], Optional[str]]] = {}) -> str:
+def choose(
+    op: str, device: torch.device, unsupported: Optional[Mapping[str, Callable[[], Optional[str]]]] = None
+) -> str:
     """Pick the backend for one call of `op`.
 
     `unsupported` maps a backend to a check returning why it cannot take this particular call
     (an odd size, say), or None. A forced backend that cannot run raises RuntimeError.
     """
+    unsupported = unsupported or {}
     forced = forced_backend()
     if forced is not None:
         reason = unavailable(forced, device) or (unsupported[forced]() if forced in unsupported else None)
