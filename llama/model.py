@@ -1,0 +1,343 @@
+"""A small, readable LLaMA: embeddings, RMSNorm, rotary attention with GQA, SwiGLU, norm, head.
+
+Parameter names follow Meta's and llama2.c's layout (`tok_embeddings`, `layers.N.attention.wq`,
+`feed_forward.w1/w2/w3`, `attention_norm`, `ffn_norm`, `norm`, `output`); the loaders in
+`llama.checkpoint` map every other layout onto it.
+
+RoPE convention: **half-split**. For head dim D, element i < D/2 of a query or key is paired
+with element i + D/2, and the pair is rotated by angle `pos * theta**(-2i/D)`. This is the
+Hugging Face layout and the one our fused kernels use. Meta and llama2.c checkpoints rotate
+interleaved pairs (2i, 2i+1) instead; loading them permutes the rows of wq and wk (see
+`llama.checkpoint.permute_interleaved_to_half`), which gives identical attention scores.
+
+Tensor layout: activations are (batch, seq, heads, head_dim) straight out of the projections;
+the KV cache is (batch, capacity, kv_heads, head_dim) per layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, head_dim // 2) in fp32, for positions 0..length-1.
+
+    "linear" scaling divides positions by rope_scaling_factor. "dynamic" (NTK) scaling keeps the
+    trained frequencies up to max_seq_len and raises the base for longer tables, as
+    base * (factor * length / max_seq_len - (factor - 1)) ** (D / (D - 2)).
+    """
+    d = cfg.head_dim
+    base = cfg.rope_theta
+    if cfg.rope_scaling == "dynamic" and length > cfg.max_seq_len:
+        f = cfg.rope_scaling_factor
+        base = base * ((f * length / cfg.max_seq_len) - (f - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    pos = torch.arange(length, dtype=torch.float64, device=device)
+    if cfg.rope_scaling == "linear":
+        pos = pos / cfg.rope_scaling_factor
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, S, H, D) by cos/sin of shape (S, D/2) or (B, S, D/2); fp32 math."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer, and how many positions each sequence holds.
+
+    k[layer], v[layer]: (batch, capacity, n_kv_heads, head_dim). seqlens: (batch,) int64. A
+    forward pass with this cache writes its keys and values at positions seqlens[b] + i and then
+    advances seqlens by the number of valid tokens of each sequence.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    seqlens: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, capacity: int, device=None, dtype=torch.float32) -> "KVCache":
+        if batch <= 0 or capacity <= 0:
+            raise ValueError(f"batch, capacity: expected positive sizes, got {batch}, {capacity}")
+        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            seqlens=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.seqlens.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(self, x, cos, sin, cache_kv=None, positions=None):
+        """x: (B, S, dim). Without a cache: causal attention over x, cos/sin (S, D/2).
+        With cache_kv = (k_cache, v_cache) and positions (B, S): cos/sin (B, S, D/2) are the
+        tables at those positions; keys/values are written there and attention reads the cache."""
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout = self.attn_dropout if self.training else 0.0
+        gqa = self.n_heads != self.n_kv_heads
+        if cache_kv is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                dropout_p=dropout, is_causal=True, enable_gqa=gqa,
+            )
+        else:
+            k_cache, v_cache = cache_kv
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
+            k_cache[rows, positions] = k.to(k_cache.dtype)
+            v_cache[rows, positions] = v.to(v_cache.dtype)
+            # Query i of sequence b sees cache slots 0..positions[b, i].
+            slots = torch.arange(k_cache.shape[1], device=x.device)
+            mask = slots[None, None, :] <= positions[:, :, None]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_cache.transpose(1, 2).to(q.dtype), v_cache.transpose(1, 2).to(q.dtype),
+                attn_mask=mask[:, None], dropout_p=dropout, enable_gqa=gqa,
+            )
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). The GELU variant drops w3: w2(gelu(w1 x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        if self.swiglu:
+            self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache_kv=None, positions=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache_kv, positions))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        cos, sin = rope_tables(cfg, cfg.max_seq_len, device=self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ set-up
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) and friends would round the RoPE tables too; they stay fp32, recomputed.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32 and not self.rope_cos.is_meta:
+            self.rope_cos, self.rope_sin = rope_tables(self.config, self.rope_cos.shape[0], self.rope_cos.device)
+        return self
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self, seed: Optional[int] = None) -> "Transformer":
+        """Fresh weights for training from scratch: N(0, 0.02), and 0.02/sqrt(2 n_layers) for the
+        projections that feed the residual stream (wo, w2); norms at one."""
+        gen = torch.Generator(device=self.tok_embeddings.weight.device)
+        gen.manual_seed(0 if seed is None else seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith(("wo.weight", "w2.weight")):
+                    p.normal_(0.0, residual_std, generator=gen)
+                elif name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("norm.bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        return self
+
+    def setup_rope(self, length: Optional[int] = None) -> None:
+        """(Re)compute the RoPE tables on the model's device, for `length` positions at least."""
+        length = max(length or 0, self.config.max_seq_len)
+        device = self.tok_embeddings.weight.device
+        if self.rope_cos.shape[0] == length and self.rope_cos.device == device and not self.rope_cos.is_meta:
+            return
+        self.rope_cos, self.rope_sin = rope_tables(self.config, length, device=device)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> "Transformer":
+        """Take the tensors of `state_dict` as the parameters (no copy: works from the meta device).
+
+        Strict: a missing, unexpected or mis-shaped tensor raises ValueError naming it. With tied
+        embeddings, `output.weight` may be absent (or must equal the embedding).
+        """
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        given = dict(state_dict)
+        if self.config.tie_embeddings and "output.weight" in given:
+            if not torch.equal(given["output.weight"], given.get("tok_embeddings.weight", given["output.weight"])):
+                raise ValueError("output.weight: differs from tok_embeddings.weight but the config ties them")
+        if self.config.tie_embeddings:
+            given.pop("output.weight", None)
+            expected.pop("output.weight", None)
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: missing tensors {missing}, unexpected tensors {unexpected}")
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != tuple(shape):
+                raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(given[name].shape)}")
+        self.load_state_dict(given, strict=False, assign=True)  # strictness checked above
+        self.tie_weights()
+        self.setup_rope(self.rope_cos.shape[0])
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[KVCache] = None,
+        lengths: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """tokens (B, S) -> logits (B, S, vocab); or the mean cross-entropy if `targets` (B, S) is
+        given (-100 marks ignored positions); or the final hidden states (B, S, dim) if
+        `return_hidden`.
+
+        With a `cache`, each sequence continues at its own position cache.seqlens[b]; `lengths`
+        (B,) says how many of the S tokens are real (right padding), and the cache advances by
+        that much. `last_only` returns only the logits of each sequence's last real token, (B, vocab).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        h = self.dropout(self.tok_embeddings(tokens))
+        if cache is None:
+            if s > self.rope_cos.shape[0]:
+                if self.config.rope_scaling == "none" and not torch.compiler.is_compiling():
+                    raise ValueError(
+                        f"tokens: {s} positions exceed max_seq_len {self.config.max_seq_len}; "
+                        "set rope_scaling=linear or dynamic to run longer sequences"
+                    )
+                self.setup_rope(s)
+            cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+            positions = None
+        else:
+            if cache.batch != b:
+                raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
+            positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
+            if not torch.compiler.is_compiling():
+                needed = int(cache.seqlens.max()) + s
+                if needed > cache.capacity:
+                    raise ValueError(f"cache: {needed} positions needed but its capacity is {cache.capacity}")
+                if needed > self.rope_cos.shape[0]:
+                    self.setup_rope(needed)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache_kv, positions)
+        h = self.norm(h)
+
+        if cache is not None:
+            cache.seqlens += s if lengths is None else lengths.to(cache.seqlens.dtype)
+        if last_only:
+            last = (s - 1) if lengths is None else (lengths.to(torch.long) - 1)
+            h = h[:, -1] if lengths is None else h[torch.arange(b, device=h.device), last]
+        if return_hidden:
+            return h
+        logits = self.output(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def build(cfg: ModelConfig, device="cpu", dtype: Optional[torch.dtype] = None, init: bool = True) -> Transformer:
+    """A model with fresh weights (`init`), or on the meta device ready for `load_weights`."""
+    with torch.device("meta" if not init else device):
+        model = Transformer(cfg)
+    if init:
+        model.reset_parameters()
+    if dtype is not None:
+        model.to(dtype)
+    return model
