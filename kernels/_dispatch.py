@@ -100,25 +100,30 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 def unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run on `device` at all, or None if it can."""
+    return _unavailable(backend, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(backend: str, device_type: str) -> Optional[str]:
     caps = capabilities()
     if backend == "torch":
         return None
     if backend == "cuda":
-        if device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        if device_type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device_type}"
         if caps.ext is None:
             return caps.ext_error
         return None if caps.ext_cuda else "kernels._C was built without CUDA"
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu backend needs CPU tensors, got {device.type}"
+        if device_type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device_type}"
         return caps.ext_error
     if backend == "triton":
         if caps.triton_error:
             return caps.triton_error
-        if device.type == "cuda" or (device.type == "cpu" and caps.interpreter):
+        if device_type == "cuda" or (device_type == "cpu" and caps.interpreter):
             return None
-        return f"triton needs CUDA tensors, or TRITON_INTERPRET=1 for {device.type} tensors"
+        return f"triton needs CUDA tensors, or TRITON_INTERPRET=1 for {device_type} tensors"
     raise ValueError(f"backend: unknown backend {backend!r}")
 
 
@@ -151,13 +156,13 @@ def choose(
     unsupported = unsupported or {}
     forced = forced_backend()
     if forced is not None:
-        reason = unavailable(forced, device) or (unsupported[forced]() if forced in unsupported else None)
+        reason = _unavailable(forced, device.type) or (unsupported[forced]() if forced in unsupported else None)
         if reason:
             raise RuntimeError(f"{op}: backend {forced!r} was forced but cannot run this call: {reason}")
         return forced
     skipped = []
     for backend in _preference(device):
-        reason = unavailable(backend, device) or (unsupported[backend]() if backend in unsupported else None)
+        reason = _unavailable(backend, device.type) or (unsupported[backend]() if backend in unsupported else None)
         if reason is None:
             if skipped:
                 log_once(op, f"using {backend} instead of " + "; ".join(skipped))

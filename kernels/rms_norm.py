@@ -150,13 +150,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(x2: torch.Tensor, w: torch.Tensor, *others: torch.Tensor) -> str:
-    return _dispatch.choose("rms_norm", x2.device, {"cuda": lambda: _cuda_unsupported(x2, w, *others)})
+    checks = {"cuda": lambda: _cuda_unsupported(x2, w, *others)} if x2.is_cuda else None
+    return _dispatch.choose("rms_norm", x2.device, checks)
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, rstd): y like x, rstd = 1/rms per row in fp32 with shape x.shape[:-1]."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = _rows(x)
     w = _kernel_weight(x2, weight.contiguous())
     backend = _choose(x2, w)
@@ -165,6 +164,12 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     if x2.numel():
         FORWARD[backend](x2, w, float(eps), y, rstd)
     return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, rstd): y like x, rstd = 1/rms per row in fp32 with shape x.shape[:-1]."""
+    return _forward(x, weight, eps)
 
 
 @rms_norm_fwd.register_fake
@@ -220,4 +225,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     those dtypes (fp32 weights with bf16 activations is the usual mixed-precision case).
     """
     check_inputs(x, weight, eps)
-    return rms_norm_fwd(x, weight, float(eps))[0]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return rms_norm_fwd(x, weight, float(eps))[0]
+    return _forward(x, weight, float(eps))[0]  # no autograd or tracing: skip the custom-op layer
