@@ -199,11 +199,13 @@ def test_env_backend_is_honoured(monkeypatch):
     assert calls == ["torch"]
 
 
-def test_automatic_fallback_is_logged_once(monkeypatch, caplog):
+def test_automatic_fallback_is_logged_once(monkeypatch, caplog, request):
     caps = _dispatch.capabilities()
     missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "kernels._C is not importable (test)"})
     monkeypatch.setattr(_dispatch, "capabilities", lambda: missing)
     monkeypatch.setattr(_dispatch, "_logged", set())
+    _dispatch._unavailable.cache_clear()  # availability is cached per backend and device type
+    request.addfinalizer(_dispatch._unavailable.cache_clear)
     x, w = torch.randn(3, 16), torch.randn(16)
     with caplog.at_level(logging.WARNING, logger="kernels"):
         for _ in range(3):
