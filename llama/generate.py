@@ -1,0 +1,222 @@
+"""Text generation with a preallocated KV cache.
+
+    python -m llama.generate --checkpoint PATH [--tokenizer PATH] --prompt "Once upon a time" \
+        --max-new-tokens 200 --temperature 0.8 --top-p 0.9 --seed 0
+
+Prompts of different lengths are batched with right padding: every sequence keeps its own
+position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding. Sampling filters
+compose in the order top-k, epsilon (drop tokens below a probability), top-p. On a GPU the
+one-token decode step is compiled with CUDA graphs over the static cache.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .model import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    epsilon: Optional[float] = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k: expected >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {self.top_p}")
+        if self.epsilon is not None and not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon: expected a probability in [0, 1), got {self.epsilon}")
+
+
+def sample(logits: torch.Tensor, cfg: Sampling, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab)."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.epsilon:
+        keep = (probs >= cfg.epsilon) | (probs == probs.max(dim=-1, keepdim=True).values)
+        probs = probs * keep
+    if cfg.top_p is not None and cfg.top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
+        sorted_probs = sorted_probs * (before < cfg.top_p * sorted_probs.sum(-1, keepdim=True))
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Decoder:
+    """Runs the model over a KV cache: one prefill, then one-token steps.
+
+    With `compile=True` the one-token step is compiled ("reduce-overhead", i.e. CUDA graphs, on
+    a GPU); its inputs live in static buffers so each step replays the same graph.
+    """
+
+    def __init__(self, model: Transformer, batch: int, capacity: int, compile: bool = False):
+        self.model = model
+        weight = model.tok_embeddings.weight
+        self.cache = KVCache.allocate(model.config, batch, capacity, device=weight.device, dtype=weight.dtype)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
+        self._step = self._eager_step
+        if compile:
+            mode = "reduce-overhead" if weight.is_cuda else None
+            self._step = torch.compile(self._eager_step, mode=mode, fullgraph=True, dynamic=False)
+        self._graphs = compile and weight.is_cuda
+
+    def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, cache=self.cache, last_only=True)
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        return self.model(tokens, cache=self.cache, lengths=lengths, last_only=True)
+
+    def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step(self.tokens).clone()
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: Optional[int] = None,
+    seed: Optional[int] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+    compile: Optional[bool] = None,
+) -> list[list[int]]:
+    """Continue each prompt (token ids) by up to `max_new_tokens`; returns the new ids per prompt.
+
+    A sequence stops at `eos_id` (which is included in its output). `on_token(index, token)` is
+    called for each new token as it is produced. `compile` defaults to True on CUDA.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected one or more non-empty token lists")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    cfg = model.config
+    vocab = cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompts[{i}]: token ids must lie in [0, {vocab})")
+    device = model.tok_embeddings.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    capacity = int(lengths.max()) + max_new_tokens
+    if capacity > cfg.max_seq_len and cfg.rope_scaling == "none":
+        raise ValueError(
+            f"max_new_tokens: prompt plus {max_new_tokens} new tokens is {capacity} positions, more than "
+            f"max_seq_len {cfg.max_seq_len}; shorten it or set rope_scaling=linear or dynamic"
+        )
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    model.setup_rope(capacity)
+    if compile is None:
+        compile = device.type == "cuda"
+
+    batch = len(prompts)
+    padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    decoder = Decoder(model, batch, capacity, compile=compile)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = decoder.prefill(padded, lengths)
+        out: list[list[int]] = [[] for _ in prompts]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            next_tokens = sample(logits, sampling, generator)
+            if eos_id is not None:
+                next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
+            ids = next_tokens.tolist()
+            done = finished.tolist()
+            for i, tok in enumerate(ids):
+                if not done[i]:
+                    out[i].append(tok)
+                    if on_token is not None:
+                        on_token(i, tok)
+            if eos_id is not None:
+                finished |= next_tokens == eos_id
+                if bool(finished.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits = decoder.step(next_tokens)
+        return out
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m llama.generate", description="Generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="any format llama.load reads")
+    p.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: found beside the checkpoint)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: empty, i.e. BOS only)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--epsilon", type=float, help="drop tokens whose probability is below this")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: on for CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import load  # the high-level API: model plus tokenizer
+
+    args = _parse(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    prompts = args.prompt or [""]
+    start = time.perf_counter()
+    texts = lm.generate(
+        prompts if len(prompts) > 1 else prompts[0],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        epsilon=args.epsilon,
+        seed=args.seed,
+        stream=sys.stdout if len(prompts) == 1 else None,
+        compile=args.compile,
+    )
+    elapsed = time.perf_counter() - start
+    if len(prompts) > 1:
+        for prompt, text in zip(prompts, texts):
+            print(f"--- {prompt!r}\n{prompt}{text}")
+    else:
+        print()
+    print(f"[{lm.last_generated_tokens} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
