@@ -37,8 +37,8 @@ class Bench:
     """One measurement: ``setup()`` builds inputs and returns the calls to time.
 
     ``setup`` returns one zero-argument call per input copy (see
-    :func:`rotating_copies`); timers cycle through them. ``bytes``/``flops`` are
-    the work of one call, used for GB/s and TFLOP/s. ``cuda_graph`` selects the
+    :func:`rotating_copies`); timers cycle through them. ``bytes``/``flops``/``tokens``
+    are the work of one call, used for GB/s, TFLOP/s and tokens/s. ``cuda_graph`` selects the
     CUDA-graph timer on GPU (for launch-bound, decode-sized ops).
     """
 
@@ -49,6 +49,7 @@ class Bench:
     setup: Callable[[], Sequence[Call]]
     bytes: int | None = None
     flops: int | None = None
+    tokens: int | None = None
     cuda_graph: bool = False
 
 

@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OURS_PREFIX = "kernels"
 # Main figure per chart: the first one every record of the pass has.
-METRICS = (("gbps", "GB/s (higher is better)"), ("tflops", "TFLOP/s (higher is better)"),
+METRICS = (("tokens_per_s", "tokens/s (higher is better)"), ("gbps", "GB/s (higher is better)"),
+           ("tflops", "TFLOP/s (higher is better)"),
            ("time_ms", "time ms (lower is better)"))
 
 
@@ -141,6 +142,10 @@ def _run_header(suite: str, device: str, env: dict) -> list[str]:
     return [f"## {suite} on {env['device_name']} ({device}{quick})", "", _env_line(env), ""]
 
 
+# Derived figures shown as summary columns when any record of the pass has them.
+DERIVED = (("gbps", "GB/s", ".1f"), ("tflops", "TFLOP/s", ".2f"), ("tokens_per_s", "tokens/s", ".1f"))
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -149,18 +154,17 @@ def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
     impls = list(dict.fromkeys(r["impl"] for r in records))
     ours = [i for i in impls if i.startswith(OURS_PREFIX)]
     peers = [i for i in impls if not i.startswith(OURS_PREFIX)]
-    show_tflops = any(r["tflops"] is not None for r in records)
+    derived = [(k, name, spec) for k, name, spec in DERIVED if any(r.get(k) is not None for r in records)]
     times: dict[str, dict[str, float]] = defaultdict(dict)  # case label -> impl -> ms
     for r in records:
         times[_case_label(r)][r["impl"]] = r["time_ms"]
 
-    header = ["case", "impl", "time ms", "GB/s"] + (["TFLOP/s"] if show_tflops else [])
+    header = ["case", "impl", "time ms"] + [name for _, name, _ in derived]
     header += [f"vs {p}" for p in peers] if ours else []
     lines = [f"### {pass_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         label, impl = _case_label(r), r["impl"]
-        cells = [label, impl, _fmt(r["time_ms"], ".4g"), _fmt(r["gbps"], ".1f")]
-        cells += [_fmt(r["tflops"], ".2f")] if show_tflops else []
+        cells = [label, impl, _fmt(r["time_ms"], ".4g")] + [_fmt(r.get(k), spec) for k, _, spec in derived]
         if ours:
             peer_times = times[label]
             cells += [f"{peer_times[p] / r['time_ms']:.2f}×" if impl in ours and p in peer_times else ""

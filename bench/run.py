@@ -37,7 +37,7 @@ from bench.common import (  # noqa: E402
 RECORD_FIELDS = (
     "suite", "impl", "status", "reason", "case", "dtype", "pass",
     "timer", "time_ms", "min_ms", "p20_ms", "p80_ms", "reps",
-    "bytes", "gbps", "flops", "tflops", "peak_mem_bytes", "device", "env",
+    "bytes", "gbps", "flops", "tflops", "tokens", "tokens_per_s", "peak_mem_bytes", "device", "env",
 )
 
 # Timer settings: (full, quick).
@@ -133,6 +133,7 @@ def measure(item: Bench, ctx: SuiteContext) -> dict:
         "reps": timing.reps,
         "gbps": item.bytes / seconds / 1e9 if item.bytes else None,
         "tflops": item.flops / seconds / 1e12 if item.flops else None,
+        "tokens_per_s": item.tokens / seconds if item.tokens else None,
         "peak_mem_bytes": peak,
     }
 
@@ -155,7 +156,7 @@ def run_item(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
         record.update(status=item.status, reason=item.reason)
         return record
     record.update({"case": item.case, "dtype": item.dtype, "pass": item.pass_,
-                   "bytes": item.bytes, "flops": item.flops})
+                   "bytes": item.bytes, "flops": item.flops, "tokens": item.tokens})
     try:
         record.update(measure(item, ctx), status="ok")
     except Exception as exc:

@@ -92,6 +92,25 @@ class Decoder:
         return self._step(self.tokens).clone()
 
 
+CAPACITY_ROUNDING = 128  # cache sizes are rounded up so that compiled steps get reused
+
+
+def _decoder(model: Transformer, batch: int, capacity: int, compile: bool) -> Decoder:
+    """A Decoder kept on the model per (batch, rounded capacity, compile, device, dtype), so a
+    compiled step is built once and reused by later generate() calls."""
+    capacity = -(-capacity // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
+    if model.config.rope_scaling == "none":
+        capacity = min(capacity, model.config.max_seq_len)
+    weight = model.tok_embeddings.weight
+    key = (batch, capacity, compile, weight.device, weight.dtype)
+    decoders = model.__dict__.setdefault("_decoders", {})
+    if key not in decoders:
+        if len(decoders) >= 4:  # bound the memory held by idle caches
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = Decoder(model, batch, capacity, compile=compile)
+    return decoders[key]
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -140,7 +159,7 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-    decoder = Decoder(model, batch, capacity, compile=compile)
+    decoder = _decoder(model, batch, capacity, compile)
     was_training = model.training
     model.eval()
     try:

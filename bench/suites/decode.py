@@ -1,0 +1,177 @@
+"""Generation: prefill time and decode tokens/s, ours against Hugging Face on the same weights.
+
+Shapes: on CPU the stories42M shape with an untied head (58M parameters, fp32); on a GPU
+Sheared-LLaMA-1.3B in bf16. Weights are random, written by `transformers` and loaded by ours.
+
+* prefill: one forward over a batch of prompts (tokens/s counts prompt tokens).
+* decode: greedy generation of N new tokens after a short prompt (tokens/s counts new tokens
+  over all sequences; the prompt's prefill is included and is a few percent of the time).
+
+Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
+compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
+"""
+from __future__ import annotations
+
+import inspect
+import tempfile
+from functools import lru_cache, partial
+
+import torch
+
+from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite
+
+PROMPT = 16  # decode-pass prompt length
+
+
+def _shape(ctx: SuiteContext):
+    from llama import ModelConfig
+
+    if ctx.is_cuda:
+        return ModelConfig.preset("sheared-1.3b"), torch.bfloat16
+    return ModelConfig.preset("stories42M").replace(tie_embeddings=False), torch.float32
+
+
+@lru_cache(maxsize=2)
+def _models(device: str, quick: bool):
+    """(ours, hf) with identical random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llama.checkpoint
+
+    ctx = SuiteContext(torch.device(device), quick)
+    cfg, dtype = _shape(ctx)
+    hf_cfg = LlamaConfig(
+        hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = llama.checkpoint.load_model(tmp, device=device, dtype=dtype).eval()
+    return ours, hf
+
+
+def _tokens(ctx: SuiteContext, batch: int, length: int, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(batch * 1000 + length)
+    return torch.randint(3, vocab, (batch, length), generator=gen).to(ctx.device)
+
+
+# ----------------------------------------------------------------------------- the calls
+def _ours_decode(ctx, batch, new, compile):
+    from llama.generate import Sampling, generate
+
+    ours, _ = _models(str(ctx.device), ctx.quick)
+    prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
+    return [lambda: generate(ours, prompts, new, Sampling(temperature=0), compile=compile)]
+
+
+def _ours_prefill(ctx, batch, length):
+    from llama import KVCache
+
+    ours, _ = _models(str(ctx.device), ctx.quick)
+    tokens = _tokens(ctx, batch, length, ours.config.vocab_size)
+    w = ours.tok_embeddings.weight
+    cache = KVCache.allocate(ours.config, batch, length, device=w.device, dtype=w.dtype)
+
+    @torch.inference_mode()
+    def call():
+        cache.reset()
+        return ours(tokens, cache=cache, last_only=True)
+
+    return [call]
+
+
+def _hf_decode(ctx, batch, new):
+    _, hf = _models(str(ctx.device), ctx.quick)
+    tokens = _tokens(ctx, batch, PROMPT, hf.config.vocab_size)
+
+    @torch.inference_mode()
+    def call():
+        return hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    return [call]
+
+
+def _hf_prefill(ctx, batch, length):
+    _, hf = _models(str(ctx.device), ctx.quick)
+    tokens = _tokens(ctx, batch, length, hf.config.vocab_size)
+
+    @torch.inference_mode()
+    def call():
+        return hf(tokens, use_cache=True, logits_to_keep=1).logits
+
+    return [call]
+
+
+def _hf_static_compiled(ctx, batch, new):
+    """A static cache, a prefill, then a compiled one-token step per new token."""
+    from transformers import StaticCache
+
+    _, hf = _models(str(ctx.device), ctx.quick)
+    tokens = _tokens(ctx, batch, PROMPT, hf.config.vocab_size)
+    capacity = PROMPT + new
+    cache = StaticCache(config=hf.config, max_cache_len=capacity)
+    graphs = ctx.is_cuda
+
+    cache_kw = _cache_keyword(hf)
+
+    def one_step(tok, position):
+        out = hf(tok, position_ids=position[None].expand(tok.shape[0], 1), cache_position=position,
+                 use_cache=True, **{cache_kw: cache})
+        return out.logits[:, -1]
+
+    step = torch.compile(one_step, mode="reduce-overhead" if graphs else None, fullgraph=True)
+
+    @torch.inference_mode()
+    def call():
+        cache.reset()
+        pos = torch.arange(PROMPT, device=ctx.device)
+        logits = hf(tokens, cache_position=pos, use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        out = [logits.argmax(-1)]
+        for i in range(PROMPT, capacity - 1):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(out[-1][:, None], torch.tensor([i], device=ctx.device))
+            out.append(logits.argmax(-1).clone())
+        return torch.stack(out, 1)
+
+    return [call]
+
+
+def _cache_keyword(hf) -> str:
+    """transformers 5 renamed forward's `past_key_values` to `cache` in some releases."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+@suite("decode")
+def decode(ctx: SuiteContext) -> list[Item]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return [Unavailable("decode", f"transformers is needed for the shared weights: {exc}")]
+    cfg, dtype = _shape(ctx)
+    new = (32 if ctx.quick else 128) if not ctx.is_cuda else (64 if ctx.quick else 256)
+    prefill = 128 if not ctx.is_cuda else 1024
+    batches = (1,) if ctx.quick else (1, 8)
+    shape = "sheared-1.3b" if ctx.is_cuda else "stories42M-untied"
+    compile_ours = [("kernels", False), ("kernels-compiled", True)] if ctx.is_cuda else [("kernels", False)]
+    items: list[Item] = []
+    for batch in batches:
+        case = {"model": shape, "batch": batch}
+        for name, compile in compile_ours:
+            items.append(Bench(name, {**case, "new": new}, dtype_name(dtype), "decode",
+                               partial(_ours_decode, ctx, batch, new, compile), tokens=batch * new))
+        items.append(Bench("hf-generate", {**case, "new": new}, dtype_name(dtype), "decode",
+                           partial(_hf_decode, ctx, batch, new), tokens=batch * new))
+        items.append(Bench("hf-static-compiled", {**case, "new": new}, dtype_name(dtype), "decode",
+                           partial(_hf_static_compiled, ctx, batch, new), tokens=batch * new))
+        items.append(Bench("kernels", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+                           partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
+        items.append(Bench("hf", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+                           partial(_hf_prefill, ctx, batch, prefill), tokens=batch * prefill))
+    return items
