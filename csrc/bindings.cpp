@@ -85,6 +85,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
 
+  m.def(
+      "linear_cpu",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t m, int64_t n, int64_t k,
+         int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
+        kernels::cpu::linear(ptr<const void>(x), ptr<const void>(w), ptr<const void>(bias),
+                             ptr<void>(y), m, n, k, x_stride, y_stride, x_dtype, w_dtype,
+                             bias_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y = x @ w^T + bias for a few rows of x; bias may be 0 (none)");
+
   // ------------------------------------------------------------------ CUDA
 #ifdef KERNELS_WITH_CUDA
   m.def("rms_norm_fwd_cuda", &kernels::cuda::rms_norm_fwd);

@@ -11,6 +11,7 @@ import platform
 import torch
 
 from ._dispatch import BACKENDS, available_backends, capabilities, use_backend
+from .linear import linear, linear_reference
 from .rms_norm import rms_norm, rms_norm_reference
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "build_info",
+    "linear",
+    "linear_reference",
     "rms_norm",
     "rms_norm_reference",
     "use_backend",

@@ -138,34 +138,48 @@ def _preference(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
 
 
-def log_once(op: str, message: str) -> None:
+def log_once(op: str, message: str, level: int = logging.WARNING) -> None:
     key = (op, message)
     if key not in _logged:
         _logged.add(key)
-        log.warning("%s: %s", op, message)
+        log.log(level, "%s: %s", op, message)
 
 
 def choose(
-    op: str, device: torch.device, unsupported: Optional[Mapping[str, Callable[[], Optional[str]]]] = None
+    op: str,
+    device: torch.device,
+    unsupported: Optional[Mapping[str, Callable[[], Optional[str]]]] = None,
+    implemented: tuple[str, ...] = BACKENDS,
 ) -> str:
     """Pick the backend for one call of `op`.
 
+    `implemented` lists the backends the op has at all (others are skipped silently).
     `unsupported` maps a backend to a check returning why it cannot take this particular call
     (an odd size, say), or None. A forced backend that cannot run raises RuntimeError.
     """
     unsupported = unsupported or {}
     forced = forced_backend()
+    if forced is not None and forced not in implemented:
+        raise RuntimeError(f"{op}: backend {forced!r} was forced but {op} has no {forced} implementation")
     if forced is not None:
         reason = _unavailable(forced, device.type) or (unsupported[forced]() if forced in unsupported else None)
         if reason:
             raise RuntimeError(f"{op}: backend {forced!r} was forced but cannot run this call: {reason}")
         return forced
-    skipped = []
+    skipped, missing = [], False
     for backend in _preference(device):
-        reason = _unavailable(backend, device.type) or (unsupported[backend]() if backend in unsupported else None)
+        if backend not in implemented:
+            continue
+        reason = _unavailable(backend, device.type)
+        missing = missing or reason is not None
+        if reason is None and backend in unsupported:
+            reason = unsupported[backend]()
         if reason is None:
             if skipped:
-                log_once(op, f"using {backend} instead of " + "; ".join(skipped))
+                # A backend missing from this build is worth a warning; a case one backend
+                # leaves to another by design (too many rows, say) is only information.
+                level = logging.WARNING if missing else logging.INFO
+                log_once(op, f"using {backend} instead of " + "; ".join(skipped), level)
             return backend
         skipped.append(f"{backend} ({reason})")
     raise AssertionError("the torch backend is always available")

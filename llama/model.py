@@ -108,6 +108,13 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear through kernels.linear: a bandwidth-bound CPU kernel for decode-sized inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rms":
         return RMSNorm(cfg.dim, cfg.norm_eps)
@@ -118,10 +125,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x, cos, sin, cache_kv=None, positions=None):
@@ -161,10 +168,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w1 = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)
         if self.swiglu:
-            self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+            self.w3 = Linear(cfg.dim, cfg.hidden_dim, bias=False)
 
     def forward(self, x):
         if self.swiglu:
@@ -195,7 +202,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         cos, sin = rope_tables(cfg, cfg.max_seq_len, device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)

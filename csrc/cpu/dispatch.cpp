@@ -123,5 +123,12 @@ void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rst
                                     dx_stride, x_dtype, w_dtype, num_threads))
 }
 
+void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,
+            int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
+            int bias_dtype, int num_threads) {
+  KERNELS_CPU_DISPATCH(linear(x, w, bias, y, m, n, k, x_stride, y_stride, x_dtype, w_dtype,
+                              bias_dtype, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace kernels

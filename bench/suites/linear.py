@@ -1,0 +1,45 @@
+"""Decode-sized linear layers on the CPU: kernels.linear against F.linear (MKL/oneDNN).
+
+GB/s counts the weight bytes streamed per call (activations are tiny). Weights rotate among
+copies that together exceed twice the last-level cache, as they do in a real decode step.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite
+
+# (in_features, out_features): stories42M's projections and head, Sheared-LLaMA-1.3B's MLP.
+SHAPES = [(512, 512), (512, 1376), (1376, 512), (512, 32000), (2048, 5504), (5504, 2048)]
+
+
+def _setup(ctx: SuiteContext, fn, m: int, k: int, n: int, dtype: torch.dtype):
+    x = torch.randn(m, k, dtype=dtype)
+    weights = ctx.rotating(lambda: torch.randn(n, k, dtype=dtype), n * k * dtype.itemsize)
+    return [torch.no_grad()(partial(fn, x, w)) for w in weights]
+
+
+@suite("linear")
+def linear(ctx: SuiteContext) -> list[Item]:
+    if ctx.is_cuda:
+        return [Unavailable("kernels-cpu", "kernels.linear has no GPU kernel; it calls cuBLAS there")]
+    import kernels
+
+    if "cpu" not in kernels.available_backends("cpu"):
+        return [Unavailable("kernels-cpu", "kernels._C is not built", status="error")]
+    shapes = SHAPES[2:4] if ctx.quick else SHAPES
+    rows = (1,) if ctx.quick else (1, 4, 16)
+    dtypes = (torch.float32,) if ctx.quick else (torch.float32, torch.bfloat16)
+    items: list[Item] = []
+    for dtype in dtypes:
+        for k, n in shapes:
+            for m in rows:
+                nbytes = n * k * dtype.itemsize
+                for name, fn in (("kernels-cpu", kernels.linear), ("torch-F.linear", F.linear)):
+                    items.append(Bench(name, {"m": m, "k": k, "n": n}, dtype_name(dtype), "fwd",
+                                       partial(_setup, ctx, fn, m, k, n, dtype), bytes=nbytes,
+                                       flops=2 * m * n * k))
+    return items

@@ -1,0 +1,187 @@
+// y = x @ W^T (+ bias) for a few rows of x (decode-sized M), streaming W once.
+//
+// W is (N, K) row-major and is read exactly once per call: a block of 4 weight rows is
+// multiplied into every row of x (up to 4 at a time) while it is in registers/L1, so the call
+// runs at memory bandwidth. The vector code uses GCC vector extensions; this file is compiled
+// once per instruction set (see CMakeLists.txt), giving SSE, AVX2 or AVX-512 code from one source.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/kernels_cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kernels {
+namespace cpu {
+namespace KERNELS_ISA {
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t vhalfbits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+constexpr int kRowBlock = 4;  // weight rows per inner block
+constexpr int kMaxM = 4;      // rows of x per pass
+constexpr int64_t kMinParallelElements = int64_t{1} << 16;
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vfloat load(const bf16_t* p) {
+  vhalfbits h;
+  std::memcpy(&h, p, sizeof(h));
+  vuint u = __builtin_convertvector(h, vuint) << 16;
+  vfloat v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline vfloat load(const f16_t* p) {
+#if defined(__FLT16_MAX__)
+  typedef _Float16 vhalf __attribute__((vector_size(kLanes * sizeof(_Float16))));
+  vhalf h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vfloat);
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
+  return v;
+#endif
+}
+
+inline float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// out[m][r] = dot(x[m], w[r]) for RB weight rows and MB rows of x (fp32, contiguous, length k).
+template <int RB, int MB, typename TW>
+inline void dot_block(const float* const* xs, const TW* w, int64_t w_stride, int64_t k, float out[MB][RB]) {
+  vfloat acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = vfloat{};
+  int64_t c = 0;
+  for (; c + kLanes <= k; c += kLanes) {
+    vfloat wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = load(w + r * w_stride + c);
+    for (int m = 0; m < MB; ++m) {
+      const vfloat xv = load(xs[m] + c);
+      for (int r = 0; r < RB; ++r) acc[m][r] += xv * wv[r];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t t = c; t < k; ++t) s += xs[m][t] * to_float(w[r * w_stride + t]);
+      out[m][r] = s;
+    }
+}
+
+template <int MB, typename TX, typename TW>
+void rows_pass(const float* const* xs, TX* const* ys, const TW* w, const float* bias, int64_t n0,
+               int64_t n1, int64_t k) {
+  int64_t n = n0;
+  for (; n + kRowBlock <= n1; n += kRowBlock) {
+    float out[MB][kRowBlock];
+    dot_block<kRowBlock, MB>(xs, w + n * k, k, k, out);
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kRowBlock; ++r)
+        ys[m][n + r] = from_float<TX>(out[m][r] + (bias ? bias[n + r] : 0.f));
+  }
+  for (; n < n1; ++n) {
+    float out[MB][1];
+    dot_block<1, MB>(xs, w + n * k, k, k, out);
+    for (int m = 0; m < MB; ++m) ys[m][n] = from_float<TX>(out[m][0] + (bias ? bias[n] : 0.f));
+  }
+}
+
+template <typename TX, typename TW>
+void linear_impl(const TX* x, const TW* w, const void* bias, int bias_dtype, TX* y, int64_t m,
+                 int64_t n, int64_t k, int64_t x_stride, int64_t y_stride, int num_threads) {
+  // x rows and the bias in fp32, converted once.
+  std::vector<float> xf(static_cast<size_t>(m) * k);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < k; ++c) xf[i * k + c] = to_float(x[i * x_stride + c]);
+  std::vector<float> bf;
+  if (bias) {
+    bf.resize(n);
+    for (int64_t j = 0; j < n; ++j) {
+      switch (to_dtype(bias_dtype, "bias")) {
+        case DType::F32: bf[j] = static_cast<const float*>(bias)[j]; break;
+        case DType::F16: bf[j] = to_float(static_cast<const f16_t*>(bias)[j]); break;
+        case DType::BF16: bf[j] = to_float(static_cast<const bf16_t*>(bias)[j]); break;
+      }
+    }
+  }
+  const float* b = bias ? bf.data() : nullptr;
+  // Weight rows are split into contiguous, 4-row-aligned ranges, one per thread.
+  int nt = n * k < kMinParallelElements ? 1 : std::max(1, num_threads);
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  nt = static_cast<int>(std::min<int64_t>(nt, blocks));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    const int t = 0, count = 1;
+#endif
+    const int64_t n0 = std::min(n, blocks * t / count * kRowBlock);
+    const int64_t n1 = std::min(n, blocks * (t + 1) / count * kRowBlock);
+    for (int64_t i = 0; i < m; i += kMaxM) {
+      const float* xs[kMaxM];
+      TX* ys[kMaxM];
+      const int mb = static_cast<int>(std::min<int64_t>(kMaxM, m - i));
+      for (int j = 0; j < mb; ++j) {
+        xs[j] = xf.data() + (i + j) * k;
+        ys[j] = y + (i + j) * y_stride;
+      }
+      switch (mb) {
+        case 1: rows_pass<1>(xs, ys, w, b, n0, n1, k); break;
+        case 2: rows_pass<2>(xs, ys, w, b, n0, n1, k); break;
+        case 3: rows_pass<3>(xs, ys, w, b, n0, n1, k); break;
+        default: rows_pass<4>(xs, ys, w, b, n0, n1, k); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,
+            int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
+            int bias_dtype, int num_threads) {
+  KERNELS_CHECK(m >= 0 && n > 0 && k > 0, "x, weight: expected positive sizes, got m=" << m << " n=" << n
+                                                                                        << " k=" << k);
+  auto with_w = [&](auto* xt) {
+    using TX = std::remove_pointer_t<decltype(xt)>;
+    auto run = [&](auto* wt) {
+      using TW = std::remove_pointer_t<decltype(wt)>;
+      linear_impl<TX, TW>(static_cast<const TX*>(x), static_cast<const TW*>(w), bias, bias_dtype,
+                          static_cast<TX*>(y), m, n, k, x_stride, y_stride, num_threads);
+    };
+    switch (to_dtype(w_dtype, "weight")) {
+      case DType::F32: return run(static_cast<float*>(nullptr));
+      case DType::F16: return run(static_cast<f16_t*>(nullptr));
+      case DType::BF16: return run(static_cast<bf16_t*>(nullptr));
+    }
+  };
+  switch (to_dtype(x_dtype, "x")) {
+    case DType::F32: return with_w(static_cast<float*>(nullptr));
+    case DType::F16: return with_w(static_cast<f16_t*>(nullptr));
+    case DType::BF16: return with_w(static_cast<bf16_t*>(nullptr));
+  }
+}
+
+}  // namespace KERNELS_ISA
+}  // namespace cpu
+}  // namespace kernels

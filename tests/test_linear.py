@@ -1,0 +1,100 @@
+"""kernels.linear: the C++ decode GEMV against the reference, in every ISA, plus dispatch."""
+import logging
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.linear  # noqa: F401
+from kernels import _dispatch
+from tests.helpers import TOLERANCE, poisoned
+
+lin = sys.modules["kernels.linear"]
+EXT = kernels.capabilities().ext
+ISAS = EXT.cpu_isas() if EXT is not None else []
+pytestmark = pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+
+# Ragged on purpose: K around the 16-lane vector, N around the 4-row block, M around the 4-row pass.
+SHAPES = [(1, 1, 1), (1, 37, 17), (2, 5, 16), (3, 4, 15), (4, 1000, 100), (5, 33, 513), (7, 6, 64), (16, 9, 31)]
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.bfloat16),
+]
+
+
+def _close(y, ref, dtype, k):
+    atol, rtol = TOLERANCE[dtype]
+    # Each output sums k products; fp32 rounding grows with sqrt(k).
+    scale = max(1.0, k**0.5 / 4)
+    torch.testing.assert_close(y.double(), ref.double(), atol=atol * scale, rtol=rtol * scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPE_PAIRS, ids=str)
+@pytest.mark.parametrize("m,n,k", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_cpu_kernel_matches_reference(isa, x_dtype, w_dtype, m, n, k, with_bias):
+    x = torch.randn(m, k).to(x_dtype)
+    w = torch.randn(n, k).to(w_dtype)
+    bias = torch.randn(n).to(w_dtype) if with_bias else None
+    y = poisoned((m, n), x_dtype)
+    EXT.set_cpu_isa(isa)
+    try:
+        lin._cpu(x, w, bias, y)
+    finally:
+        EXT.set_cpu_isa("")
+    _close(y, lin.linear_reference(x.double(), w.double(), None if bias is None else bias.double()), x_dtype, k)
+
+
+def test_strided_rows_and_leading_dims():
+    x = torch.randn(2, 3, 40)[:, :, :33]  # row stride 40, last dim contiguous
+    w = torch.randn(11, 33)
+    y = kernels.linear(x, w)
+    assert y.shape == (2, 3, 11)
+    _close(y, lin.linear_reference(x, w), torch.float32, 33)
+
+
+def test_dispatch_uses_the_kernel_for_few_rows(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setitem(lin.BACKENDS, "cpu", lambda *a: calls.append(a[0].shape[0]) or lin._cpu(*a))
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    w = torch.randn(8, 32)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="kernels"):
+        kernels.linear(torch.randn(3, 32), w)
+        kernels.linear(torch.randn(40, 32), w)  # too many rows: F.linear
+    assert calls == [3]
+    assert any("more than 16 rows" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    with kernels.use_backend("cpu"), pytest.raises(RuntimeError, match="more than 16 rows"):
+        kernels.linear(torch.randn(40, 32), w)
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="linear has no triton implementation"):
+        kernels.linear(torch.randn(2, 32), w)
+
+
+def test_autograd_goes_through_torch():
+    x = torch.randn(2, 16, requires_grad=True)
+    w = torch.randn(5, 16, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    kernels.linear(x, w, b).sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(2, 16))
+    torch.testing.assert_close(b.grad, torch.full((5,), 2.0))
+
+
+@pytest.mark.parametrize(
+    "x,w,b,exc,match",
+    [
+        (torch.randn(2, 8), torch.randn(3, 7), None, ValueError, "x: last dim must equal weight's in_features 7"),
+        (torch.randn(2, 8), torch.randn(8), None, ValueError, "weight: expected shape"),
+        (torch.randn(2, 8), torch.randn(3, 8), torch.randn(4), ValueError, r"bias: expected shape \(3,\)"),
+        (torch.randn(2, 8).double(), torch.randn(3, 8), None, TypeError, "x: dtype must be"),
+        (torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8), None, TypeError, "weight: dtype must be"),
+        (torch.randn(2, 8), torch.randn(3, 8, device="meta"), None, ValueError, "weight: is on meta"),
+    ],
+)
+def test_bad_inputs_name_the_argument(x, w, b, exc, match):
+    with pytest.raises(exc, match=match):
+        kernels.linear(x, w, b)
