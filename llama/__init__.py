@@ -1,5 +1,17 @@
-"""A lean PyTorch LLaMA on the kernels of this project."""
-from .config import PRESETS, ModelConfig
-from .model import KVCache, Transformer, build
+"""A lean PyTorch LLaMA on the kernels of this project.
 
-__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "build"]
+    import llama
+    m = llama.load("path/to/checkpoint")        # llama2.c .pt/.bin, minllama, Hugging Face, native
+    print(m.generate("Once upon a time", max_new_tokens=100, temperature=0.7))
+"""
+from . import checkpoint
+from .api import LLaMA, load, save
+from .config import PRESETS, ModelConfig
+from .generate import Sampling, generate
+from .model import KVCache, Transformer, build
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "KVCache", "LLaMA", "ModelConfig", "PRESETS", "Sampling", "Tokenizer", "Transformer",
+    "build", "checkpoint", "generate", "load", "save",
+]

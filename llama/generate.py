@@ -208,13 +208,22 @@ def _parse(argv):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _run(_parse(argv))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import load  # the high-level API: model plus tokenizer
 
-    args = _parse(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
     prompts = args.prompt or [""]
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])  # the continuation streams after it
     start = time.perf_counter()
     texts = lm.generate(
         prompts if len(prompts) > 1 else prompts[0],
