@@ -7,11 +7,11 @@
 from . import checkpoint
 from .api import LLaMA, load, save
 from .config import PRESETS, ModelConfig
-from .generate import Sampling, generate
 from .model import KVCache, Transformer, build
 from .tokenizer import Tokenizer
 
+# llama.generate (the module: generate(), Sampling, and `python -m llama.generate`) is imported on use.
 __all__ = [
-    "KVCache", "LLaMA", "ModelConfig", "PRESETS", "Sampling", "Tokenizer", "Transformer",
-    "build", "checkpoint", "generate", "load", "save",
+    "KVCache", "LLaMA", "ModelConfig", "PRESETS", "Tokenizer", "Transformer", "build", "checkpoint", "load", "save",
 ]
+

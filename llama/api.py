@@ -13,7 +13,6 @@ from typing import Optional, Sequence, TextIO, Union
 import torch
 
 from . import checkpoint
-from .generate import Sampling, generate
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -68,6 +67,8 @@ class LLaMA:
             raise TypeError("prompt: expected a string or a non-empty list of strings")
         if stream is not None and not single:
             raise ValueError("stream: only a single prompt can be streamed")
+        from .generate import Sampling, generate  # not at import: `python -m llama.generate` runs it
+
         tok = self.tokenizer
         ids = [tok.encode(p, bos=True) for p in prompts]
         on_token = None
@@ -107,10 +108,14 @@ def load(
     tokenizer: Union[str, Path, Tokenizer, None] = None,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    overrides: Sequence[str] = (),
 ) -> LLaMA:
-    """Load a checkpoint in any supported format (detected by content) and its tokenizer."""
+    """Load a checkpoint in any supported format (detected by content) and its tokenizer.
+
+    `overrides` are `key=value` config changes that keep the weights' shapes (RoPE scaling, say).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = checkpoint.load_model(path, device=device, dtype=dtype).eval()
+    model = checkpoint.load_model(path, device=device, dtype=dtype, overrides=overrides).eval()
     if tokenizer is None:
         found = find_tokenizer(path)
         tokenizer = Tokenizer(found) if found is not None else None

@@ -85,14 +85,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as _safetensors_save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, parse_overrides
 from .model import Transformer, build, rope_tables
 
 __all__ = [
@@ -302,17 +302,20 @@ def read_config(path: PathLike) -> ModelConfig:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None) -> Transformer:
+               dtype: Optional[torch.dtype] = None, overrides: Sequence[str] = ()) -> Transformer:
     """The model stored at `path`, in any of `FORMATS`, on `device`, in eval mode.
 
     dtype None keeps the checkpoint's (fp32 for llama2.c formats, also v2 which dequantizes).
+    `overrides` are `key=value` config changes that keep the weights' shapes, such as
+    `rope_scaling=dynamic rope_scaling_factor=4` or `max_seq_len=4096`.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
     path = Path(path)
     fmt, preloaded = _detect(path)
     with _open_source(path, fmt, preloaded) as source:
-        model = build(source.config, init=False)
+        config = source.config.replace(**parse_overrides(overrides)) if overrides else source.config
+        model = build(config, init=False)
         state = _gather(source, model, str(path), torch.device(device), dtype)
     model.load_weights(state)
     return model.eval()

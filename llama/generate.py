@@ -204,6 +204,8 @@ def _parse(argv):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config changes that keep the weights, e.g. rope_scaling=dynamic rope_scaling_factor=4")
     return p.parse_args(argv)
 
 
@@ -220,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype, overrides=args.overrides)
     prompts = args.prompt or [""]
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])  # the continuation streams after it

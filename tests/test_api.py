@@ -68,6 +68,13 @@ def test_generate_cli(lm, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     expected = lm.generate("Once upon", max_new_tokens=16, temperature=0)
     assert result.stdout.rstrip("\n") == "Once upon" + expected
+    assert "tokens in" in result.stderr and "Warning" not in result.stderr
+    bad = subprocess.run(cmd[:5] + ["--temperature", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: temperature" in bad.stderr
+    # A config override past the trained context, on the command line.
+    longer = cmd[:-6] + ["--max-new-tokens", "150", "--temperature", "0", "--device", "cpu",
+                         "rope_scaling=dynamic", "rope_scaling_factor=2"]
+    result = subprocess.run(longer, capture_output=True, text=True, check=True)
     assert "tokens in" in result.stderr
-    bad = subprocess.run(cmd[:4] + ["--temperature", "-1"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "temperature" in bad.stderr
+    bad = subprocess.run(cmd + ["dim=128"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected shape" in bad.stderr
