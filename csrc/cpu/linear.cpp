@@ -87,6 +87,7 @@ inline void dot_block(const float* const* xs, const TW* w, int64_t w_stride, int
     }
 }
 
+// Rows [n0, n1) of y for MB rows of x.
 template <int MB, typename TX, typename TW>
 void rows_pass(const float* const* xs, TX* const* ys, const TW* w, const float* bias, int64_t n0,
                int64_t n1, int64_t k) {
@@ -102,6 +103,32 @@ void rows_pass(const float* const* xs, TX* const* ys, const TW* w, const float* 
     float out[MB][1];
     dot_block<1, MB>(xs, w + n * k, k, k, out);
     for (int m = 0; m < MB; ++m) ys[m][n] = from_float<TX>(out[m][0] + (bias ? bias[n] : 0.f));
+  }
+}
+
+// All rows of x against weight rows [n0, n1): the weights are walked in tiles small enough to
+// stay in L2 while every group of up to kMaxM rows of x passes over them, so W streams once.
+template <typename TX, typename TW>
+void tile_pass(const float* xf, TX* y, const TW* w, const float* bias, int64_t m, int64_t n0,
+               int64_t n1, int64_t k, int64_t y_stride) {
+  const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k * sizeof(TW)) / kRowBlock * kRowBlock);
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t i = 0; i < m; i += kMaxM) {
+      const float* xs[kMaxM];
+      TX* ys[kMaxM];
+      const int mb = static_cast<int>(std::min<int64_t>(kMaxM, m - i));
+      for (int j = 0; j < mb; ++j) {
+        xs[j] = xf + (i + j) * k;
+        ys[j] = y + (i + j) * y_stride;
+      }
+      switch (mb) {
+        case 1: rows_pass<1>(xs, ys, w, bias, t0, t1, k); break;
+        case 2: rows_pass<2>(xs, ys, w, bias, t0, t1, k); break;
+        case 3: rows_pass<3>(xs, ys, w, bias, t0, t1, k); break;
+        default: rows_pass<4>(xs, ys, w, bias, t0, t1, k); break;
+      }
+    }
   }
 }
 
@@ -137,21 +164,7 @@ void linear_impl(const TX* x, const TW* w, const void* bias, int bias_dtype, TX*
 #endif
     const int64_t n0 = std::min(n, blocks * t / count * kRowBlock);
     const int64_t n1 = std::min(n, blocks * (t + 1) / count * kRowBlock);
-    for (int64_t i = 0; i < m; i += kMaxM) {
-      const float* xs[kMaxM];
-      TX* ys[kMaxM];
-      const int mb = static_cast<int>(std::min<int64_t>(kMaxM, m - i));
-      for (int j = 0; j < mb; ++j) {
-        xs[j] = xf.data() + (i + j) * k;
-        ys[j] = y + (i + j) * y_stride;
-      }
-      switch (mb) {
-        case 1: rows_pass<1>(xs, ys, w, b, n0, n1, k); break;
-        case 2: rows_pass<2>(xs, ys, w, b, n0, n1, k); break;
-        case 3: rows_pass<3>(xs, ys, w, b, n0, n1, k); break;
-        default: rows_pass<4>(xs, ys, w, b, n0, n1, k); break;
-      }
-    }
+    tile_pass(xf.data(), y, w, b, m, n0, n1, k, y_stride);
   }
 }
 
