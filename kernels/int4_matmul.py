@@ -1,0 +1,285 @@
+"""4-bit weight-only quantization: int4 and NF4 group-quantized weights and their matmul.
+
+Formats (both store 16 codes per 4-bit value; a group is `group_size` consecutive input
+elements of one output row):
+
+* **int4** (asymmetric): w ~ (q - 8) * scale + zero, one scale and one zero per group of
+  32, 64 or 128. `zero` is the weight value of the middle code, so it is a float, as in tinygemm.
+* **NF4** (QLoRA): w ~ NF4[q] * absmax, one absmax per block of 64 (any of 32/64/128 allowed).
+  With double quantization the absmax values are stored as int8 around their mean, with one
+  fp32 scale per 256 of them; they are decoded once to the kernels' fp16 scales.
+
+Both reduce to one kernel contract: w = lut[q] * scale (+ zero), where lut is the 16-entry
+table of the format (q - 8 for int4, the NF4 code book for NF4).
+
+Packed layout (`packed`, uint8, shape (N, K/2)): each row is cut into chunks of 32 codes, and
+byte j of a chunk holds code j in its low nibble and code j + 16 in its high nibble. One
+16-byte load thus yields two contiguous runs of 16 codes, which SIMD and GPU kernels widen
+without shuffles. K must be a multiple of the group size (and so of 32).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from . import _dispatch
+
+FORMATS = ("int4", "nf4")
+GROUP_SIZES = (32, 64, 128)
+SCALE_DTYPE = torch.float16
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DOUBLE_QUANT_BLOCK = 256
+MAX_CPU_ROWS = 16  # the C++ kernel's reach; larger inputs dequantize once and use a GEMM
+
+
+def _nf4_code() -> torch.Tensor:
+    """The NF4 code book: quantiles of N(0, 1) with an exact zero, scaled to [-1, 1] (QLoRA)."""
+    offset = 0.9677083  # the outermost quantile, chosen so that the tails are not wasted
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
+    return (values / values.abs().max()).sort().values.float()
+
+
+NF4_CODE = _nf4_code()
+INT4_LUT = torch.arange(16, dtype=torch.float32) - 8
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(fmt: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry value table of a format, kept once per device."""
+    return (INT4_LUT if fmt == "int4" else NF4_CODE).to(device)
+
+
+@dataclass
+class QuantizedWeight:
+    """A frozen (N, K) weight in 4 bits. `scales`/`zeros` are (N, K / group_size) in fp16."""
+
+    format: str
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    group_size: int
+    shape: tuple[int, int]
+    dtype: torch.dtype = torch.float32  # of the weight it came from; dequantize()'s default
+    # NF4 double quantization, as stored: int8 absmax offsets, fp32 scale per 256, fp32 mean.
+    double_quant: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def lut(self) -> torch.Tensor:
+        return _lut(self.format, self.packed.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize(self, dtype or self.dtype)
+
+    def to(self, device) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        dq = None if self.double_quant is None else {k: v.to(device) for k, v in self.double_quant.items()}
+        return replace(self, packed=move(self.packed), scales=move(self.scales), zeros=move(self.zeros), double_quant=dq)
+
+    def nbytes(self) -> int:
+        """Bytes held for the kernels (packed codes, scales, zeros)."""
+        tensors = [self.packed, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 16) -> (N, K/2) uint8 in the chunk-of-32 layout above."""
+    n, k = q.shape
+    chunks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_codes: (N, K/2) uint8 -> (N, K) int64 codes."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // 16, 16).to(torch.int64)
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, half * 2)
+
+
+# ----------------------------------------------------------------------------- quantization
+def _check_weight(w: torch.Tensor, group_size: int, name: str = "w") -> tuple[int, int]:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (out_features, in_features) weight, got shape {tuple(w.shape)}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size}")
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"{name}: in_features {k} is not a multiple of group_size {group_size}")
+    return n, k
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric int4 with a scale and a zero per group of `group_size` input elements."""
+    n, k = _check_weight(w, group_size)
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).to(SCALE_DTYPE)
+    zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.round((g - z) / s + 8).clamp_(0, 15).reshape(n, k)
+    return QuantizedWeight("int4", pack_codes(q), scale, zero, group_size, (n, k), w.dtype)
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> QuantizedWeight:
+    """NF4 with an absmax per block of `block_size`; `double_quant` stores the absmax values in 8 bits."""
+    n, k = _check_weight(w, block_size)
+    g = w.detach().float().reshape(n, k // block_size, block_size)
+    absmax = g.abs().amax(dim=-1).clamp_min(1e-8)
+    stored = None
+    if double_quant:
+        stored = _double_quantize(absmax.reshape(-1))
+        absmax = _double_dequantize(stored, absmax.shape)
+    scale = absmax.to(SCALE_DTYPE)
+    code = NF4_CODE.to(w.device)
+    normalized = g / scale.float()[..., None]
+    q = (normalized[..., None] - code).abs().argmin(dim=-1).reshape(n, k)
+    return QuantizedWeight("nf4", pack_codes(q), scale, None, block_size, (n, k), w.dtype, stored)
+
+
+def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    mean = absmax.mean()
+    centered = absmax - mean
+    pad = (-centered.numel()) % DOUBLE_QUANT_BLOCK
+    blocks = torch.nn.functional.pad(centered, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)
+    step = (blocks.abs().amax(dim=-1) / 127).clamp_min(1e-12)
+    q8 = torch.round(blocks / step[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"absmax_q": q8.reshape(-1)[: absmax.numel()], "absmax_step": step, "absmax_mean": mean.reshape(1)}
+
+
+def _double_dequantize(stored: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    q8 = stored["absmax_q"].float()
+    step = stored["absmax_step"].repeat_interleave(DOUBLE_QUANT_BLOCK)[: q8.numel()]
+    return (q8 * step + stored["absmax_mean"]).reshape(shape)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight the codes stand for, computed in fp32."""
+    return _dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size).to(dtype)
+
+
+def _dequantize(packed, scales, zeros, lut, group_size) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    w = lut[unpack_codes(packed)].reshape(n, k // group_size, group_size) * scales.float()[..., None]
+    if zeros is not None:
+        w = w + zeros.float()[..., None]
+    return w.reshape(n, k)
+
+
+# ----------------------------------------------------------------------------- matmul
+def int4_matmul_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The oracle: x @ dequantize(W)^T (+ bias) in fp32, result in x's dtype."""
+    y = x.float() @ dequantize(qw).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw: expected a QuantizedWeight (from quantize_int4/quantize_nf4), got {type(qw).__name__}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"x: dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"x: last dim must equal the weight's in_features {qw.shape[1]}, got shape {tuple(x.shape)}")
+    if x.device != qw.device:
+        raise ValueError(f"qw: is on {qw.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qw.shape[0],):
+            raise ValueError(f"bias: expected shape ({qw.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
+
+
+def _cpu(x2, packed, scales, zeros, lut, group_size, y):
+    codes = _dispatch.DTYPE_CODES
+    _dispatch.ext().int4_matmul_cpu(
+        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+        lut.data_ptr(), y.data_ptr(), x2.shape[0], packed.shape[0], packed.shape[1] * 2, group_size,
+        x2.stride(0), y.stride(0), codes[x2.dtype], torch.get_num_threads(),
+    )
+
+
+def _triton(x2, packed, scales, zeros, lut, group_size, y):
+    from .triton import int4_matmul as tri
+
+    tri.int4_matmul(x2, packed, scales, zeros, lut, group_size, y)
+
+
+def _torch(x2, packed, scales, zeros, lut, group_size, y):
+    y.copy_(x2.float() @ _dequantize(packed, scales, zeros, lut, group_size).t())
+
+
+# Each backend writes y (M, N) from x2 (M, K); tests call them directly with poisoned outputs.
+BACKENDS = {"torch": _torch, "cpu": _cpu, "triton": _triton}
+
+
+def _cpu_unsupported(x2: torch.Tensor) -> Optional[str]:
+    return None if x2.shape[0] <= MAX_CPU_ROWS else f"more than {MAX_CPU_ROWS} rows (dequantize + GEMM is faster)"
+
+
+def _forward(x, packed, scales, zeros, lut, group_size):
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    checks = {"cpu": lambda: _cpu_unsupported(x2)} if x2.device.type == "cpu" else None
+    backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=("triton", "cpu", "torch"))
+    y = torch.empty((x2.shape[0], packed.shape[0]), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        BACKENDS[backend](x2, packed, scales, zeros, lut, group_size, y)
+    return y.view(*x.shape[:-1], packed.shape[0])
+
+
+@torch.library.custom_op("kernels::int4_matmul", mutates_args=())
+def _int4_matmul_op(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+    lut: torch.Tensor, group_size: int,
+) -> torch.Tensor:
+    return _forward(x, packed, scales, zeros, lut, group_size)
+
+
+@_int4_matmul_op.register_fake
+def _(x, packed, scales, zeros, lut, group_size):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    _x, packed, scales, zeros, lut, group_size = inputs
+    ctx.save_for_backward(packed, scales, zeros, lut)
+    ctx.group_size = group_size
+
+
+def _backward(ctx, grad_y):
+    """grad_x = grad_y @ dequant(W); the 4-bit weight is frozen (QLoRA)."""
+    packed, scales, zeros, lut = ctx.saved_tensors
+    w = _dequantize(packed, scales, zeros, lut, ctx.group_size).to(grad_y.dtype)
+    return grad_y @ w, None, None, None, None, None
+
+
+_int4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ dequant(qw)^T (+ bias) over any leading dims of x, differentiable in x (and bias).
+
+    x may be fp32, fp16 or bf16; y has x's dtype. The weight is frozen.
+    """
+    check_inputs(x, qw, bias)
+    lut = qw.lut
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        y = _int4_matmul_op(x, qw.packed, qw.scales, qw.zeros, lut, qw.group_size)
+    else:
+        y = _forward(x, qw.packed, qw.scales, qw.zeros, lut, qw.group_size)
+    return y if bias is None else y + bias.to(y.dtype)
