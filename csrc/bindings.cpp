@@ -96,6 +96,18 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "y = x @ w^T + bias for a few rows of x; bias may be 0 (none)");
 
+  m.def(
+      "int4_matmul_cpu",
+      [](uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t y,
+         int64_t m, int64_t n, int64_t k, int group, int64_t x_stride, int64_t y_stride, int x_dtype,
+         int threads) {
+        kernels::cpu::int4_matmul(ptr<const void>(x), ptr<const uint8_t>(packed), ptr<const void>(scales),
+                                  ptr<const void>(zeros), ptr<const float>(lut), ptr<void>(y), m, n, k,
+                                  group, x_stride, y_stride, x_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y = x @ dequant(W)^T for 4-bit W (fp16 scales/zeros, fp32 lut); zeros may be 0 (NF4)");
+
   // ------------------------------------------------------------------ CUDA
 #ifdef KERNELS_WITH_CUDA
   m.def("rms_norm_fwd_cuda", &kernels::cuda::rms_norm_fwd);

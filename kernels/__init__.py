@@ -11,17 +11,31 @@ import platform
 import torch
 
 from ._dispatch import BACKENDS, available_backends, capabilities, use_backend
+from .int4_matmul import (
+    QuantizedWeight,
+    dequantize,
+    int4_matmul,
+    int4_matmul_reference,
+    quantize_int4,
+    quantize_nf4,
+)
 from .linear import linear, linear_reference
 from .rms_norm import rms_norm, rms_norm_reference
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
+    "QuantizedWeight",
     "available_backends",
     "build_info",
+    "dequantize",
+    "int4_matmul",
+    "int4_matmul_reference",
     "linear",
     "linear_reference",
     "rms_norm",
+    "quantize_int4",
+    "quantize_nf4",
     "rms_norm_reference",
     "use_backend",
 ]

@@ -130,5 +130,12 @@ void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, 
                               bias_dtype, num_threads))
 }
 
+void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,
+                 const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,
+                 int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
+  KERNELS_CPU_DISPATCH(int4_matmul(x, packed, scales, zeros, lut, y, m, n, k, group, x_stride,
+                                   y_stride, x_dtype, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace kernels

@@ -15,7 +15,10 @@
                     int64_t dx_stride, int x_dtype, int w_dtype, int num_threads);              \
   void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,  \
               int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,          \
-              int bias_dtype, int num_threads);
+              int bias_dtype, int num_threads);                                               \
+  void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,   \
+                   const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,         \
+                   int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);
 
 namespace kernels {
 namespace cpu {

@@ -1,0 +1,152 @@
+"""4-bit formats and the CPU int4/NF4 matmul: quantization quality, packing, kernel vs reference."""
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.int4_matmul  # noqa: F401
+from kernels import QuantizedWeight, dequantize, int4_matmul, int4_matmul_reference, quantize_int4, quantize_nf4
+from tests.helpers import poisoned
+
+im = sys.modules["kernels.int4_matmul"]
+EXT = kernels.capabilities().ext
+ISAS = EXT.cpu_isas() if EXT is not None else []
+
+
+def _quantize(fmt, w, group, double_quant=False):
+    return quantize_int4(w, group) if fmt == "int4" else quantize_nf4(w, group, double_quant=double_quant)
+
+
+def _sqnr_db(w, qw):
+    err = (dequantize(qw) - w).pow(2).mean() / w.pow(2).mean()
+    return float(-10 * torch.log10(err))
+
+
+# Gaussian weights: int4 gains ~0.8 dB per halving of the group; NF4 suits them by design.
+@pytest.mark.parametrize(
+    "fmt,group,double_quant,min_db",
+    [("int4", 32, False, 21.5), ("int4", 64, False, 20.5), ("int4", 128, False, 19.5),
+     ("nf4", 32, False, 21.0), ("nf4", 64, False, 20.3), ("nf4", 64, True, 20.3), ("nf4", 128, False, 19.5)],
+)
+def test_quantization_quality(fmt, group, double_quant, min_db):
+    w = torch.randn(256, 1024)
+    qw = _quantize(fmt, w, group, double_quant)
+    assert _sqnr_db(w, qw) > min_db
+    assert qw.packed.dtype == torch.uint8 and qw.packed.shape == (256, 512)
+    assert qw.scales.shape == (256, 1024 // group) and qw.scales.dtype == torch.float16
+    assert (qw.zeros is None) == (fmt == "nf4")
+    assert (qw.double_quant is not None) == double_quant
+
+
+def test_pack_layout_and_round_trip():
+    q = torch.randint(0, 16, (3, 64))
+    packed = im.pack_codes(q)
+    # byte j of a 32-code chunk: code j in the low nibble, code j + 16 in the high nibble
+    assert packed[1, 5].item() == q[1, 5].item() | (q[1, 21].item() << 4)
+    assert packed[2, 16 + 3].item() == q[2, 32 + 3].item() | (q[2, 48 + 3].item() << 4)
+    assert torch.equal(im.unpack_codes(packed), q)
+
+
+def test_nf4_code_book():
+    code = im.NF4_CODE
+    assert code.shape == (16,) and code[0] == -1 and code[-1] == 1 and (code == 0).sum() == 1
+    assert torch.all(code[1:] > code[:-1])
+    torch.testing.assert_close(code[8], torch.tensor(0.0796), atol=1e-4, rtol=0)
+
+
+def test_int4_represents_group_extremes_closely():
+    w = torch.randn(4, 128)
+    qw = quantize_int4(w, 64)
+    d = dequantize(qw).reshape(4, 2, 64)
+    g = w.reshape(4, 2, 64)
+    step = (g.amax(-1) - g.amin(-1)) / 15
+    assert torch.all((d.amax(-1) - g.amax(-1)).abs() <= step * 0.51 + 1e-3)
+    assert torch.all((d - g).abs() <= step[..., None] * 0.51 + 1e-3)
+
+
+SHAPES = [(1, 1, 32), (1, 37, 64), (2, 5, 128), (3, 33, 96), (4, 100, 256), (5, 7, 384), (16, 9, 128)]
+# (shape, group) pairs where K is a multiple of the group
+CASES = [(shape, g) for shape in SHAPES for g in (32, 64, 128) if shape[2] % g == 0]
+
+
+@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,group", CASES, ids=str)
+def test_cpu_kernel_matches_reference(isa, fmt, dtype, shape, group):
+    m, n, k = shape
+    qw = _quantize(fmt, torch.randn(n, k), group)
+    x = torch.randn(m, k).to(dtype)
+    y = poisoned((m, n), dtype)
+    EXT.set_cpu_isa(isa)
+    try:
+        im._cpu(x, qw.packed, qw.scales, qw.zeros, qw.lut, group, y)
+    finally:
+        EXT.set_cpu_isa("")
+    ref = int4_matmul_reference(x.float(), qw)
+    # The kernel accumulates in fp32 like the reference; only the output rounding differs.
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * max(1.0, k**0.5 / 8)
+    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if EXT is not None else []))
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_public_op_forward_backward_and_bias(backend, fmt):
+    qw = _quantize(fmt, torch.randn(24, 128), 64)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    bias = torch.randn(24)
+    with kernels.use_backend(backend):
+        y = int4_matmul(x, qw, bias)
+        with torch.no_grad():
+            y_nograd = int4_matmul(x, qw, bias)  # the path without the custom-op layer
+    ref = int4_matmul_reference(x.detach(), qw, bias)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_nograd, ref, atol=1e-4, rtol=1e-4)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, dy @ dequantize(qw), atol=1e-4, rtol=1e-4)
+
+
+def test_large_m_dispatches_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setitem(im.BACKENDS, "torch", lambda *a: calls.append("torch") or im._torch(*a))
+    qw = quantize_int4(torch.randn(8, 64), 32)
+    with torch.no_grad():
+        y = int4_matmul(torch.randn(40, 64), qw)
+    assert y.shape == (40, 8) and (calls == ["torch"] or EXT is None)
+
+
+def test_opcheck():
+    qw = quantize_nf4(torch.randn(16, 64), 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.kernels.int4_matmul.default, (x, qw.packed, qw.scales, qw.zeros, qw.lut, 32))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: quantize_int4(torch.randn(4, 100), 32), ValueError, "in_features 100 is not a multiple of group_size 32"),
+        (lambda: quantize_int4(torch.randn(4, 96), 48), ValueError, r"group_size: expected one of \(32, 64, 128\)"),
+        (lambda: quantize_nf4(torch.randn(4, 4, 64)), ValueError, "w: expected a 2-D"),
+        (lambda: quantize_int4(torch.ones(4, 64, dtype=torch.int32)), TypeError, "w: expected a floating-point"),
+        (lambda: int4_matmul(torch.randn(2, 63), quantize_int4(torch.randn(4, 64), 32)), ValueError,
+         "x: last dim must equal the weight's in_features 64"),
+        (lambda: int4_matmul(torch.randn(2, 64).double(), quantize_int4(torch.randn(4, 64), 32)), TypeError, "x: dtype"),
+        (lambda: int4_matmul(torch.randn(2, 64), torch.randn(4, 64)), TypeError, "qw: expected a QuantizedWeight"),
+        (lambda: int4_matmul(torch.randn(2, 64), quantize_int4(torch.randn(4, 64), 32), torch.randn(5)), ValueError,
+         r"bias: expected shape \(4,\)"),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_quantized_weight_helpers():
+    qw = quantize_nf4(torch.randn(8, 64), 64, double_quant=True)
+    assert isinstance(qw, QuantizedWeight) and qw.nbytes() == 8 * 32 + 8 * 2
+    moved = qw.to("meta")
+    assert moved.packed.is_meta and moved.scales.is_meta and moved.double_quant["absmax_q"].is_meta
+    assert qw.dequantize(torch.bfloat16).dtype == torch.bfloat16
