@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -26,8 +27,6 @@ namespace cpu {
 namespace KERNELS_ISA {
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint8_t vbyte __attribute__((vector_size(kLanes)));
 
@@ -40,19 +39,6 @@ constexpr int kMaxM = 4;
 constexpr int kRowBlock = 2;
 constexpr int kMaxM = 2;
 #endif
-constexpr int64_t kMinParallelElements = int64_t{1} << 16;
-
-inline vfloat loadf(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 // The 16 codes of one half-chunk, looked up in the 16-entry table: lut[b & 0xF] or lut[b >> 4].
 // AVX-512 widens to 16 lanes and permutes once; AVX2 does two 8-lane halves, looking up each
@@ -166,9 +152,8 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
       xsum[i * groups + c / group] += xf[i * k + c];
     }
   const vfloat lut = loadf(lut_p);
-  int nt = n * k < kMinParallelElements ? 1 : std::max(1, num_threads);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  nt = static_cast<int>(std::min<int64_t>(nt, blocks));
+  const int nt = threads_for(n * k, blocks, num_threads);
   // 4-bit rows are small: a tile of this many weight rows stays in L2 while every row of x passes.
   const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
 #pragma omp parallel num_threads(nt) if (nt > 1)

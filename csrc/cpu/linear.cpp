@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -21,20 +22,13 @@ namespace cpu {
 namespace KERNELS_ISA {
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 typedef uint16_t vhalfbits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 
 constexpr int kRowBlock = 4;  // weight rows per inner block
 constexpr int kMaxM = 4;      // rows of x per pass
-constexpr int64_t kMinParallelElements = int64_t{1} << 16;
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+inline vfloat load(const float* p) { return loadf(p); }
 
 inline vfloat load(const bf16_t* p) {
   vhalfbits h;
@@ -56,12 +50,6 @@ inline vfloat load(const f16_t* p) {
   for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
   return v;
 #endif
-}
-
-inline float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
 }
 
 // out[m][r] = dot(x[m], w[r]) for RB weight rows and MB rows of x (fp32, contiguous, length k).
@@ -152,9 +140,8 @@ void linear_impl(const TX* x, const TW* w, const void* bias, int bias_dtype, TX*
   }
   const float* b = bias ? bf.data() : nullptr;
   // Weight rows are split into contiguous, 4-row-aligned ranges, one per thread.
-  int nt = n * k < kMinParallelElements ? 1 : std::max(1, num_threads);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  nt = static_cast<int>(std::min<int64_t>(nt, blocks));
+  const int nt = threads_for(n * k, blocks, num_threads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
 #ifdef _OPENMP

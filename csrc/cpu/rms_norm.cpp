@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,19 +19,10 @@ namespace cpu {
 namespace KERNELS_ISA {
 namespace {
 
-// Below this many elements a call runs on the calling thread: waking a thread pool costs more
-// than the work, and idle OpenMP workers spinning beside torch's own pool slow both down.
-constexpr int64_t kMinParallelElements = int64_t{1} << 16;
-
-int threads_for(int64_t rows, int64_t cols, int requested) {
-  if (rows * cols < kMinParallelElements) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
-}
-
 template <typename TX, typename TW>
 void fwd_impl(const TX* x, const TW* w, TX* y, float* rstd, int64_t rows, int64_t cols,
               int64_t x_stride, int64_t y_stride, float eps, int num_threads) {
-  const int nt = threads_for(rows, cols, num_threads);
+  const int nt = threads_for(rows * cols, rows, num_threads);
   (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < rows; ++r) {
@@ -55,7 +47,7 @@ void bwd_impl(const TX* dy, const TX* x, const TW* w, const float* rstd, TX* dx,
               int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
               int num_threads) {
 #ifdef _OPENMP
-  const int nt = threads_for(rows, cols, num_threads);
+  const int nt = threads_for(rows * cols, rows, num_threads);
 #else
   const int nt = 1;
 #endif

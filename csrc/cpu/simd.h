@@ -1,0 +1,40 @@
+// Shared by the CPU kernels: 16-lane vectors (GCC vector extensions, which each per-ISA build
+// lowers to SSE, AVX2 or AVX-512), their loads and sums, and when to use threads. Everything is
+// inside the ISA namespace so that the differently compiled copies never merge at link time.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace kernels {
+namespace cpu {
+namespace KERNELS_ISA {
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vfloat loadf(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// Below this many elements a call runs on the calling thread: waking a thread pool costs more
+// than the work, and idle OpenMP workers spinning beside torch's own pool slow both down.
+constexpr int64_t kMinParallelElements = int64_t{1} << 16;
+
+// Threads for a call touching `elements` values split into `units` independent pieces.
+inline int threads_for(int64_t elements, int64_t units, int requested) {
+  if (elements < kMinParallelElements) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, units)));
+}
+
+}  // namespace KERNELS_ISA
+}  // namespace cpu
+}  // namespace kernels
