@@ -19,7 +19,6 @@ without shuffles. K must be a multiple of the group size (and so of 32).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -48,10 +47,16 @@ NF4_CODE = _nf4_code()
 INT4_LUT = torch.arange(16, dtype=torch.float32) - 8
 
 
-@functools.lru_cache(maxsize=None)
+_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
 def _lut(fmt: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry value table of a format, kept once per device."""
-    return (INT4_LUT if fmt == "int4" else NF4_CODE).to(device)
+    """The 16-entry value table of a format, kept once per device (a dict, which torch.compile
+    reads without complaint, unlike an lru_cache)."""
+    key = (fmt, device)
+    if key not in _LUTS:
+        _LUTS[key] = (INT4_LUT if fmt == "int4" else NF4_CODE).to(device)
+    return _LUTS[key]
 
 
 @dataclass

@@ -26,6 +26,14 @@ native          A directory: `config.json` = {"format": "llama-kernels", "versio
                 "metadata": {...}} and `model.safetensors` holding our parameter names in the
                 model's dtype; a tied `output.weight` is not stored. "weights" is the slot for
                 quantized or pruned variants; a reader that does not know its value refuses.
+                A model quantized by `llama.quantize.quantize_` has "weights": "int4" or "nf4"
+                and "quantization": {"format", "group_size", "double_quant", "layers": [names
+                of the 4-bit linear layers]}; each such layer stores `NAME.packed` (uint8),
+                `NAME.scales` and `NAME.zeros` (fp16; no zeros for NF4, and no scales for NF4
+                with double quantization, which stores `NAME.absmax_q` int8, `NAME.absmax_step`
+                and `NAME.absmax_mean` fp32 instead) in place of `NAME.weight` (see QuantLinear).
+                Loading swaps those layers before the strict load; `dtype` casts the other
+                floating tensors only. No other format holds a quantized model.
 hf              A Hugging Face LlamaForCausalLM directory: `config.json` plus `model.safetensors`,
                 or `model-0000K-of-0000N.safetensors` shards listed in
                 `model.safetensors.index.json`. q/k are half-split already (no permutation).
@@ -121,7 +129,7 @@ FORMATS = (
 
 NATIVE_FORMAT = "llama-kernels"
 NATIVE_VERSION = 1
-NATIVE_WEIGHTS = ("dense",)
+NATIVE_WEIGHTS = ("dense", "int4", "nf4")
 
 LLAMA2C_MAGIC = 0x616B3432
 LLAMA2C_HEADER_BYTES = 256
@@ -282,6 +290,7 @@ class _Source:
     parameter names to the checkpoint's; interleaved: wq/wk rows use interleaved RoPE pairs;
     ignored: stored tensors known not to be weights (e.g. RoPE tables), skipped by name;
     mapped: fetch returns views of a memory-mapped file (torch.load(mmap=True), safetensors).
+    quantization: a native checkpoint's "quantization" entry (4-bit layers), else None.
     """
 
     config: ModelConfig
@@ -291,6 +300,7 @@ class _Source:
     interleaved: bool = False
     ignored: Callable[[str], bool] = lambda name: False
     mapped: bool = False
+    quantization: Optional[dict[str, Any]] = None
 
 
 def read_config(path: PathLike) -> ModelConfig:
@@ -316,6 +326,12 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu",
     with _open_source(path, fmt, preloaded) as source:
         config = source.config.replace(**parse_overrides(overrides)) if overrides else source.config
         model = build(config, init=False)
+        if source.quantization is not None:  # empty 4-bit layers on the meta device, filled below
+            # (llama.quantize is imported on use: `python -m llama.quantize` runs it as __main__)
+            from .quantize import config_from_dict, prepare_quantized
+
+            q = source.quantization
+            prepare_quantized(model, config_from_dict(q), q["layers"])
         state = _gather(source, model, str(path), torch.device(device), dtype)
     model.load_weights(state)
     return model.eval()
@@ -339,8 +355,14 @@ def _open_source(path: Path, fmt: str, preloaded: Any) -> Iterator[_Source]:
 def _gather(source: _Source, model: Transformer, where: str, device: torch.device,
             dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """Our state dict from `source`, checked strictly against `model` (on the meta device)."""
+    from .quantize import quantized_layers
+
     cfg = source.config
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    # The stored tensors of 4-bit layers (codes, scales, ...) keep their exact dtype.
+    quantized = tuple(f"{name}." for name in quantized_layers(model))
+    frozen = {name: t.dtype for name, t in model.state_dict().items()
+              if name.startswith(quantized) and not name.endswith(".bias")} if quantized else {}
     tied_output = None
     if cfg.tie_embeddings:
         expected.pop("output.weight", None)
@@ -363,13 +385,18 @@ def _gather(source: _Source, model: Transformer, where: str, device: torch.devic
         if tuple(t.shape) != expected[ours]:
             raise ValueError(f"{where}: tensor {stored}: expected shape {expected[ours]} for this config, "
                              f"got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{where}: tensor {stored}: expected floating point, got {t.dtype}")
-        if source.interleaved and ours.endswith("attention.wq.weight"):
-            t = permute_interleaved_to_half(t, cfg.n_heads)
-        elif source.interleaved and ours.endswith("attention.wk.weight"):
-            t = permute_interleaved_to_half(t, cfg.n_kv_heads)
-        t = t.to(device=device, dtype=dtype)
+        if ours in frozen:
+            if t.dtype != frozen[ours]:
+                raise ValueError(f"{where}: tensor {stored}: expected {frozen[ours]} for a 4-bit layer, got {t.dtype}")
+            t = t.to(device=device)
+        else:
+            if not t.is_floating_point():
+                raise ValueError(f"{where}: tensor {stored}: expected floating point, got {t.dtype}")
+            if source.interleaved and ours.endswith("attention.wq.weight"):
+                t = permute_interleaved_to_half(t, cfg.n_heads)
+            elif source.interleaved and ours.endswith("attention.wk.weight"):
+                t = permute_interleaved_to_half(t, cfg.n_kv_heads)
+            t = t.to(device=device, dtype=dtype)
         if source.mapped and t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
             # Mapping is lazy (a .pt's optimizer state is never read), but the parameters get
             # memory of their own: a file rewritten in place under a mapping crashes (SIGBUS).
@@ -403,9 +430,34 @@ def _open_native(path: Path) -> Iterator[_Source]:
         cfg = ModelConfig.from_dict(raw["model"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: invalid model configuration: {e}") from None
+    quantization = _native_quantization(raw, weights, config_path)
     with contextlib.ExitStack() as stack:
         tensors = _open_safetensors(path / SAFETENSORS, stack)
-        yield _Source(cfg, list(tensors), lambda name: _get_tensor(tensors[name], name, path), mapped=True)
+        yield _Source(cfg, list(tensors), lambda name: _get_tensor(tensors[name], name, path), mapped=True,
+                      quantization=quantization)
+
+
+def _native_quantization(raw: dict[str, Any], weights: str, config_path: Path) -> Optional[dict[str, Any]]:
+    """The checked "quantization" entry of a native config.json (None for dense weights)."""
+    from .quantize import config_from_dict
+
+    q = raw.get("quantization")
+    if weights == "dense":
+        if q is not None:
+            raise ValueError(f"{config_path}: \"quantization\" given but weights are \"dense\"")
+        return None
+    if not isinstance(q, dict):
+        raise ValueError(f"{config_path}: weights {weights!r} need a \"quantization\" object")
+    if q.get("format") != weights:
+        raise ValueError(f"{config_path}: quantization.format {q.get('format')!r} differs from weights {weights!r}")
+    layers = q.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"{config_path}: quantization.layers must be a list of distinct layer names")
+    try:
+        config_from_dict(q)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: quantization.{e}") from None
+    return q
 
 
 # ---------------------------------------------------------------------------- Hugging Face
@@ -845,7 +897,8 @@ def save(
     max_shard_bytes (hf): split the weights into shards of at most this many bytes (a tensor
     larger than that gets a shard of its own). group_size (llama2c-bin-v2): the Q8_0 group; by
     default 64, halved until it divides dim, as llama2.c does. metadata (native): JSON-able
-    information stored in config.json.
+    information stored in config.json. A model with 4-bit layers (llama.quantize) is written
+    only as native.
     """
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
@@ -858,10 +911,16 @@ def save(
         raise ValueError(f"max_shard_bytes: expected a positive integer, got {max_shard_bytes!r}")
     cfg = model.config
     _check_representable(cfg, format)
+    from .quantize import quantization_info
+
+    quantization = quantization_info(model)
+    if quantization is not None and format != "native":
+        raise ValueError(f"format: {format!r} cannot hold a model with 4-bit layers "
+                         f"({len(quantization['layers'])} of them); save it as 'native'")
     path = Path(path)
     state = {name: t.detach() for name, t in model.state_dict().items()}
     if format == "native":
-        _save_native(state, cfg, path, metadata)
+        _save_native(state, cfg, path, metadata, quantization)
     elif format == "hf":
         _save_hf(state, cfg, path, max_shard_bytes)
     elif format in ("llama2c-pt", "minllama-pt"):
@@ -916,14 +975,15 @@ def _is_weights_file(name: str) -> bool:
 
 
 def _save_native(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path,
-                 metadata: Optional[dict[str, Any]]) -> None:
+                 metadata: Optional[dict[str, Any]], quantization: Optional[dict[str, Any]] = None) -> None:
     tensors = _dense(state, cfg)
     config = {
         "format": NATIVE_FORMAT,
         "version": NATIVE_VERSION,
-        "weights": "dense",
+        "weights": "dense" if quantization is None else quantization["format"],
         "dtype": _dtype_name(state),
         "model": cfg.to_dict(),
+        **({} if quantization is None else {"quantization": quantization}),
         "metadata": metadata or {},
     }
     try:

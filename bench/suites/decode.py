@@ -7,6 +7,8 @@ Sheared-LLaMA-1.3B in bf16. Weights are random, written by `transformers` and lo
 * decode: greedy generation of N new tokens after a short prompt (tokens/s counts new tokens
   over all sequences; the prompt's prefill is included and is a few percent of the time).
 
+Ours: `llama.generate` eager, compiled (GPU), and on the CPU with int4 weights (`kernels-int4`,
+group 32, every linear layer including the head).
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
 """
@@ -61,10 +63,21 @@ def _tokens(ctx: SuiteContext, batch: int, length: int, vocab: int) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- the calls
-def _ours_decode(ctx, batch, new, compile):
+@lru_cache(maxsize=2)
+def _ours_int4(device: str, quick: bool):
+    """Our model with every linear layer (head included) in int4, group 32 (1376 = 43 x 32)."""
+    import copy
+
+    from llama.quantize import Int4Config, quantize_
+
+    ours, _ = _models(device, quick)
+    return quantize_(copy.deepcopy(ours), Int4Config(group_size=32))
+
+
+def _ours_decode(ctx, batch, new, compile, int4=False):
     from llama.generate import Sampling, generate
 
-    ours, _ = _models(str(ctx.device), ctx.quick)
+    ours = _ours_int4(str(ctx.device), ctx.quick) if int4 else _models(str(ctx.device), ctx.quick)[0]
     prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
     return [lambda: generate(ours, prompts, new, Sampling(temperature=0), compile=compile)]
 
@@ -160,12 +173,14 @@ def decode(ctx: SuiteContext) -> list[Item]:
     batches = (1,) if ctx.quick else (1, 8)
     shape = "sheared-1.3b" if ctx.is_cuda else "stories42M-untied"
     compile_ours = [("kernels", False), ("kernels-compiled", True)] if ctx.is_cuda else [("kernels", False)]
+    int4_ours = [] if ctx.is_cuda else [("kernels-int4", False)]  # the GPU int4 path waits for a CUDA kernel
     items: list[Item] = []
     for batch in batches:
         case = {"model": shape, "batch": batch}
-        for name, compile in compile_ours:
+        for name, compile in compile_ours + int4_ours:
             items.append(Bench(name, {**case, "new": new}, dtype_name(dtype), "decode",
-                               partial(_ours_decode, ctx, batch, new, compile), tokens=batch * new))
+                               partial(_ours_decode, ctx, batch, new, compile, name.endswith("int4")),
+                               tokens=batch * new))
         items.append(Bench("hf-generate", {**case, "new": new}, dtype_name(dtype), "decode",
                            partial(_hf_decode, ctx, batch, new), tokens=batch * new))
         items.append(Bench("hf-static-compiled", {**case, "new": new}, dtype_name(dtype), "decode",
