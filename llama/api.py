@@ -71,19 +71,17 @@ class LLaMA:
 
         tok = self.tokenizer
         ids = [tok.encode(p, bos=True) for p in prompts]
-        on_token = None
-        if stream is not None:
-            decoder = tok.stream()
+        decoder = tok.stream() if stream is not None else None
 
-            def on_token(_index: int, token: int) -> None:
-                if token != tok.eos_id:
-                    stream.write(decoder.push(token))
-                    stream.flush()
+        def write(_index: int, token: int) -> None:
+            if token != tok.eos_id:
+                stream.write(decoder.push(token))
+                stream.flush()
 
         out = generate(
             self.model, ids, max_new_tokens,
             Sampling(temperature=temperature, top_k=top_k, top_p=top_p, epsilon=epsilon),
-            eos_id=tok.eos_id, seed=seed, on_token=on_token, compile=compile,
+            eos_id=tok.eos_id, seed=seed, on_token=write if stream is not None else None, compile=compile,
         )
         if stream is not None:
             stream.write(decoder.flush())  # a character cut short by the token limit

@@ -24,3 +24,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """botchan.txt and a BPE model from the sentencepiece sdist; skips when pip cannot fetch it."""
+    from llama.data import SampleUnavailable, sample_files
+
+    try:
+        return sample_files()
+    except SampleUnavailable as exc:
+        pytest.skip(f"sample data unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sample, tmp_path_factory):
+    """A 384-piece LLaMA-style BPE tokenizer trained on botchan.txt."""
+    from llama.tokenizer import train
+
+    return train([sample.text], 384, tmp_path_factory.mktemp("tok"), quiet=True)

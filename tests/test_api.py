@@ -7,17 +7,6 @@ import pytest
 import torch
 
 import llama
-from llama.data import SampleUnavailable, sample_files
-from llama.tokenizer import train
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    try:
-        files = sample_files()
-    except SampleUnavailable as exc:
-        pytest.skip(f"sample text unavailable: {exc}")
-    return train([files.text], 384, tmp_path_factory.mktemp("tok"), quiet=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from llama.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")
-def sample():
-    try:
-        return sample_files()
-    except SampleUnavailable as e:
-        pytest.skip(f"sample data unavailable: {e}")
-
-
-@pytest.fixture(scope="session")
 def tok(sample):
     return Tokenizer(sample.tokenizer_model)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import llama
 from llama import checkpoint as ck
-from llama.data import SampleUnavailable, sample_files, tokenize_file, train_val_split
+from llama.data import tokenize_file, train_val_split
 from llama.model import Linear
 from llama.quantize import (
     Int4Config, NF4Config, QuantLinear, config_from_dict, model_size_bytes, quantization_info, quantize_,
@@ -283,15 +283,6 @@ def test_native_quantized_loading_is_strict(tmp_path):
 
 # ----------------------------------------------------------------------------- API and CLI
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    try:
-        files = sample_files()
-    except SampleUnavailable as exc:
-        pytest.skip(f"sample text unavailable: {exc}")
-    return train([files.text], 384, tmp_path_factory.mktemp("tok"), quiet=True)
-
-
-@pytest.fixture(scope="module")
 def dense_lm(tokenizer):
     torch.manual_seed(0)
     return llama.LLaMA(tiny(vocab_size=tokenizer.vocab_size, max_seq_len=128), tokenizer)
@@ -347,15 +338,12 @@ def test_quantize_cli(dense_lm, tmp_path):
 
 # ----------------------------------------------------------------------------- perplexity
 @pytest.mark.slow
-def test_quantized_perplexity_stays_close_to_fp32(tmp_path):
+def test_quantized_perplexity_stays_close_to_fp32(tmp_path, sample):
     """A short run of examples/quantize_botchan.py: int4-g64 and NF4 within 5% of fp32."""
     spec = importlib.util.spec_from_file_location("quantize_botchan", ROOT / "examples" / "quantize_botchan.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    try:
-        text = sample_files().text
-    except SampleUnavailable as exc:
-        pytest.skip(f"sample text unavailable: {exc}")
+    text = sample.text
     demo.seed_everything(0)
     tok = train([text], 512, tmp_path, quiet=True, num_threads=1)
     train_tokens, val = train_val_split(tokenize_file(tok, text, progress=False), 0.1)

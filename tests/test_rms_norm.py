@@ -11,7 +11,7 @@ import kernels.rms_norm  # noqa: F401  (the module; `kernels.rms_norm` names the
 import sys
 
 rms_mod = sys.modules["kernels.rms_norm"]
-from tests.helpers import TOLERANCE, assert_close, cpu_backends, poisoned
+from tests.helpers import assert_close, cpu_backends, poisoned
 
 # Ragged hidden sizes (1000, 4097) and odd row counts, plus leading batch dims.
 SHAPES = [(1, 8), (3, 1000), (5, 4097), (2, 3, 256), (17, 64)]

@@ -13,7 +13,6 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama.data import SampleUnavailable, sample_files
 from llama.tokenizer import StreamDecoder, Tokenizer, export_llama2c, main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,14 +21,6 @@ EDGE_TEXTS = [
     "digits 1234567890 and 3.14", "naïve 日本語 🙂", "\ufeffbom", "<s> </s> <unk> <0x41>",
     "Ünïcödé ﬁ １２３", "x" * 300, "▁literal▁lower▁block",
 ]
-
-
-@pytest.fixture(scope="session")
-def sample():
-    try:
-        return sample_files()
-    except SampleUnavailable as e:
-        pytest.skip(f"sample data unavailable: {e}")
 
 
 @pytest.fixture(scope="session")
