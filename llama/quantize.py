@@ -357,11 +357,9 @@ def _parse(argv):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        return _run(_parse(argv))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import run
+
+    return run(_parse, _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
