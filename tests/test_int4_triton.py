@@ -48,10 +48,11 @@ def _close(y, ref, dtype, scale):
 
 
 def _check(y, x, qw, tensor_core, bias=None):
-    """y against the fp32 reference. Each output sums k products, so fp32 rounding grows like
-    sqrt(k). The GEMV computes in fp32; the GEMM rounds each dequantized weight to x's dtype for
-    the tensor cores, an error of sqrt(k) half-ulps at most in the sum: it gets the looser bound
-    against the reference, and the tight one against the reference with the weight so rounded."""
+    """y against the fp32 reference. Each output sums k products, so rounding errors grow like
+    sqrt(k). The GEMV computes in fp32. The GEMM rounds each dequantized weight to x's dtype for
+    the tensor cores, a random error of about sqrt(k) weight half-ulps in each sum: it gets a
+    looser bound against the reference, and the tight one against the reference whose weight is
+    rounded the same way."""
     k, dtype = x.shape[-1], x.dtype
     x = x.detach().float()
     ref = int4_matmul_reference(x, qw, bias)
@@ -105,8 +106,9 @@ def test_kernel_matches_reference(path, fmt, g, dtype, shapes):
 
 
 # Forced configurations at one size: split-K (even and uneven), several groups per K tile with a
-# partial last tile, small tiles (many programs, the grouped tile order), and the int4 table
-# looked up instead of computed (a copy of the table is not recognised as int4's).
+# partial last tile, small tiles (many programs, the grouped tile order), a group fed to the dots
+# in two slices (dot_k), and the int4 table looked up instead of computed (a copy of the table is
+# not recognised as int4's).
 CONFIGS = [
     ("gemv", dict(split=3)),
     ("gemv", dict(block_k=128, split=4)),
@@ -116,6 +118,7 @@ CONFIGS = [
     ("gemm", dict(block_m=16, block_n=16, block_k=128, split=2)),
     ("gemm", dict(block_m=16, block_n=32, block_k=192)),
     ("gemm", dict(block_m=32, block_n=16, block_k=64, split=7)),
+    ("gemm", dict(block_m=16, block_n=32, dot_k=16, num_stages=1)),
 ]
 
 

@@ -89,13 +89,13 @@ def test_both_kernels_at_decode_sizes(path, m, fmt, dtype):
         assert _rel_err(y, ref) < REL_ERR[dtype]
 
 
-def test_dispatch_on_cuda_uses_triton(monkeypatch):
+def test_public_op_on_cuda_reaches_triton(monkeypatch):
     calls = []
     real = mod.BACKENDS["triton"]
     monkeypatch.setitem(mod.BACKENDS, "triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     qw, w = _weight("nf4", 4096, 4096, 64)
     x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
+    with kernels.use_backend("triton"), torch.no_grad():
         y = _op()(x, qw)
     assert calls == [10] and y.shape == (2, 5, 4096) and y.dtype == torch.bfloat16
     assert _rel_err(y.reshape(10, -1), x.reshape(10, -1).float() @ w.t()) < REL_ERR[torch.bfloat16]
