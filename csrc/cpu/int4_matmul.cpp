@@ -15,9 +15,6 @@
 #include "cpu/kernels_cpu.h"
 #include "cpu/simd.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -152,19 +149,9 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
       xsum[i * groups + c / group] += xf[i * k + c];
     }
   const vfloat lut = loadf(lut_p);
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int nt = threads_for(n * k, blocks, num_threads);
   // 4-bit rows are small: a tile of this many weight rows stays in L2 while every row of x passes.
   const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    const int t = 0, count = 1;
-#endif
-    const int64_t n0 = std::min(n, blocks * t / count * kRowBlock);
-    const int64_t n1 = std::min(n, blocks * (t + 1) / count * kRowBlock);
+  parallel_rows(n, kRowBlock, n * k, num_threads, [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += tile) {
       const int64_t t1 = std::min(n1, t0 + tile);
       for (int64_t i = 0; i < m; i += kMaxM) {
@@ -185,7 +172,7 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -13,9 +13,6 @@
 #include "cpu/kernels_cpu.h"
 #include "cpu/simd.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace kernels {
 namespace cpu {
@@ -140,19 +137,9 @@ void linear_impl(const TX* x, const TW* w, const void* bias, int bias_dtype, TX*
   }
   const float* b = bias ? bf.data() : nullptr;
   // Weight rows are split into contiguous, 4-row-aligned ranges, one per thread.
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int nt = threads_for(n * k, blocks, num_threads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    const int t = 0, count = 1;
-#endif
-    const int64_t n0 = std::min(n, blocks * t / count * kRowBlock);
-    const int64_t n1 = std::min(n, blocks * (t + 1) / count * kRowBlock);
+  parallel_rows(n, kRowBlock, n * k, num_threads, [&](int64_t n0, int64_t n1) {
     tile_pass(xf.data(), y, w, b, m, n0, n1, k, y_stride);
-  }
+  });
 }
 
 }  // namespace

@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace kernels {
 namespace cpu {
 namespace KERNELS_ISA {
@@ -33,6 +37,24 @@ constexpr int64_t kMinParallelElements = int64_t{1} << 16;
 inline int threads_for(int64_t elements, int64_t units, int requested) {
   if (elements < kMinParallelElements) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, units)));
+}
+
+// Splits rows [0, n) into contiguous ranges aligned to `align` rows, one per thread (threads as
+// threads_for decides for `elements` values), and calls fn(row_begin, row_end) on each.
+template <typename Fn>
+inline void parallel_rows(int64_t n, int64_t align, int64_t elements, int requested, Fn&& fn) {
+  const int64_t blocks = (n + align - 1) / align;
+  const int nt = threads_for(elements, blocks, requested);
+  (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    const int t = 0, count = 1;
+#endif
+    fn(std::min(n, blocks * t / count * align), std::min(n, blocks * (t + 1) / count * align));
+  }
 }
 
 }  // namespace KERNELS_ISA
