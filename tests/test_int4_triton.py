@@ -168,6 +168,9 @@ def test_bad_shapes_raise():
         tri.int4_matmul(torch.randn(2, 64), qw.packed, qw.scales, qw.zeros, qw.lut, 32, torch.empty(2, 8).half())
     with pytest.raises(ValueError, match="scales/zeros"):
         tri.int4_matmul(torch.randn(2, 64), qw.packed, qw.scales, qw.zeros, qw.lut, 64, torch.empty(2, 8))
+    with pytest.raises(ValueError, match="packed: expected uint8"):
+        signed = qw.packed.view(torch.int8)
+        tri.int4_matmul(torch.randn(2, 64), signed, qw.scales, qw.zeros, qw.lut, 32, torch.empty(2, 8))
     with pytest.raises(ValueError, match="block_k"):
         tri.gemm(torch.randn(2, 64), qw.packed, qw.scales, qw.zeros, qw.lut, 32, torch.empty(2, 8), block_k=48)
 

@@ -60,7 +60,7 @@ def _gemv_row_store(acc, row, M, N, offs_n, rn, pid_k, Y, WS, stride_ym, SPLIT: 
     out = tl.sum(acc, axis=1)
     mask = (offs_n < N) & ((row + 0 * offs_n) < M)  # a tensor mask (the interpreter wants one)
     if SPLIT:
-        tl.store(WS + (pid_k * M + row) * N + rn, out, mask=mask)
+        tl.store(WS + pid_k.to(tl.int64) * M * N + row * N + rn, out, mask=mask)
     else:
         tl.store(Y + row * stride_ym + rn, out.to(Y.dtype.element_ty), mask=mask)
 
@@ -239,9 +239,9 @@ def _gemm_kernel(
                     acc = tl.dot(x_hi, w_hi, acc)
 
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT:
-        ws_ptrs = WS + (pid_k * M + rm[:, None]) * N + rn[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
+    if SPLIT:  # this split's (M, N) slab of the workspace (the slab base first: fewer registers)
+        ws = WS + pid_k.to(tl.int64) * M * N
+        tl.store(ws + rm[:, None] * N + rn[None, :], acc, mask=out_mask)
     else:
         y_ptrs = Y + rm[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
@@ -300,6 +300,8 @@ def _check(x2, packed, scales, zeros, lut, group_size, y):
             raise ValueError(f"{name}: must be contiguous")
     if lut.dtype != torch.float32 or lut.numel() != 16:
         raise ValueError("lut: expected 16 fp32 values")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed: expected uint8 codes, got {packed.dtype}")
 
 
 def _splits(split: Optional[int], tiles: int, k_tiles: int, target_programs: int, min_k_tiles: int):
