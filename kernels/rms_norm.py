@@ -89,7 +89,7 @@ def _cuda_bwd(dy, x, w, rstd, dx, dw):
 
 
 def _cuda_unsupported(x: torch.Tensor, *others: torch.Tensor) -> Optional[str]:
-    """Mirrors the CUDA kernel's limit: rows are held in registers, 8192 vectors at most."""
+    """Mirrors the CUDA kernel's limit: rows are held in registers, 2048 packs (vectors or elements) at most."""
     n = x.shape[-1]
     vec = 16 // x.element_size()
     aligned = n % vec == 0 and all(t.data_ptr() % 16 == 0 for t in (x, *others))

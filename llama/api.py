@@ -53,6 +53,7 @@ class LLaMA:
         seed: Optional[int] = None,
         stream: Optional[TextIO] = None,
         compile: Optional[bool] = None,
+        cuda_graph: Optional[bool] = None,
     ) -> Union[str, list[str]]:
         """Continue a prompt (or a list of prompts, batched); returns the new text only.
 
@@ -82,6 +83,7 @@ class LLaMA:
             self.model, ids, max_new_tokens,
             Sampling(temperature=temperature, top_k=top_k, top_p=top_p, epsilon=epsilon),
             eos_id=tok.eos_id, seed=seed, on_token=write if stream is not None else None, compile=compile,
+            cuda_graph=cuda_graph,
         )
         if stream is not None:
             stream.write(decoder.flush())  # a character cut short by the token limit

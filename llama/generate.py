@@ -6,7 +6,7 @@
 Prompts of different lengths are batched with right padding: every sequence keeps its own
 position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding. Sampling filters
 compose in the order top-k, epsilon (drop tokens below a probability), top-p. On a GPU the
-one-token decode step is compiled with CUDA graphs over the static cache.
+one-token decode step is compiled and replayed as a CUDA graph over the static cache.
 """
 from __future__ import annotations
 
@@ -63,51 +63,90 @@ def sample(logits: torch.Tensor, cfg: Sampling, generator: Optional[torch.Genera
 class Decoder:
     """Runs the model over a KV cache: one prefill, then one-token steps.
 
-    With `compile=True` the one-token step is compiled ("reduce-overhead", i.e. CUDA graphs, on
-    a GPU); its inputs live in static buffers so each step replays the same graph.
+    With `compile=True` the one-token step goes through `torch.compile`. With `cuda_graph=True`
+    (CUDA only) the step is captured once into a CUDA graph and replayed: its input token and
+    output logits live in static buffers, the cache is updated in place, and each step costs one
+    graph launch instead of hundreds of kernel launches.
     """
 
-    def __init__(self, model: Transformer, batch: int, capacity: int, compile: bool = False):
-        self.model = model
+    def __init__(self, model: Transformer, batch: int, capacity: int, compile: bool = False,
+                 cuda_graph: bool = False):
         weight = model.tok_embeddings.weight
+        if cuda_graph and not weight.is_cuda:
+            raise ValueError(f"cuda_graph: needs a model on a CUDA device, got {weight.device}")
+        self.model = model
         self.cache = KVCache.allocate(model.config, batch, capacity, device=weight.device, dtype=weight.dtype)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
         self._step = self._eager_step
         if compile:
-            mode = "reduce-overhead" if weight.is_cuda else None
-            self._step = torch.compile(self._eager_step, mode=mode, fullgraph=True, dynamic=False)
-        self._graphs = compile and weight.is_cuda
+            # No inductor CUDA graphs: they refuse steps that update the cache in place.
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
+        self._use_graph = cuda_graph
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._logits: Optional[torch.Tensor] = None
+        self._captured: tuple[int, ...] = ()
 
     def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, last_only=True)
 
+    def _memory(self) -> tuple[int, ...]:
+        """Where the step's inputs live: a captured graph is stale once any of them moved
+        (weights swapped, e.g. by quantize_, or RoPE tables rebuilt for a longer context)."""
+        m = self.model
+        tensors = [*m.parameters(), *m.buffers()]  # the RoPE tables are buffers
+        return tuple(t.data_ptr() for t in tensors)
+
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self._graph is not None and self._captured != self._memory():
+            self._graph = self._logits = None
         self.cache.reset()
         return self.model(tokens, cache=self.cache, lengths=lengths, last_only=True)
 
+    def _capture(self) -> None:
+        """Warm up (compiles, autotunes) on a side stream, then capture one step.
+
+        Warm-up steps really run: they write this step's keys and values at the current
+        positions (the replay rewrites the same slots) and advance `seqlens`, which is restored.
+        """
+        seqlens = self.cache.seqlens.clone()
+        stream = torch.cuda.Stream(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(self.tokens)
+                self.cache.seqlens.copy_(seqlens)
+        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._step(self.tokens)
+        self._graph, self._captured = graph, self._memory()
+
     def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(next_tokens.view(-1, 1))
-        if self._graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._step(self.tokens).clone()
+        if not self._use_graph:
+            return self._step(self.tokens)
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._logits.clone()
 
 
 CAPACITY_ROUNDING = 128  # cache sizes are rounded up so that compiled steps get reused
 
 
-def _decoder(model: Transformer, batch: int, capacity: int, compile: bool) -> Decoder:
-    """A Decoder kept on the model per (batch, rounded capacity, compile, device, dtype), so a
-    compiled step is built once and reused by later generate() calls."""
+def _decoder(model: Transformer, batch: int, capacity: int, compile: bool, cuda_graph: bool) -> Decoder:
+    """A Decoder kept on the model per (batch, rounded capacity, compile, graph, device, dtype), so
+    a compiled or captured step is built once and reused by later generate() calls."""
     capacity = -(-capacity // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
     if model.config.rope_scaling == "none":
         capacity = min(capacity, model.config.max_seq_len)
     weight = model.tok_embeddings.weight
-    key = (batch, capacity, compile, weight.device, weight.dtype)
+    key = (batch, capacity, compile, cuda_graph, weight.device, weight.dtype)
     decoders = model.__dict__.setdefault("_decoders", {})
     if key not in decoders:
         if len(decoders) >= 4:  # bound the memory held by idle caches
             decoders.pop(next(iter(decoders)))
-        decoders[key] = Decoder(model, batch, capacity, compile=compile)
+        decoders[key] = Decoder(model, batch, capacity, compile=compile, cuda_graph=cuda_graph)
     return decoders[key]
 
 
@@ -121,11 +160,13 @@ def generate(
     seed: Optional[int] = None,
     on_token: Optional[Callable[[int, int], None]] = None,
     compile: Optional[bool] = None,
+    cuda_graph: Optional[bool] = None,
 ) -> list[list[int]]:
     """Continue each prompt (token ids) by up to `max_new_tokens`; returns the new ids per prompt.
 
     A sequence stops at `eos_id` (which is included in its output). `on_token(index, token)` is
-    called for each new token as it is produced. `compile` defaults to True on CUDA.
+    called for each new token as it is produced. `compile` (torch.compile the one-token step) and
+    `cuda_graph` (replay it as a CUDA graph) default to True on CUDA.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected one or more non-empty token lists")
@@ -149,6 +190,10 @@ def generate(
     model.setup_rope(capacity)
     if compile is None:
         compile = device.type == "cuda"
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    elif cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs a model on a CUDA device, got {device}")
 
     batch = len(prompts)
     padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
@@ -159,7 +204,7 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-    decoder = _decoder(model, batch, capacity, compile)
+    decoder = _decoder(model, batch, capacity, compile, cuda_graph)
     was_training = model.training
     model.eval()
     try:
@@ -204,6 +249,8 @@ def _parse(argv):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decode step as a CUDA graph (default: on for CUDA)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config changes that keep the weights, e.g. rope_scaling=dynamic rope_scaling_factor=4")
     return p.parse_args(argv)
@@ -235,6 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=sys.stdout if len(prompts) == 1 else None,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     elapsed = time.perf_counter() - start
     if len(prompts) > 1:

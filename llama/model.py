@@ -61,6 +61,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------- KV cache
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass
 class KVCache:
     """Preallocated keys and values for every layer, and how many positions each sequence holds.
@@ -310,7 +314,7 @@ class Transformer(nn.Module):
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
             positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
-            if not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and not _capturing(tokens):  # no host sync in a graph
                 needed = int(cache.seqlens.max()) + s
                 if needed > cache.capacity:
                     raise ValueError(f"cache: {needed} positions needed but its capacity is {cache.capacity}")

@@ -172,6 +172,8 @@ def test_generate_rejects_bad_input():
         Sampling(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+    with pytest.raises(ValueError, match="cuda_graph: needs a model on a CUDA device"):
+        generate(model, [[1, 2]], 3, cuda_graph=True)
 
 
 @pytest.mark.parametrize("scaling", ["linear", "dynamic"])

@@ -7,8 +7,9 @@ Sheared-LLaMA-1.3B in bf16. Weights are random, written by `transformers` and lo
 * decode: greedy generation of N new tokens after a short prompt (tokens/s counts new tokens
   over all sequences; the prompt's prefill is included and is a few percent of the time).
 
-Ours: `llama.generate` eager, compiled (GPU), and on the CPU with int4 weights (`kernels-int4`,
-group 32, every linear layer including the head).
+Ours: `llama.generate` eager (`kernels`); on a GPU also the eager step replayed as a CUDA graph
+(`kernels-graph`) and the compiled step in a CUDA graph (`kernels-compiled`). `int4` variants
+quantize every linear layer including the head (group 32).
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
 """
@@ -74,12 +75,16 @@ def _ours_int4(device: str, quick: bool):
     return quantize_(copy.deepcopy(ours), Int4Config(group_size=32))
 
 
-def _ours_decode(ctx, batch, new, compile, int4=False):
+def _ours_decode(ctx, batch, new, variant):
+    """variant: '' (eager), 'graph' (the eager step as a CUDA graph), 'compiled' (compiled, in a
+    CUDA graph), each optionally with 'int4' weights."""
     from llama.generate import Sampling, generate
 
+    int4 = "int4" in variant
     ours = _ours_int4(str(ctx.device), ctx.quick) if int4 else _models(str(ctx.device), ctx.quick)[0]
     prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
-    return [lambda: generate(ours, prompts, new, Sampling(temperature=0), compile=compile)]
+    compile, graph = "compiled" in variant, "graph" in variant or "compiled" in variant
+    return [lambda: generate(ours, prompts, new, Sampling(temperature=0), compile=compile, cuda_graph=graph)]
 
 
 def _ours_prefill(ctx, batch, length):
@@ -172,15 +177,13 @@ def decode(ctx: SuiteContext) -> list[Item]:
     prefill = 128 if not ctx.is_cuda else 1024
     batches = (1,) if ctx.quick else (1, 8)
     shape = "sheared-1.3b" if ctx.is_cuda else "stories42M-untied"
-    compile_ours = [("kernels", False), ("kernels-compiled", True)] if ctx.is_cuda else [("kernels", False)]
-    int4_ours = [("kernels-int4", False)] + ([("kernels-int4-compiled", True)] if ctx.is_cuda else [])
+    variants = ["", "int4"] if not ctx.is_cuda else ["", "graph", "compiled", "int4-graph", "int4-compiled"]
     items: list[Item] = []
     for batch in batches:
         case = {"model": shape, "batch": batch}
-        for name, compile in compile_ours + int4_ours:
-            items.append(Bench(name, {**case, "new": new}, dtype_name(dtype), "decode",
-                               partial(_ours_decode, ctx, batch, new, compile, "int4" in name),
-                               tokens=batch * new))
+        for variant in variants:
+            items.append(Bench("-".join(filter(None, ("kernels", variant))), {**case, "new": new}, dtype_name(dtype),
+                               "decode", partial(_ours_decode, ctx, batch, new, variant), tokens=batch * new))
         if not (ctx.is_cuda and ctx.quick):  # eager HF decodes ~13 tok/s on a GPU: minutes per case
             items.append(Bench("hf-generate", {**case, "new": new}, dtype_name(dtype), "decode",
                                partial(_hf_decode, ctx, batch, new), tokens=batch * new))

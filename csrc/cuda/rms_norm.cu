@@ -14,11 +14,14 @@ namespace kernels {
 namespace cuda {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxPacksPerThread = 8;
+// Rows live in registers: at most 512 threads x 4 packs (16384 bf16/fp16 or 8192 fp32 columns
+// with 16-byte vectors). The backward holds three floats per element, so more packs per thread
+// would spill or fail to launch; longer rows go to the Triton kernel, which streams them.
+constexpr int kMaxThreads = 512;
+constexpr int kMaxPacksPerThread = 4;
 
 template <typename TX, typename TW, int VEC, int PPT>
-__global__ void rms_norm_fwd_kernel(const TX* __restrict__ x, const TW* __restrict__ w,
+__global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const TX* __restrict__ x, const TW* __restrict__ w,
                                     TX* __restrict__ y, float* __restrict__ rstd, int64_t cols,
                                     int64_t x_stride, int64_t y_stride, float eps) {
   __shared__ float shared[32];
@@ -61,7 +64,7 @@ __global__ void rms_norm_fwd_kernel(const TX* __restrict__ x, const TW* __restri
 // Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ... and keeps its share of
 // dw = sum_rows(dy * xhat) in registers, written once to dw_partial[blockIdx.x].
 template <typename TX, typename TW, int VEC, int PPT>
-__global__ void rms_norm_bwd_kernel(const TX* __restrict__ dy, const TX* __restrict__ x,
+__global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const TX* __restrict__ dy, const TX* __restrict__ x,
                                     const TW* __restrict__ w, const float* __restrict__ rstd,
                                     TX* __restrict__ dx, float* __restrict__ dw_partial,
                                     int64_t rows, int64_t cols, int64_t dy_stride,
@@ -149,14 +152,12 @@ struct LaunchShape {
 
 bool aligned(uintptr_t ptr, int64_t bytes) { return bytes > 0 && ptr % bytes == 0; }
 
-// Chooses the widest vector the layout allows and the fewest packs per thread that keep the
-// block at or below 512 threads (1024 for the longest rows).
+// The fewest packs per thread that keep the block at or below kMaxThreads threads.
 LaunchShape launch_shape(int64_t cols, int vec) {
   const int64_t packs = cols / vec;
   for (int ppt = 1; ppt <= kMaxPacksPerThread; ppt *= 2) {
     const int64_t need = (packs + ppt - 1) / ppt;
-    const int64_t cap = ppt == kMaxPacksPerThread ? kMaxThreads : 512;
-    if (need <= cap) {
+    if (need <= kMaxThreads) {
       int threads = static_cast<int>(std::max<int64_t>(32, (need + 31) / 32 * 32));
       return {vec, ppt, threads};
     }
@@ -183,8 +184,7 @@ void dispatch_ppt(int ppt, Fn&& fn) {
   switch (ppt) {
     case 1: return fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, 1>{});
     case 2: return fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, 2>{});
-    case 4: return fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, 4>{});
-    default: return fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, 8>{});
+    default: return fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, 4>{});
   }
 }
 

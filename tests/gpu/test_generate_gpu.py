@@ -1,4 +1,4 @@
-"""Generation on a GPU: the compiled (CUDA-graph) decode step against the eager one."""
+"""Generation on a GPU: the compiled and CUDA-graph decode steps against the plain eager one."""
 import pytest
 import torch
 
@@ -7,18 +7,48 @@ from llama.generate import Sampling, generate
 
 pytestmark = pytest.mark.gpu
 
+PROMPTS = [[1, 5, 9, 4], [1, 7, 3, 3, 8, 2, 6]]
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_compiled_decode_matches_eager(dtype):
-    cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, max_seq_len=512)
+
+def _model(dtype, **overrides):
+    cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, max_seq_len=512, **overrides)
     torch.manual_seed(0)
-    model = build(cfg, device="cuda").to(dtype).eval()
-    prompts = [[1, 5, 9, 4], [1, 7, 3, 3, 8, 2, 6]]
-    eager = generate(model, prompts, 40, Sampling(temperature=0), compile=False)
-    compiled = generate(model, prompts, 40, Sampling(temperature=0), compile=True)
-    again = generate(model, prompts, 40, Sampling(temperature=0), compile=True)  # graph reuse
-    assert compiled == again
+    return build(cfg, device="cuda").to(dtype).eval()
+
+
+def _greedy(model, n=40, **kw):
+    return generate(model, PROMPTS, n, Sampling(temperature=0), **kw)
+
+
+def _agree(a, b, dtype):
     if dtype == torch.float32:
-        assert compiled == eager
+        assert a == b
     else:  # bf16 rounding may flip a near-tie; the first tokens must agree
-        assert [c[:8] for c in compiled] == [e[:8] for e in eager]
+        assert [x[:8] for x in a] == [y[:8] for y in b]
+
+
+@pytest.mark.parametrize("compile,cuda_graph", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fast_decode_matches_eager(dtype, compile, cuda_graph):
+    model = _model(dtype)
+    eager = _greedy(model, compile=False, cuda_graph=False)
+    fast = _greedy(model, compile=compile, cuda_graph=cuda_graph)
+    again = _greedy(model, compile=compile, cuda_graph=cuda_graph)  # the same captured step, replayed
+    assert fast == again
+    _agree(fast, eager, dtype)
+
+
+def test_graph_is_recaptured_when_weights_move():
+    model = _model(torch.float32)
+    _greedy(model, cuda_graph=True, compile=False)
+    with torch.no_grad():
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    assert _greedy(model, cuda_graph=True, compile=False) == _greedy(model, cuda_graph=False, compile=False)
+
+
+def test_graph_follows_rope_tables_rebuilt_for_a_longer_context():
+    # Dynamic NTK tables depend on the length: 600 and 610 new tokens share one decoder (the same
+    # rounded capacity), but the second call rebuilds the tables, so the graph must be recaptured.
+    model = _model(torch.float32, rope_scaling="dynamic", rope_scaling_factor=4.0)
+    for n in (600, 610):
+        assert _greedy(model, n, cuda_graph=True, compile=False) == _greedy(model, n, cuda_graph=False, compile=False)

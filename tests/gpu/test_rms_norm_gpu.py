@@ -84,15 +84,18 @@ def test_runs_on_the_current_stream_and_in_a_cuda_graph():
 
 
 def test_autograd_and_compile_bf16():
+    # A random projection of y as the loss: sum(y^2) would be a constant for unit weights, whose
+    # true gradient is ~0 and whose bf16 result is all rounding noise.
     torch._dynamo.reset()
     x = torch.randn(4, 256, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.ones(2048, device="cuda", dtype=torch.float32, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(2048, device="cuda")).requires_grad_()
+    g = torch.randn(4, 256, 2048, device="cuda")
     fn = torch.compile(lambda x, w: kernels.rms_norm(x, w) * 2, fullgraph=True)
     y = fn(x, w)
-    dx, dw = torch.autograd.grad(y.float().square().sum(), (x, w))
+    dx, dw = torch.autograd.grad((y.float() * g).sum(), (x, w))
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     y64 = kernels.rms_norm_reference(x64, w64) * 2
-    rdx, rdw = torch.autograd.grad(y64.square().sum(), (x64, w64))
+    rdx, rdw = torch.autograd.grad((y64 * g.double()).sum(), (x64, w64))
     assert_close(y, y64, torch.bfloat16, scale=2)
     assert_close(dx, rdx, torch.bfloat16, scale=4)
-    torch.testing.assert_close(dw.double(), rdw, rtol=2e-2, atol=1e-1 * rdw.abs().max().item())
+    torch.testing.assert_close(dw.double(), rdw, rtol=2e-2, atol=1e-2 * rdw.abs().max().item())
