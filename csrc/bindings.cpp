@@ -113,9 +113,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_fwd_cuda", &kernels::cuda::rms_norm_fwd);
   m.def("rms_norm_bwd_cuda", &kernels::cuda::rms_norm_bwd);
   m.def("rms_norm_max_cols_cuda", &kernels::cuda::rms_norm_max_cols);
+  m.def("int4_matmul_cuda", &kernels::cuda::int4_matmul);
+  m.def("int4_matmul_max_rows_cuda", &kernels::cuda::int4_matmul_max_rows);
+  m.def("int4_dequantize_cuda", &kernels::cuda::int4_dequantize);
 #else
   m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
   m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
   m.def("rms_norm_max_cols_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
+  m.def("int4_matmul_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("int4_matmul_max_rows_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
+  m.def("int4_dequantize_cuda", [](py::args, py::kwargs) { no_cuda(); });
 #endif
 }

@@ -19,6 +19,7 @@ without shuffles. K must be a multiple of the group size (and so of 32).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -32,6 +33,7 @@ SCALE_DTYPE = torch.float16
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOUBLE_QUANT_BLOCK = 256
 MAX_CPU_ROWS = 16  # the C++ kernel's reach; larger inputs dequantize once and use a GEMM
+CUDA_MMA_MAX_ROWS = 64  # the CUDA tensor-core kernel's reach (passes of 16 rows); then dequantize + cuBLAS
 
 
 def _nf4_code() -> torch.Tensor:
@@ -227,20 +229,83 @@ def _torch(x2, packed, scales, zeros, lut, group_size, y):
     y.copy_(x2.float() @ _dequantize(packed, scales, zeros, lut, group_size).t())
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def cuda_splits(n: int, k: int, sm_count: int) -> int:
+    """How many parts the CUDA kernel splits K into: enough warps (one per 16 rows and split)
+    for about 32 per multiprocessor, each split keeping at least two iterations of 128 codes."""
+    tiles = -(-n // 16)
+    iters = -(-(k // 32) // 4)
+    want = max(1, min(iters // 2, (32 * sm_count) // tiles))
+    per = -(-iters // want)
+    return -(-iters // per)
+
+
+def _int4_codes(lut: torch.Tensor) -> bool:
+    """Whether `lut` is the int4 table (q - 8), which the CUDA kernels decode with bit tricks."""
+    return lut.data_ptr() == _lut("int4", lut.device).data_ptr()
+
+
+def _cuda_dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    w = torch.empty((n, k), dtype=dtype, device=packed.device)
+    _dispatch.ext().int4_dequantize_cuda(
+        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
+        w.data_ptr(), n, k, group_size, _dispatch.DTYPE_CODES[dtype], _int4_codes(lut), packed.device.index,
+        torch.cuda.current_stream(packed.device).cuda_stream,
+    )
+    return w
+
+
+def _cuda(x2, packed, scales, zeros, lut, group_size, y):
+    """Tensor-core kernel in passes of 16 rows up to CUDA_MMA_MAX_ROWS, else dequantize + cuBLAS."""
+    m, n, k = x2.shape[0], packed.shape[0], packed.shape[1] * 2
+    if m > CUDA_MMA_MAX_ROWS:
+        torch.matmul(x2, _cuda_dequantize(packed, scales, zeros, lut, group_size, x2.dtype).t(), out=y)
+        return
+    ext, device = _dispatch.ext(), x2.device
+    rows = ext.int4_matmul_max_rows_cuda()
+    splits = cuda_splits(n, k, _sm_count(device))
+    workspace = torch.empty(splits * min(m, rows) * n if splits > 1 else 0, dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    int4_codes = _int4_codes(lut)
+    for i in range(0, m, rows):
+        xs, ys = x2[i : i + rows], y[i : i + rows]
+        ext.int4_matmul_cuda(
+            xs.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+            lut.data_ptr(), ys.data_ptr(), workspace.data_ptr(), workspace.numel(), xs.shape[0], n, k, group_size,
+            xs.stride(0), ys.stride(0), _dispatch.DTYPE_CODES[x2.dtype], int4_codes, splits, device.index, stream,
+        )
+
+
 # Each backend writes y (M, N) from x2 (M, K); tests call them directly with poisoned outputs.
-BACKENDS = {"torch": _torch, "cpu": _cpu, "triton": _triton}
+BACKENDS = {"torch": _torch, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
 
 
 def _cpu_unsupported(x2: torch.Tensor) -> Optional[str]:
     return None if x2.shape[0] <= MAX_CPU_ROWS else f"more than {MAX_CPU_ROWS} rows (dequantize + GEMM is faster)"
 
 
+def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x2.dtype} activations (the CUDA kernels take float16 and bfloat16)"
+    if x2.data_ptr() % 16 or x2.stride(0) % 8 or packed.data_ptr() % 16:
+        return "x or the packed weight is not 16-byte aligned"
+    return None
+
+
 def _forward(x, packed, scales, zeros, lut, group_size):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    checks = {"cpu": lambda: _cpu_unsupported(x2)} if x2.device.type == "cpu" else None
-    backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=("triton", "cpu", "torch"))
+    if x2.device.type == "cpu":
+        checks = {"cpu": lambda: _cpu_unsupported(x2)}
+    else:
+        checks = {"cuda": lambda: _cuda_unsupported(x2, packed)}
+    backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=("cuda", "triton", "cpu", "torch"))
     y = torch.empty((x2.shape[0], packed.shape[0]), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         BACKENDS[backend](x2, packed, scales, zeros, lut, group_size, y)
@@ -269,7 +334,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     """grad_x = grad_y @ dequant(W); the 4-bit weight is frozen (QLoRA)."""
     packed, scales, zeros, lut = ctx.saved_tensors
-    w = _dequantize(packed, scales, zeros, lut, ctx.group_size).to(grad_y.dtype)
+    if grad_y.is_cuda and grad_y.dtype in (torch.float16, torch.bfloat16) and _dispatch.unavailable("cuda", grad_y.device) is None:
+        w = _cuda_dequantize(packed, scales, zeros, lut, ctx.group_size, grad_y.dtype)
+    else:
+        w = _dequantize(packed, scales, zeros, lut, ctx.group_size).to(grad_y.dtype)
     return grad_y @ w, None, None, None, None, None
 
 

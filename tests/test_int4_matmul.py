@@ -150,3 +150,43 @@ def test_quantized_weight_helpers():
     moved = qw.to("meta")
     assert moved.packed.is_meta and moved.scales.is_meta and moved.double_quant["absmax_q"].is_meta
     assert qw.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n,k", [(2048, 2048), (2048, 5504), (8192, 8192), (32000, 2048), (37, 96), (16, 32)])
+@pytest.mark.parametrize("sms", [1, 78, 132])
+def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
+    """The C++ side refuses a split count that its even division of iterations would not reproduce."""
+    from kernels.int4_matmul import cuda_splits
+
+    iters = -(-(k // 32) // 4)
+    splits = cuda_splits(n, k, sms)
+    per = -(-iters // splits)
+    assert 1 <= splits <= iters and -(-iters // per) == splits
+    assert splits == 1 or iters // splits >= 2
+
+
+def test_cuda_entry_points_check_arguments_before_touching_a_device():
+    """The CUDA kernel's argument checks run on the host, so a CUDA build tests them anywhere."""
+    ext = kernels._dispatch.ext()
+    if not kernels.build_info()["cuda"]:
+        pytest.skip("kernels._C was built without CUDA")
+    bf16 = kernels._dispatch.DTYPE_CODES[torch.bfloat16]
+
+    def call(m=1, k=256, group=128, x=4096, packed=4096, splits=1, workspace=0):
+        ext.int4_matmul_cuda(x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k, group, k, 64, bf16, True,
+                             splits, 0, 0)
+
+    with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows, got 17"):
+        call(m=17)
+    with pytest.raises(ValueError, match="in_features must be a positive multiple of 32"):
+        call(k=100)
+    with pytest.raises(ValueError, match="group_size: expected 32, 64 or 128"):
+        call(group=48)
+    with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
+        call(x=4098)
+    with pytest.raises(ValueError, match="qw.packed: must be 16-byte aligned"):
+        call(packed=4100)
+    with pytest.raises(ValueError, match="splits: expected 1..2"):
+        call(splits=3)
+    with pytest.raises(ValueError, match="workspace: needs"):
+        call(splits=2)

@@ -101,15 +101,13 @@ def int4(ctx: SuiteContext) -> list[Item]:
     import kernels
 
     ours = [b for b in ("cuda", "triton", "cpu") if b in kernels.available_backends(ctx.device)]
-    if ctx.is_cuda:
-        ours = [b for b in ours if b != "cuda"]  # no CUDA int4 kernel yet: Triton serves the GPU
     items: list[Item] = [] if ours else [Unavailable("kernels", "no compiled backend for int4_matmul here", status="error")]
     peers, missing = _peers(ctx)
     items += missing
     dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
     shapes, rows = (GPU_SHAPES, GPU_ROWS) if ctx.is_cuda else (CPU_SHAPES, CPU_ROWS)
-    if ctx.quick:  # one sheared-1.3b shape and the HBM-bound 8192^2 on a GPU
-        shapes, rows = ((shapes[1], shapes[4]), (1, 16, 64, 256)) if ctx.is_cuda else (shapes[:1], rows[:2])
+    if ctx.quick:  # the sheared-1.3b MLP shapes and the HBM-bound 8192^2 on a GPU
+        shapes, rows = ((shapes[1], shapes[2], shapes[4]), (1, 16, 64, 256)) if ctx.is_cuda else (shapes[:1], rows[:2])
     dense = f"torch-F.linear-{dtype_name(dtype)}"
     for k, n in shapes:
         for m in rows:

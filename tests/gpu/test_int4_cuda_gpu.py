@@ -1,0 +1,182 @@
+"""The CUDA int4/NF4 kernels: the tensor-core small-M kernel (split K or not), the dequantize
+kernel behind the large-M path, dispatch, errors, autograd and CUDA-graph capture."""
+import functools
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.int4_matmul  # noqa: F401
+from kernels import _dispatch
+from kernels.int4_matmul import cuda_splits, dequantize, quantize_int4, quantize_nf4
+
+pytestmark = pytest.mark.gpu
+mod = sys.modules["kernels.int4_matmul"]
+
+# (N, K): LLaMA projections, and ragged ones: N not a multiple of the 16-row tile, K = 65 chunks
+# (the last iteration of 4 chunks is partial), and a tiny one.
+SHAPES = [(4096, 4096), (2048, 5504), (5504, 2048), (1000, 2080), (37, 96)]
+MS = [1, 3, 8, 9, 16, 17, 40, 64, 65, 300]
+REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@functools.lru_cache(maxsize=None)
+def _weight(fmt, n, k, g):
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + k + g)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    qw = quantize_int4(w, g) if fmt == "int4" else quantize_nf4(w, g, double_quant=fmt == "nf4-dq")
+    return qw, dequantize(qw)
+
+
+def _rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output (an element left unwritten?)"
+    return ((y.float() - ref).abs().mean() / ref.abs().mean()).item()
+
+
+def _cuda(x, qw, lut=None):
+    y = torch.full((x.shape[0], qw.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+    mod.BACKENDS["cuda"](x, qw.packed, qw.scales, qw.zeros, qw.lut if lut is None else lut, qw.group_size, y)
+    return y
+
+
+def _group(k):
+    return 128 if k % 128 == 0 else 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("m", MS)
+def test_matches_reference(m, shape, fmt, dtype):
+    n, k = shape
+    qw, w = _weight(fmt, n, k, _group(k))
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    assert _rel_err(_cuda(x, qw), x.float() @ w.t()) < REL_ERR[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "nf4-dq"])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_group_size(m, g, fmt, dtype):
+    qw, w = _weight(fmt, 2048, 5504 if g != 128 else 4096, g)
+    x = torch.randn(m, qw.shape[1], device="cuda").to(dtype)
+    assert _rel_err(_cuda(x, qw), x.float() @ w.t()) < REL_ERR[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 12, 100])
+def test_table_path_with_zeros(m):
+    """An int4 weight given a copy of its table takes the lookup path (with zeros) instead of
+    the bit tricks; both must agree with the reference."""
+    qw, w = _weight("int4", 1000, 2080, 32)
+    x = torch.randn(m, 2080, device="cuda", dtype=torch.float16)
+    assert _rel_err(_cuda(x, qw, lut=qw.lut.clone()), x.float() @ w.t()) < REL_ERR[torch.float16]
+
+
+@pytest.mark.parametrize("shape", [(64, 8192), (4096, 4096), (37, 96)], ids=str)
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_is_deterministic_and_matches_one_split(m, shape):
+    n, k = shape
+    qw, w = _weight("int4", n, k, _group(k))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ext = _dispatch.ext()
+    iters = -(-(k // 32) // 4)
+
+    def run(splits):
+        y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+        ws = torch.empty(splits * m * n, dtype=torch.float32, device="cuda")
+        ext.int4_matmul_cuda(x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
+                             qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k, qw.group_size,
+                             k, n, _dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
+                             torch.cuda.current_stream().cuda_stream)
+        return y
+
+    one, most = run(1), run(iters)
+    assert torch.equal(most, run(iters))
+    torch.testing.assert_close(most.float(), one.float(), rtol=1e-2, atol=1e-2 * one.float().abs().max().item())
+    assert _rel_err(most, x.float() @ w.t()) < REL_ERR[torch.bfloat16]
+    assert cuda_splits(n, k, torch.cuda.get_device_properties(0).multi_processor_count) <= iters
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_dequantize_kernel(fmt, dtype):
+    qw, w = _weight(fmt, 1000, 2080, 32)
+    got = mod._cuda_dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size, dtype)
+    eps = torch.finfo(dtype).eps
+    # int4: one rounding of (q - 8) * scale + zero; NF4: the table value is rounded first.
+    torch.testing.assert_close(got.float(), w, rtol=eps if fmt == "int4" else 2 * eps, atol=1e-7)
+
+
+def test_errors_name_the_argument():
+    qw, _ = _weight("int4", 256, 256, 128)
+    ext, code = _dispatch.ext(), _dispatch.DTYPE_CODES
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def call(x, m, dtype=torch.bfloat16, splits=1, x_stride=256):
+        y = torch.empty(m, 256, dtype=dtype, device="cuda")
+        ext.int4_matmul_cuda(x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
+                             qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride, 256,
+                             code[dtype], True, splits, 0, stream)
+
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows"):
+        call(x, 17)
+    with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
+        call(x, 2, x_stride=255)
+    with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
+        call(x.view(-1)[1:], 2)
+    with pytest.raises(ValueError, match="x: the CUDA int4 kernels take float16 or bfloat16"):
+        call(x.float(), 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="workspace: needs"):
+        call(x, 1, splits=2)
+
+
+def test_dispatch_by_dtype(monkeypatch, caplog):
+    calls = []
+    real = mod.BACKENDS["cuda"]
+    monkeypatch.setitem(mod.BACKENDS, "cuda", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    qw, w = _weight("nf4", 4096, 4096, 64)
+    x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        y = kernels.int4_matmul(x, qw)
+    assert calls == [10] and y.shape == (2, 5, 4096) and y.dtype == torch.float16
+    assert _rel_err(y.reshape(10, -1), x.reshape(10, -1).float() @ w.t()) < REL_ERR[torch.float16]
+    with caplog.at_level("INFO", logger="kernels"), torch.no_grad():
+        kernels.int4_matmul(x.float(), qw)  # fp32 activations go to Triton
+    assert calls == [10]
+    assert any("using triton instead of cuda" in r.getMessage() for r in caplog.records)
+
+
+def test_autograd_uses_the_cuda_dequantize():
+    qw, w = _weight("int4", 2048, 5504, 128)
+    x = torch.randn(4, 64, 5504, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = kernels.int4_matmul(x, qw)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert _rel_err(y, x.detach().float() @ w.t()) < REL_ERR[torch.bfloat16]
+    assert _rel_err(dx, dy.float() @ w) < REL_ERR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_in_a_cuda_graph(m):
+    qw, w = _weight("int4", 2048, 5504, 128)
+    x = torch.randn(m, 5504, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        kernels.int4_matmul(x, qw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with kernels.use_backend("cuda"), torch.no_grad(), torch.cuda.graph(graph):
+        out = kernels.int4_matmul(x, qw)
+    first = x.float() @ w.t()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(out, x.float() @ w.t()) < REL_ERR[torch.bfloat16]
+        assert _rel_err(out, first) > 0.5
