@@ -33,7 +33,10 @@ SCALE_DTYPE = torch.float16
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOUBLE_QUANT_BLOCK = 256
 MAX_CPU_ROWS = 16  # the C++ kernel's reach; larger inputs dequantize once and use a GEMM
-CUDA_MMA_MAX_ROWS = 64  # the CUDA tensor-core kernel's reach (passes of 16 rows); then dequantize + cuBLAS
+# On CUDA: the tensor-core kernel up to 16 rows, the Triton GEMM below 128, dequantize + cuBLAS
+# from 128 (crossovers measured on an H200, bench/results/int4_cuda_*.jsonl).
+CUDA_MMA_MAX_ROWS = 16
+CUDA_DEQUANT_MIN_ROWS = 128
 
 
 def _nf4_code() -> torch.Tensor:
@@ -261,24 +264,20 @@ def _cuda_dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Ten
 
 
 def _cuda(x2, packed, scales, zeros, lut, group_size, y):
-    """Tensor-core kernel in passes of 16 rows up to CUDA_MMA_MAX_ROWS, else dequantize + cuBLAS."""
+    """The tensor-core kernel up to CUDA_MMA_MAX_ROWS rows, else dequantize + cuBLAS."""
     m, n, k = x2.shape[0], packed.shape[0], packed.shape[1] * 2
     if m > CUDA_MMA_MAX_ROWS:
         torch.matmul(x2, _cuda_dequantize(packed, scales, zeros, lut, group_size, x2.dtype).t(), out=y)
         return
-    ext, device = _dispatch.ext(), x2.device
-    rows = ext.int4_matmul_max_rows_cuda()
+    device = x2.device
     splits = cuda_splits(n, k, _sm_count(device))
-    workspace = torch.empty(splits * min(m, rows) * n if splits > 1 else 0, dtype=torch.float32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    int4_codes = _int4_codes(lut)
-    for i in range(0, m, rows):
-        xs, ys = x2[i : i + rows], y[i : i + rows]
-        ext.int4_matmul_cuda(
-            xs.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
-            lut.data_ptr(), ys.data_ptr(), workspace.data_ptr(), workspace.numel(), xs.shape[0], n, k, group_size,
-            xs.stride(0), ys.stride(0), _dispatch.DTYPE_CODES[x2.dtype], int4_codes, splits, device.index, stream,
-        )
+    workspace = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=device)
+    _dispatch.ext().int4_matmul_cuda(
+        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+        lut.data_ptr(), y.data_ptr(), workspace.data_ptr(), workspace.numel(), m, n, k, group_size,
+        x2.stride(0), y.stride(0), _dispatch.DTYPE_CODES[x2.dtype], _int4_codes(lut), splits, device.index,
+        torch.cuda.current_stream(device).cuda_stream,
+    )
 
 
 # Each backend writes y (M, N) from x2 (M, K); tests call them directly with poisoned outputs.
@@ -294,6 +293,8 @@ def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
         return f"{x2.dtype} activations (the CUDA kernels take float16 and bfloat16)"
     if x2.data_ptr() % 16 or x2.stride(0) % 8 or packed.data_ptr() % 16:
         return "x or the packed weight is not 16-byte aligned"
+    if CUDA_MMA_MAX_ROWS < x2.shape[0] < CUDA_DEQUANT_MIN_ROWS:
+        return f"{x2.shape[0]} rows (the Triton GEMM is faster from {CUDA_MMA_MAX_ROWS + 1} to {CUDA_DEQUANT_MIN_ROWS - 1})"
     return None
 
 

@@ -186,56 +186,68 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_kernel(const GemvArgs a)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 
-  for (int it = it0; it < it1; ++it) {
-    const int c = it * kChunksPerIter + t;
-    const bool valid = c < chunks;
-    uint4 wv0 = make_uint4(0, 0, 0, 0), wv1 = wv0;
-    T2 s0 = splat<T>(0.f), s1 = s0, z0 = s0, z1 = s0;
-    if (valid) {
-      wv0 = load_stream(w0p + c);
-      wv1 = load_stream(w1p + c);
-      const int grp = c * kChunk / a.group_size;
-      s0 = splat<T>(__half2float(a.scales[r0 * groups + grp]));
-      s1 = splat<T>(__half2float(a.scales[r1 * groups + grp]));
-      if (has_zero) {
-        z0 = splat<T>(__half2float(a.zeros[r0 * groups + grp]));
-        z1 = splat<T>(__half2float(a.zeros[r1 * groups + grp]));
-      }
-    }
-    // x: the 32 values of chunk c for columns n = 8j + g, as 16 words {x[2e], x[2e+1]}.
-    uint32_t xw[NT][16];
+  // U iterations' weights and scales are loaded before any is used: more bytes in flight.
+  constexpr int U = NT == 1 ? 4 : 2;
+  for (int it = it0; it < it1; it += U) {
+    uint4 wv0[U], wv1[U];
+    T2 s0[U], s1[U], z0[U], z1[U];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int n = j * 8 + g;
-      if (valid && n < a.m) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + n * a.x_stride + c * kChunk);
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const uint4 u = __ldg(xp + v);
-          xw[j][4 * v] = u.x, xw[j][4 * v + 1] = u.y, xw[j][4 * v + 2] = u.z, xw[j][4 * v + 3] = u.w;
+    for (int u = 0; u < U; ++u) {
+      const int c = (it + u) * kChunksPerIter + t;
+      wv0[u] = wv1[u] = make_uint4(0, 0, 0, 0);
+      s0[u] = s1[u] = z0[u] = z1[u] = splat<T>(0.f);
+      if (it + u < it1 && c < chunks) {
+        wv0[u] = load_stream(w0p + c);
+        wv1[u] = load_stream(w1p + c);
+        const int grp = c * kChunk / a.group_size;
+        s0[u] = splat<T>(__half2float(a.scales[r0 * groups + grp]));
+        s1[u] = splat<T>(__half2float(a.scales[r1 * groups + grp]));
+        if (has_zero) {
+          z0[u] = splat<T>(__half2float(a.zeros[r0 * groups + grp]));
+          z1[u] = splat<T>(__half2float(a.zeros[r1 * groups + grp]));
         }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e) xw[j][e] = 0u;
       }
     }
-    const uint32_t w0s[4] = {wv0.x, wv0.y, wv0.z, wv0.w};
-    const uint32_t w1s[4] = {wv1.x, wv1.y, wv1.z, wv1.w};
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint32_t d0[4], d1[4];
-      dequant_word<T, LUT>(w0s[q], s0, z0, has_zero, pair_lut, d0);
-      dequant_word<T, LUT>(w1s[q], s1, z1, has_zero, pair_lut, d1);
-      // Low nibbles: codes {4q, 4q+2} at k = 2t, 2t+1 and {4q+1, 4q+3} at k = 2t+8, 2t+9.
-      const uint32_t a_lo[4] = {d0[0], d1[0], d0[1], d1[1]};
-      const uint32_t a_hi[4] = {d0[2], d1[2], d0[3], d1[3]};  // the same, 16 codes later
+    for (int u = 0; u < U; ++u) {
+      if (it + u >= it1) break;  // the same for the whole warp
+      const int c = (it + u) * kChunksPerIter + t;
+      const bool valid = c < chunks;
+      // x: the 32 values of chunk c for columns n = 8j + g, as 16 words {x[2e], x[2e+1]}.
+      uint32_t xw[NT][16];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const uint32_t* X = xw[j];
-        mma_16816<T>(acc[j], a_lo, __byte_perm(X[2 * q], X[2 * q + 1], 0x5410),
-                     __byte_perm(X[2 * q], X[2 * q + 1], 0x7632));
-        mma_16816<T>(acc[j], a_hi, __byte_perm(X[8 + 2 * q], X[9 + 2 * q], 0x5410),
-                     __byte_perm(X[8 + 2 * q], X[9 + 2 * q], 0x7632));
+        const int n = j * 8 + g;
+        if (valid && n < a.m) {
+          const uint4* xp = reinterpret_cast<const uint4*>(x + n * a.x_stride + c * kChunk);
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const uint4 q4 = __ldg(xp + v);
+            xw[j][4 * v] = q4.x, xw[j][4 * v + 1] = q4.y, xw[j][4 * v + 2] = q4.z, xw[j][4 * v + 3] = q4.w;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 16; ++e) xw[j][e] = 0u;
+        }
+      }
+      const uint32_t w0s[4] = {wv0[u].x, wv0[u].y, wv0[u].z, wv0[u].w};
+      const uint32_t w1s[4] = {wv1[u].x, wv1[u].y, wv1[u].z, wv1[u].w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t d0[4], d1[4];
+        dequant_word<T, LUT>(w0s[q], s0[u], z0[u], has_zero, pair_lut, d0);
+        dequant_word<T, LUT>(w1s[q], s1[u], z1[u], has_zero, pair_lut, d1);
+        // Low nibbles: codes {4q, 4q+2} at k = 2t, 2t+1 and {4q+1, 4q+3} at k = 2t+8, 2t+9.
+        const uint32_t a_lo[4] = {d0[0], d1[0], d0[1], d1[1]};
+        const uint32_t a_hi[4] = {d0[2], d1[2], d0[3], d1[3]};  // the same, 16 codes later
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t* X = xw[j];
+          mma_16816<T>(acc[j], a_lo, __byte_perm(X[2 * q], X[2 * q + 1], 0x5410),
+                       __byte_perm(X[2 * q], X[2 * q + 1], 0x7632));
+          mma_16816<T>(acc[j], a_hi, __byte_perm(X[8 + 2 * q], X[9 + 2 * q], 0x5410),
+                       __byte_perm(X[8 + 2 * q], X[9 + 2 * q], 0x7632));
+        }
       }
     }
   }
@@ -268,7 +280,9 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, T* __restri
   y[(i / n) * y_stride + i % n] = from_f32<T>(s);
 }
 
-// w (N, K) in T, one 16-byte chunk (32 codes) per thread, written as four 16-byte stores.
+// w (N, K) in T. One thread per 32-bit word of codes (word q of a chunk: codes 4q..4q+3 and
+// 4q+16..4q+19), so loads are coalesced 4-byte words and the two 8-byte stores of a quad of
+// threads fill whole 32-byte sectors.
 template <typename T, bool LUT>
 __global__ void int4_dequantize_kernel(const uint8_t* __restrict__ packed,
                                        const __half* __restrict__ scales,
@@ -277,53 +291,27 @@ __global__ void int4_dequantize_kernel(const uint8_t* __restrict__ packed,
   using T2 = typename Pair<T>::T2;
   __shared__ uint32_t pair_lut[LUT ? 256 : 1];
   if constexpr (LUT) fill_pair_lut<T>(pair_lut, lut);
-  const int chunks = k / kChunk;
+  const int64_t words_per_row = k / 8;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<int64_t>(n) * chunks) return;
-  const int64_t row = i / chunks;
-  const int c = static_cast<int>(i % chunks);
+  if (i >= static_cast<int64_t>(n) * words_per_row) return;
+  const int64_t row = i / words_per_row;
+  const int word = static_cast<int>(i % words_per_row);
+  const int c = word / 4, q = word % 4;
   const int64_t gi = row * (k / group_size) + c * kChunk / group_size;
   const T2 s = splat<T>(__half2float(scales[gi]));
   const T2 z = splat<T>(zeros != nullptr ? __half2float(zeros[gi]) : 0.f);
-  const uint4 v = load_stream(reinterpret_cast<const uint4*>(packed) + i);
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  uint32_t lo[8], hi[8];  // natural order: lo = codes 0..15, hi = codes 16..31, two per word
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    uint32_t d[4];
-    dequant_word<T, LUT>(words[q], s, z, zeros != nullptr, pair_lut, d);
-    lo[2 * q] = __byte_perm(d[0], d[1], 0x5410);      // codes {4q, 4q+1}
-    lo[2 * q + 1] = __byte_perm(d[0], d[1], 0x7632);  // codes {4q+2, 4q+3}
-    hi[2 * q] = __byte_perm(d[2], d[3], 0x5410);
-    hi[2 * q + 1] = __byte_perm(d[2], d[3], 0x7632);
-  }
-  uint4* out = reinterpret_cast<uint4*>(w + row * k + c * kChunk);
-  out[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  out[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
-  out[2] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-  out[3] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+  const uint32_t v = __ldcs(reinterpret_cast<const unsigned int*>(packed) + i);
+  uint32_t d[4];
+  dequant_word<T, LUT>(v, s, z, zeros != nullptr, pair_lut, d);
+  T* out = w + row * k + c * kChunk + 4 * q;
+  *reinterpret_cast<uint2*>(out) = make_uint2(__byte_perm(d[0], d[1], 0x5410), __byte_perm(d[0], d[1], 0x7632));
+  *reinterpret_cast<uint2*>(out + 16) = make_uint2(__byte_perm(d[2], d[3], 0x5410), __byte_perm(d[2], d[3], 0x7632));
 }
 
-void check_layout(int64_t n, int64_t k, int64_t group_size, uintptr_t packed) {
-  KERNELS_CHECK(n > 0 && n <= 0x7fffffff, "qw: expected 1..2^31-1 output features, got " << n);
-  KERNELS_CHECK(k > 0 && k % kChunk == 0 && k <= 0x7fffffff,
-                "qw: in_features must be a positive multiple of 32, got " << k);
-  KERNELS_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
-                "group_size: expected 32, 64 or 128, got " << group_size);
-  KERNELS_CHECK(k % group_size == 0, "group_size: " << group_size << " does not divide K = " << k);
-  KERNELS_CHECK(packed % 16 == 0, "qw.packed: must be 16-byte aligned for the CUDA kernel");
-}
-
-// Calls fn(T{}) for fp16 or bf16.
+// Calls fn(T{}) for fp16 or bf16 (the entry points have checked the dtype).
 template <typename Fn>
-void dispatch_half(int dtype, const char* name, Fn&& fn) {
-  const DType d = to_dtype(dtype, name);
-  KERNELS_CHECK(d == DType::F16 || d == DType::BF16,
-                name << ": the CUDA int4 kernels take float16 or bfloat16, got " << dtype_name(d));
-  if (d == DType::F16)
-    fn(__half{});
-  else
-    fn(__nv_bfloat16{});
+int dispatch_half(int dtype, Fn&& fn) {
+  return dtype == static_cast<int>(DType::F16) ? fn(__half{}) : fn(__nv_bfloat16{});
 }
 
 template <typename Fn>
@@ -336,27 +324,13 @@ void dispatch_bool(bool v, Fn&& fn) {
 
 }  // namespace
 
-int64_t int4_matmul_max_rows() { return 16; }
-
-void int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
-                 uintptr_t y, uintptr_t workspace, int64_t workspace_elems, int64_t m, int64_t n,
-                 int64_t k, int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
-                 bool int4_codes, int64_t splits, int device, uintptr_t stream) {
-  check_layout(n, k, group_size, packed);
-  KERNELS_CHECK(m >= 0 && m <= int4_matmul_max_rows(),
-                "x: the CUDA int4 kernel takes at most " << int4_matmul_max_rows() << " rows, got " << m);
-  KERNELS_CHECK(x % 16 == 0 && x_stride % 8 == 0,
-                "x: rows must start 16-byte aligned (aligned pointer, row stride a multiple of 8)");
-  KERNELS_CHECK(y_stride >= n, "y: row stride " << y_stride << " is shorter than a row of " << n);
-  const int64_t iters = (k / kChunk + kChunksPerIter - 1) / kChunksPerIter;
-  KERNELS_CHECK(splits >= 1 && splits <= iters && splits <= 65535,
-                "splits: expected 1.." << std::min<int64_t>(iters, 65535) << ", got " << splits);
-  KERNELS_CHECK(splits == 1 || (workspace != 0 && workspace_elems >= splits * m * n),
-                "workspace: needs " << splits * m * n << " fp32 elements for " << splits << " splits");
-  if (m == 0) return;
-  set_device(device);
+int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
+                       uintptr_t y, uintptr_t workspace, int64_t m, int64_t n, int64_t k,
+                       int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
+                       bool int4_codes, int64_t splits, int device, uintptr_t stream) {
+  if (m == 0) return 0;
+  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
-
   GemvArgs a{};
   a.x = reinterpret_cast<const void*>(x);
   a.packed = reinterpret_cast<const uint8_t*>(packed);
@@ -371,14 +345,11 @@ void int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zero
   a.n = static_cast<int>(n);
   a.k = static_cast<int>(k);
   a.group_size = static_cast<int>(group_size);
-  a.iters = static_cast<int>(iters);
-  a.iters_per_split = static_cast<int>((iters + splits - 1) / splits);
-  const int used_splits = (a.iters + a.iters_per_split - 1) / a.iters_per_split;
-  KERNELS_CHECK(used_splits == splits, "splits: " << splits << " does not divide " << iters
-                                                  << " iterations evenly enough; use " << used_splits);
+  a.iters = static_cast<int>(int4_matmul_iterations(k));
+  a.iters_per_split = static_cast<int>((a.iters + splits - 1) / splits);
   const int tiles = static_cast<int>((n + 15) / 16);
   const dim3 grid((tiles + kWarps - 1) / kWarps, static_cast<unsigned>(splits));
-  dispatch_half(x_dtype, "x", [&](auto tx) {
+  return dispatch_half(x_dtype, [&](auto tx) -> int {
     using T = decltype(tx);
     dispatch_bool(!int4_codes, [&](auto lut_c) {
       constexpr bool kLut = decltype(lut_c)::value;
@@ -387,25 +358,23 @@ void int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zero
       else
         int4_mma_kernel<T, kLut, 2><<<grid, kWarps * 32, 0, cu_stream>>>(a);
     });
-    KERNELS_CUDA_CHECK_LAUNCH();
+    KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     if (splits > 1) {
       const int64_t total = m * n;
       sum_splits_kernel<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, cu_stream>>>(
           a.partial, reinterpret_cast<T*>(y), static_cast<int>(splits), a.m, a.n, y_stride);
-      KERNELS_CUDA_CHECK_LAUNCH();
     }
+    return static_cast<int>(cudaGetLastError());
   });
 }
 
-void int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w,
-                     int64_t n, int64_t k, int64_t group_size, int w_dtype, bool int4_codes, int device,
-                     uintptr_t stream) {
-  check_layout(n, k, group_size, packed);
-  KERNELS_CHECK(w % 16 == 0, "w: must be 16-byte aligned");
-  set_device(device);
-  const int64_t total = n * (k / kChunk);
+int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
+                           uintptr_t w, int64_t n, int64_t k, int64_t group_size, int w_dtype,
+                           bool int4_codes, int device, uintptr_t stream) {
+  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  const int64_t total = n * (k / kChunk) * 4;  // one thread per 32-bit word of codes
   const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
-  dispatch_half(w_dtype, "w", [&](auto tw) {
+  return dispatch_half(w_dtype, [&](auto tw) -> int {
     using T = decltype(tw);
     dispatch_bool(!int4_codes, [&](auto lut_c) {
       int4_dequantize_kernel<T, decltype(lut_c)::value><<<blocks, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
@@ -413,7 +382,7 @@ void int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintpt
           reinterpret_cast<const __half*>(zeros), reinterpret_cast<const float*>(lut),
           reinterpret_cast<T*>(w), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size));
     });
-    KERNELS_CUDA_CHECK_LAUNCH();
+    return static_cast<int>(cudaGetLastError());
   });
 }
 

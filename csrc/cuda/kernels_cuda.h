@@ -1,5 +1,12 @@
-// Host entry points of the CUDA kernels. Plain C++: bindings.cpp includes it without CUDA headers.
-// Pointers are device addresses, `stream` is a cudaStream_t handle, `device` the CUDA ordinal.
+// The CUDA kernels' host interface. Plain C++: bindings.cpp and entry.cpp include it without
+// CUDA headers. Pointers are device addresses, `stream` is a cudaStream_t handle, `device` the
+// CUDA ordinal.
+//
+// Two layers. The launchers (launch_*, in the .cu files) take validated arguments, never throw,
+// and return a status: 0, a cudaError_t, or a kStatus* code below. A C++ exception thrown from
+// nvcc-compiled host code crashed the process with nvcc 13 and gcc 13, so nothing compiled by
+// nvcc throws. The entry points (entry.cpp, compiled by the C++ compiler) check the arguments,
+// call a launcher and raise ValueError/RuntimeError through pybind11.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -7,6 +14,11 @@
 namespace kernels {
 namespace cuda {
 
+constexpr int kStatusRowsTooLong = -1;  // RMSNorm: a row does not fit the register-resident kernel
+
+std::string status_string(int status);
+
+// ------------------------------------------------------------------ RMSNorm
 // x, y: (rows, cols) with row strides in elements; w: (cols,); rstd: (rows,) fp32.
 // w_dtype must equal x_dtype or be float32.
 void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
@@ -22,6 +34,15 @@ void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintpt
 // The largest row length the CUDA RMSNorm takes for a dtype and vector width (1 if unaligned).
 int64_t rms_norm_max_cols(int x_dtype, bool aligned);
 
+int launch_rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
+                        int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
+                        float eps, int device, uintptr_t stream);
+int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
+                        uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
+                        int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
+                        int x_dtype, int w_dtype, int device, uintptr_t stream);
+
+// ------------------------------------------------------------------ int4 / NF4
 // y (m, n) = x (m, k) @ dequant(W)^T for m <= int4_matmul_max_rows(); x, y fp16 or bf16 with row
 // strides in elements. packed (n, k/2) uint8, scales/zeros (n, k/group_size) fp16 (zeros may be
 // 0), lut 16 fp32 values. int4_codes: lut is q - 8 (the bit-trick path); else the table is used.
@@ -30,12 +51,22 @@ void int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zero
                  uintptr_t y, uintptr_t workspace, int64_t workspace_elems, int64_t m, int64_t n,
                  int64_t k, int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
                  bool int4_codes, int64_t splits, int device, uintptr_t stream);
-int64_t int4_matmul_max_rows();
+inline int64_t int4_matmul_max_rows() { return 16; }
+// Iterations of the small-M kernel over K (4 chunks of 32 codes each); splits divide them.
+inline int64_t int4_matmul_iterations(int64_t k) { return (k / 32 + 3) / 4; }
 
 // w (n, k) contiguous in w_dtype (fp16 or bf16) = the dequantized weight.
 void int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w,
                      int64_t n, int64_t k, int64_t group_size, int w_dtype, bool int4_codes, int device,
                      uintptr_t stream);
+
+int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
+                       uintptr_t y, uintptr_t workspace, int64_t m, int64_t n, int64_t k,
+                       int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
+                       bool int4_codes, int64_t splits, int device, uintptr_t stream);
+int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
+                           uintptr_t w, int64_t n, int64_t k, int64_t group_size, int w_dtype,
+                           bool int4_codes, int device, uintptr_t stream);
 
 // Version of the CUDA runtime this module was built with, e.g. "13.0".
 std::string runtime_version();

@@ -197,32 +197,24 @@ void dispatch_shape(const LaunchShape& s, Fn&& fn) {
     dispatch_ppt<1>(s.ppt, fn);
 }
 
-void check_shape(const LaunchShape& s, int64_t cols) {
-  KERNELS_CHECK(s.ppt > 0, "x: rows of " << cols << " elements are longer than the CUDA RMSNorm "
-                                         "takes (" << kMaxThreads * kMaxPacksPerThread * s.vec
-                                         << " at this alignment)");
-}
-
 }  // namespace
 
 int64_t rms_norm_max_cols(int x_dtype, bool is_aligned) {
-  const int64_t bytes = to_dtype(x_dtype, "x") == DType::F32 ? 4 : 2;
+  const int64_t bytes = x_dtype == static_cast<int>(DType::F32) ? 4 : 2;
   return int64_t{kMaxThreads} * kMaxPacksPerThread * (is_aligned ? 16 / bytes : 1);
 }
 
-void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
-                  int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-                  float eps, int device, uintptr_t stream) {
-  KERNELS_CHECK(rows >= 0 && cols > 0, "x: expected a non-empty last dimension, got " << cols);
-  KERNELS_CHECK(rows <= 0x7fffffff, "x: at most 2^31-1 rows, got " << rows);
-  if (rows == 0) return;
-  set_device(device);
-  dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) {
+int launch_rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
+                        int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
+                        float eps, int device, uintptr_t stream) {
+  if (rows == 0) return 0;
+  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
     using TX = decltype(tx);
     using TW = decltype(tw);
     const int vec = choose_vec<TX, TW>(cols, {x, y}, {}, w, {x_stride, y_stride});
     const LaunchShape s = launch_shape(cols, vec);
-    check_shape(s, cols);
+    if (s.ppt == 0) return kStatusRowsTooLong;
     dispatch_shape<TX>(s, [&](auto vc, auto pc) {
       rms_norm_fwd_kernel<TX, TW, decltype(vc)::value, decltype(pc)::value>
           <<<static_cast<unsigned>(rows), s.threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
@@ -230,26 +222,23 @@ void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t
               reinterpret_cast<TX*>(y), reinterpret_cast<float*>(rstd), cols, x_stride, y_stride,
               eps);
     });
-    KERNELS_CUDA_CHECK_LAUNCH();
+    return static_cast<int>(cudaGetLastError());
   });
 }
 
-void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                  uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
-                  int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-                  int x_dtype, int w_dtype, int device, uintptr_t stream) {
-  KERNELS_CHECK(rows >= 0 && cols > 0, "x: expected a non-empty last dimension, got " << cols);
-  KERNELS_CHECK(num_partials >= 1 && num_partials <= 65535,
-                "num_partials: expected 1..65535, got " << num_partials);
-  set_device(device);
+int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
+                        uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
+                        int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
+                        int x_dtype, int w_dtype, int device, uintptr_t stream) {
+  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) {
+  return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
     using TX = decltype(tx);
     using TW = decltype(tw);
     const int vec = choose_vec<TX, TW>(cols, {dy, x, dx}, {dw_partial}, w,
                                        {dy_stride, x_stride, dx_stride});
     const LaunchShape s = launch_shape(cols, vec);
-    check_shape(s, cols);
+    if (s.ppt == 0) return kStatusRowsTooLong;
     dispatch_shape<TX>(s, [&](auto vc, auto pc) {
       rms_norm_bwd_kernel<TX, TW, decltype(vc)::value, decltype(pc)::value>
           <<<static_cast<unsigned>(num_partials), s.threads, 0, cu_stream>>>(
@@ -258,11 +247,11 @@ void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintpt
               reinterpret_cast<TX*>(dx), reinterpret_cast<float*>(dw_partial), rows, cols,
               dy_stride, x_stride, dx_stride);
     });
-    KERNELS_CUDA_CHECK_LAUNCH();
+    KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     const unsigned col_blocks = static_cast<unsigned>((cols + 31) / 32);
     column_sum_kernel<TW><<<col_blocks, dim3(32, 8), 0, cu_stream>>>(
         reinterpret_cast<const float*>(dw_partial), reinterpret_cast<TW*>(dw), num_partials, cols);
-    KERNELS_CUDA_CHECK_LAUNCH();
+    return static_cast<int>(cudaGetLastError());
   });
 }
 
