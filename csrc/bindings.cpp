@@ -117,11 +117,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_matmul_max_rows_cuda", &kernels::cuda::int4_matmul_max_rows);
   m.def("int4_dequantize_cuda", &kernels::cuda::int4_dequantize);
 #else
-  m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
-  m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
+  m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("rms_norm_max_cols_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
-  m.def("int4_matmul_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("int4_matmul_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("int4_matmul_max_rows_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
-  m.def("int4_dequantize_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("int4_dequantize_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
 #endif
 }

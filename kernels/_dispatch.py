@@ -98,6 +98,15 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+def cuda_call(fn: Callable[..., str], *args) -> None:
+    """Call a CUDA entry point of kernels._C, which returns "" or "ValueError: ..." /
+    "RuntimeError: ..." instead of throwing (see csrc/cuda/kernels_cuda.h), and raise its error."""
+    err = fn(*args)
+    if err:
+        kind, _, message = err.partition(": ")
+        raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+
+
 def unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run on `device` at all, or None if it can."""
     return _unavailable(backend, torch.device(device).type)

@@ -255,8 +255,8 @@ def _int4_codes(lut: torch.Tensor) -> bool:
 def _cuda_dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
-    _dispatch.ext().int4_dequantize_cuda(
-        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
+    _dispatch.cuda_call(
+        _dispatch.ext().int4_dequantize_cuda, packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
         w.data_ptr(), n, k, group_size, _dispatch.DTYPE_CODES[dtype], _int4_codes(lut), packed.device.index,
         torch.cuda.current_stream(packed.device).cuda_stream,
     )
@@ -272,8 +272,8 @@ def _cuda(x2, packed, scales, zeros, lut, group_size, y):
     device = x2.device
     splits = cuda_splits(n, k, _sm_count(device))
     workspace = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=device)
-    _dispatch.ext().int4_matmul_cuda(
-        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+    _dispatch.cuda_call(
+        _dispatch.ext().int4_matmul_cuda, x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
         lut.data_ptr(), y.data_ptr(), workspace.data_ptr(), workspace.numel(), m, n, k, group_size,
         x2.stride(0), y.stride(0), _dispatch.DTYPE_CODES[x2.dtype], _int4_codes(lut), splits, device.index,
         torch.cuda.current_stream(device).cuda_stream,

@@ -72,8 +72,8 @@ def _cuda_partials(device: torch.device) -> int:
 
 
 def _cuda_fwd(x, w, eps, y, rstd):
-    _dispatch.ext().rms_norm_fwd_cuda(
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
+    _dispatch.cuda_call(
+        _dispatch.ext().rms_norm_fwd_cuda, x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
         x.stride(0), y.stride(0), _code(x), _code(w), eps, x.device.index, _stream(x),
     )
 
@@ -81,8 +81,8 @@ def _cuda_fwd(x, w, eps, y, rstd):
 def _cuda_bwd(dy, x, w, rstd, dx, dw):
     partials = max(1, min(x.shape[0], _cuda_partials(x.device)))
     workspace = torch.empty((partials, x.shape[1]), dtype=torch.float32, device=x.device)
-    _dispatch.ext().rms_norm_bwd_cuda(
-        dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+    _dispatch.cuda_call(
+        _dispatch.ext().rms_norm_bwd_cuda, dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
         workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0), x.stride(0),
         dx.stride(0), _code(x), _code(w), x.device.index, _stream(x),
     )

@@ -43,7 +43,7 @@ def test_cuda_entry_point_without_a_device_raises():
     ext = kernels.capabilities().ext
     match = "CUDA error" if ext.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=match):
-        ext.rms_norm_fwd_cuda(0, 0, 0, 0, 2, 4, 4, 4, 0, 0, 1e-6, 0, 0)
+        kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 2, 4, 4, 4, 0, 0, 1e-6, 0, 0)
 
 
 @pytest.mark.slow

@@ -173,8 +173,8 @@ def test_cuda_entry_points_check_arguments_before_touching_a_device():
     bf16 = kernels._dispatch.DTYPE_CODES[torch.bfloat16]
 
     def call(m=1, k=256, group=128, x=4096, packed=4096, splits=1, workspace=0):
-        ext.int4_matmul_cuda(x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k, group, k, 64, bf16, True,
-                             splits, 0, 0)
+        kernels._dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
+                                    group, k, 64, bf16, True, splits, 0, 0)
 
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows, got 17"):
         call(m=17)
@@ -190,3 +190,5 @@ def test_cuda_entry_points_check_arguments_before_touching_a_device():
         call(splits=3)
     with pytest.raises(ValueError, match="workspace: needs"):
         call(splits=2)
+    assert ext.int4_matmul_cuda(4096, 4096, 0, 0, 0, 0, 0, 0, 17, 64, 256, 128, 256, 64, bf16, True, 1, 0, 0) \
+        .startswith("ValueError: x: the CUDA int4 kernel takes at most 16 rows")  # returned, never thrown

@@ -8,10 +8,7 @@
 
 #include "common.h"
 
-// Host code compiled by nvcc never throws: a C++ exception thrown from nvcc-compiled host code
-// crashed the process (SIGSEGV while unwinding) with nvcc 13 and gcc 13. Launchers return a
-// status instead (0, a cudaError_t, or one of the codes in kernels_cuda.h), and the validating
-// entry points in entry.cpp, plain C++, raise the Python exceptions.
+// Launchers never throw (see kernels_cuda.h): they return 0, a cudaError_t, or a kStatus* code.
 #define KERNELS_CUDA_RETURN_IF_ERROR(expr)                        \
   do {                                                            \
     const int kernels_status_ = static_cast<int>(expr);           \

@@ -4,9 +4,9 @@
 //
 // Two layers. The launchers (launch_*, in the .cu files) take validated arguments, never throw,
 // and return a status: 0, a cudaError_t, or a kStatus* code below. A C++ exception thrown from
-// nvcc-compiled host code crashed the process with nvcc 13 and gcc 13, so nothing compiled by
-// nvcc throws. The entry points (entry.cpp, compiled by the C++ compiler) check the arguments,
-// call a launcher and raise ValueError/RuntimeError through pybind11.
+// this module segfaulted in one GPU image, so nothing on the GPU path throws. The entry points
+// (entry.cpp) check the arguments, call a launcher and return "" or "ValueError: ..." /
+// "RuntimeError: ...", which kernels/_dispatch.py turns into the Python exception.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -21,12 +21,12 @@ std::string status_string(int status);
 // ------------------------------------------------------------------ RMSNorm
 // x, y: (rows, cols) with row strides in elements; w: (cols,); rstd: (rows,) fp32.
 // w_dtype must equal x_dtype or be float32.
-void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
+std::string rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
                   int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
                   float eps, int device, uintptr_t stream);
 
 // dw_partial: (num_partials, cols) fp32 workspace; dw = its column sums, in w_dtype.
-void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
+std::string rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
                   uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
                   int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
                   int x_dtype, int w_dtype, int device, uintptr_t stream);
@@ -47,7 +47,7 @@ int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, 
 // strides in elements. packed (n, k/2) uint8, scales/zeros (n, k/group_size) fp16 (zeros may be
 // 0), lut 16 fp32 values. int4_codes: lut is q - 8 (the bit-trick path); else the table is used.
 // splits > 1 splits K; workspace then holds splits * m * n fp32 partial sums.
-void int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
+std::string int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
                  uintptr_t y, uintptr_t workspace, int64_t workspace_elems, int64_t m, int64_t n,
                  int64_t k, int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
                  bool int4_codes, int64_t splits, int device, uintptr_t stream);
@@ -56,7 +56,7 @@ inline int64_t int4_matmul_max_rows() { return 16; }
 inline int64_t int4_matmul_iterations(int64_t k) { return (k / 32 + 3) / 4; }
 
 // w (n, k) contiguous in w_dtype (fp16 or bf16) = the dequantized weight.
-void int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w,
+std::string int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w,
                      int64_t n, int64_t k, int64_t group_size, int w_dtype, bool int4_codes, int device,
                      uintptr_t stream);
 

@@ -87,10 +87,10 @@ def test_split_k_is_deterministic_and_matches_one_split(m, shape):
     def run(splits):
         y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
         ws = torch.empty(splits * m * n, dtype=torch.float32, device="cuda")
-        ext.int4_matmul_cuda(x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
-                             qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k, qw.group_size,
-                             k, n, _dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
-                             torch.cuda.current_stream().cuda_stream)
+        _dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
+                            qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k,
+                            qw.group_size, k, n, _dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
+                            torch.cuda.current_stream().cuda_stream)
         return y
 
     one, most = run(1), run(iters)
@@ -123,9 +123,9 @@ def test_errors_name_the_argument():
 
     def call(x, m, dtype=torch.bfloat16, splits=1, x_stride=256):
         y = torch.empty(m, 256, dtype=dtype, device="cuda")
-        ext.int4_matmul_cuda(x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
-                             qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride, 256,
-                             code[dtype], True, splits, 0, stream)
+        _dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
+                            qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride,
+                            256, code[dtype], True, splits, 0, stream)
 
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows"):
@@ -169,7 +169,7 @@ def test_autograd_uses_the_cuda_dequantize():
     assert _rel_err(dx, dy.float() @ w) < REL_ERR[torch.bfloat16]
 
 
-@pytest.mark.parametrize("m", [1, 5, 40, 200])
+@pytest.mark.parametrize("m", [1, 5, 16, 200])
 def test_in_a_cuda_graph(m):
     qw, w = _weight("int4", 2048, 5504, 128)
     x = torch.randn(m, 5504, device="cuda", dtype=torch.bfloat16)
