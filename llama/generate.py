@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -133,8 +132,6 @@ class Decoder:
 
 
 CAPACITY_ROUNDING = 128  # cache sizes are rounded up so that compiled steps get reused
-# Decoders per model, outside the model so that copying or pickling a model never meets a graph.
-_DECODERS: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
 
 
 def _decoder(model: Transformer, batch: int, capacity: int, compile: bool, cuda_graph: bool) -> Decoder:
@@ -145,7 +142,7 @@ def _decoder(model: Transformer, batch: int, capacity: int, compile: bool, cuda_
         capacity = min(capacity, model.config.max_seq_len)
     weight = model.tok_embeddings.weight
     key = (batch, capacity, compile, cuda_graph, weight.device, weight.dtype)
-    decoders = _DECODERS.setdefault(model, {})
+    decoders = model.__dict__.setdefault("_decoders", {})  # dropped when the model is copied
     if key not in decoders:
         if len(decoders) >= 4:  # bound the memory held by idle caches
             decoders.pop(next(iter(decoders)))

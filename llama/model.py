@@ -243,6 +243,13 @@ class Transformer(nn.Module):
                     p.normal_(0.0, 0.02, generator=gen)
         return self
 
+    def __getstate__(self):
+        """Copies and pickles leave out the decoders that generate() keeps on the model (their
+        KV caches and captured CUDA graphs belong to this instance)."""
+        state = self.__dict__.copy()
+        state.pop("_decoders", None)
+        return state
+
     def setup_rope(self, length: Optional[int] = None) -> None:
         """(Re)compute the RoPE tables on the model's device, for `length` positions at least."""
         length = max(length or 0, self.config.max_seq_len)

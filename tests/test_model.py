@@ -257,3 +257,14 @@ def test_training_steps_lower_the_loss_and_return_hidden():
     assert losses[-1] < 0.8 * losses[0]
     hidden = model.eval()(data[:, :-1], return_hidden=True)
     assert hidden.shape == (8, 32, cfg.dim)
+
+
+def test_a_model_that_generated_still_copies_without_its_decoders():
+    import copy
+
+    model = randomized(tiny())
+    generate(model, [[1, 2, 3]], 4, Sampling(temperature=0))
+    assert "_decoders" in model.__dict__
+    clone = copy.deepcopy(model)
+    assert "_decoders" not in clone.__dict__
+    assert generate(clone, [[1, 2, 3]], 4, Sampling(temperature=0)) == generate(model, [[1, 2, 3]], 4, Sampling(temperature=0))
