@@ -19,7 +19,9 @@
 // 4q..4q+3), (w >> s) & 0x000F000F puts two codes in the low bits of two 16-bit halves; OR-ing
 // the exponent of 1024 (fp16) or 128 (bf16) makes them the numbers 1024 + q exactly, and one
 // paired subtract and one paired FMA give (q - 8) * scale + zero for two codes. NF4 (any lut)
-// looks pairs of values up in a 256-entry table of value pairs in shared memory.
+// looks pairs of values up in a 256-entry table of value pairs in shared memory. The arithmetic
+// is in x's dtype: with bf16 the fp16 scale and zero are rounded to bf16 first (as tinygemm
+// stores them), an error below 1/32 of a quantization step.
 //
 // K is split across warps (grid.y) when N alone gives too few warps to keep the memory system
 // busy; each split writes fp32 partial sums that a second kernel adds up in a fixed order, so
