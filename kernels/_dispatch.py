@@ -98,6 +98,17 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+def cuda_stream(t: torch.Tensor) -> int:
+    """The handle of the current CUDA stream on t's device, for the CUDA entry points."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (kernels size their grids and splits by it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def cuda_call(fn: Callable[..., str], *args) -> None:
     """Call a CUDA entry point of kernels._C, which returns "" or "ValueError: ..." /
     "RuntimeError: ..." instead of throwing (see csrc/cuda/kernels_cuda.h), and raise its error."""

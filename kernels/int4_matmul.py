@@ -19,7 +19,6 @@ without shuffles. K must be a multiple of the group size (and so of 32).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -232,16 +231,16 @@ def _torch(x2, packed, scales, zeros, lut, group_size, y):
     y.copy_(x2.float() @ _dequantize(packed, scales, zeros, lut, group_size).t())
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def cuda_iterations(k: int) -> int:
+    """Iterations of the CUDA small-M kernel over K, 128 codes (4 chunks of 32) each."""
+    return -(-(k // 32) // 4)
 
 
 def cuda_splits(n: int, k: int, sm_count: int) -> int:
     """How many parts the CUDA kernel splits K into: enough warps (one per 16 rows and split)
     for about 32 per multiprocessor, each split keeping at least two iterations of 128 codes."""
     tiles = -(-n // 16)
-    iters = -(-(k // 32) // 4)
+    iters = cuda_iterations(k)
     want = max(1, min(iters // 2, (32 * sm_count) // tiles))
     per = -(-iters // want)
     return -(-iters // per)
@@ -256,9 +255,10 @@ def _cuda_dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Ten
     n, k = packed.shape[0], packed.shape[1] * 2
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
     _dispatch.cuda_call(
-        _dispatch.ext().int4_dequantize_cuda, packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
+        _dispatch.ext().int4_dequantize_cuda,
+        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
         w.data_ptr(), n, k, group_size, _dispatch.DTYPE_CODES[dtype], _int4_codes(lut), packed.device.index,
-        torch.cuda.current_stream(packed.device).cuda_stream,
+        _dispatch.cuda_stream(packed),
     )
     return w
 
@@ -270,13 +270,14 @@ def _cuda(x2, packed, scales, zeros, lut, group_size, y):
         torch.matmul(x2, _cuda_dequantize(packed, scales, zeros, lut, group_size, x2.dtype).t(), out=y)
         return
     device = x2.device
-    splits = cuda_splits(n, k, _sm_count(device))
+    splits = cuda_splits(n, k, _dispatch.sm_count(device))
     workspace = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=device)
     _dispatch.cuda_call(
-        _dispatch.ext().int4_matmul_cuda, x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+        _dispatch.ext().int4_matmul_cuda,
+        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
         lut.data_ptr(), y.data_ptr(), workspace.data_ptr(), workspace.numel(), m, n, k, group_size,
         x2.stride(0), y.stride(0), _dispatch.DTYPE_CODES[x2.dtype], _int4_codes(lut), splits, device.index,
-        torch.cuda.current_stream(device).cuda_stream,
+        _dispatch.cuda_stream(x2),
     )
 
 
@@ -294,7 +295,8 @@ def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
     if x2.data_ptr() % 16 or x2.stride(0) % 8 or packed.data_ptr() % 16:
         return "x or the packed weight is not 16-byte aligned"
     if CUDA_MMA_MAX_ROWS < x2.shape[0] < CUDA_DEQUANT_MIN_ROWS:
-        return f"{x2.shape[0]} rows (the Triton GEMM is faster from {CUDA_MMA_MAX_ROWS + 1} to {CUDA_DEQUANT_MIN_ROWS - 1})"
+        return (f"{x2.shape[0]} rows (the Triton GEMM is faster from {CUDA_MMA_MAX_ROWS + 1} "
+                f"to {CUDA_DEQUANT_MIN_ROWS - 1})")
     return None
 
 
@@ -335,7 +337,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     """grad_x = grad_y @ dequant(W); the 4-bit weight is frozen (QLoRA)."""
     packed, scales, zeros, lut = ctx.saved_tensors
-    if grad_y.is_cuda and grad_y.dtype in (torch.float16, torch.bfloat16) and _dispatch.unavailable("cuda", grad_y.device) is None:
+    cuda_ok = grad_y.is_cuda and _dispatch.unavailable("cuda", grad_y.device) is None
+    if cuda_ok and grad_y.dtype in (torch.float16, torch.bfloat16):
         w = _cuda_dequantize(packed, scales, zeros, lut, ctx.group_size, grad_y.dtype)
     else:
         w = _dequantize(packed, scales, zeros, lut, ctx.group_size).to(grad_y.dtype)

@@ -7,7 +7,6 @@ poison them first.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -62,29 +61,22 @@ def _cpu_bwd(dy, x, w, rstd, dx, dw):
     )
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_partials(device: torch.device) -> int:
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _cuda_fwd(x, w, eps, y, rstd):
     _dispatch.cuda_call(
-        _dispatch.ext().rms_norm_fwd_cuda, x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
-        x.stride(0), y.stride(0), _code(x), _code(w), eps, x.device.index, _stream(x),
+        _dispatch.ext().rms_norm_fwd_cuda,
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
+        x.stride(0), y.stride(0), _code(x), _code(w), eps, x.device.index, _dispatch.cuda_stream(x),
     )
 
 
 def _cuda_bwd(dy, x, w, rstd, dx, dw):
-    partials = max(1, min(x.shape[0], _cuda_partials(x.device)))
+    partials = max(1, min(x.shape[0], 2 * _dispatch.sm_count(x.device)))
     workspace = torch.empty((partials, x.shape[1]), dtype=torch.float32, device=x.device)
     _dispatch.cuda_call(
-        _dispatch.ext().rms_norm_bwd_cuda, dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+        _dispatch.ext().rms_norm_bwd_cuda,
+        dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
         workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0), x.stride(0),
-        dx.stride(0), _code(x), _code(w), x.device.index, _stream(x),
+        dx.stride(0), _code(x), _code(w), x.device.index, _dispatch.cuda_stream(x),
     )
 
 

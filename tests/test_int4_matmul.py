@@ -156,9 +156,9 @@ def test_quantized_weight_helpers():
 @pytest.mark.parametrize("sms", [1, 78, 132])
 def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
     """The C++ side refuses a split count that its even division of iterations would not reproduce."""
-    from kernels.int4_matmul import cuda_splits
+    from kernels.int4_matmul import cuda_iterations, cuda_splits
 
-    iters = -(-(k // 32) // 4)
+    iters = cuda_iterations(k)
     splits = cuda_splits(n, k, sms)
     per = -(-iters // splits)
     assert 1 <= splits <= iters and -(-iters // per) == splits
@@ -192,3 +192,5 @@ def test_cuda_entry_points_check_arguments_before_touching_a_device():
         call(splits=2)
     assert ext.int4_matmul_cuda(4096, 4096, 0, 0, 0, 0, 0, 0, 17, 64, 256, 128, 256, 64, bf16, True, 1, 0, 0) \
         .startswith("ValueError: x: the CUDA int4 kernel takes at most 16 rows")  # returned, never thrown
+    # The dispatcher's row limit is the kernel's.
+    assert ext.int4_matmul_max_rows_cuda() == im.CUDA_MMA_MAX_ROWS

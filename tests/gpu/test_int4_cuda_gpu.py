@@ -9,7 +9,7 @@ import torch
 import kernels
 import kernels.int4_matmul  # noqa: F401
 from kernels import _dispatch
-from kernels.int4_matmul import cuda_splits, dequantize, quantize_int4, quantize_nf4
+from kernels.int4_matmul import cuda_iterations, cuda_splits, dequantize, quantize_int4, quantize_nf4
 
 pytestmark = pytest.mark.gpu
 mod = sys.modules["kernels.int4_matmul"]
@@ -82,7 +82,7 @@ def test_split_k_is_deterministic_and_matches_one_split(m, shape):
     qw, w = _weight("int4", n, k, _group(k))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ext = _dispatch.ext()
-    iters = -(-(k // 32) // 4)
+    iters = cuda_iterations(k)
 
     def run(splits):
         y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
