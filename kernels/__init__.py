@@ -21,6 +21,12 @@ from .int4_matmul import (
 )
 from .linear import linear, linear_reference
 from .rms_norm import rms_norm, rms_norm_reference
+from .rope_attention import (
+    rope_attention,
+    rope_attention_reference,
+    rope_decode_attention,
+    rope_decode_attention_reference,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,6 +43,10 @@ __all__ = [
     "quantize_int4",
     "quantize_nf4",
     "rms_norm_reference",
+    "rope_attention",
+    "rope_attention_reference",
+    "rope_decode_attention",
+    "rope_decode_attention_reference",
     "use_backend",
 ]
 

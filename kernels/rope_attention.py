@@ -1,0 +1,466 @@
+"""Attention with the rotary embedding fused in: training (forward + backward) and decoding.
+
+    rope_attention(q, k, v, cos, sin, causal=True, softmax_scale=None, dropout_p=0.0,
+                   dropout_seed=None, cu_seqlens=None, max_seqlen=None)
+    rope_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin,
+                          softmax_scale=None, check_bounds=True)
+
+Layouts are the ones that come out of the projections, with no transposes: q (B, S, H, D), k and
+v (B, S, Hkv, D), H a multiple of Hkv (GQA/MQA). Packed sequences drop the batch dim, (tokens, H,
+D), and pass `cu_seqlens` (B + 1,) int32 offsets: tokens of one sequence attend only to each
+other, and each sequence's positions restart at 0. cos and sin are (positions, D/2) tables
+(llama.model.rope_tables); RoPE is half-split (element i pairs with i + D/2), the model's
+convention.
+
+Backends: Triton for fp16/bf16 CUDA tensors (kernels/triton/rope_attention.py), plus a CUDA
+decode kernel (csrc/cuda/rope_decode.cu); fp32, CPU tensors and anything a kernel cannot take go
+to the reference below, which computes in fp32.
+
+Dropout inside the kernel is reproducible: the keep mask is a counter-based hash of
+(dropout_seed, head, query token, key index), the same in every backend (see `dropout_keep`), so
+a seed gives the same mask on CPU and GPU and in the backward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- reference
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE in fp32 (fp64 for fp64 x): x (..., D) with cos/sin broadcastable to (..., D/2)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = x.shape[-1] // 2
+    xf = x.to(compute)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    cos, sin = cos.to(compute), sin.to(compute)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    mask = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & mask
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & mask
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, dropout_p: float, heads: int, total_tokens: int, tokens: torch.Tensor,
+                 n_keys: int) -> torch.Tensor:
+    """The dropout mask every backend uses: (heads, len(tokens), n_keys) booleans, True = kept.
+
+    Query row r = head * total_tokens + token (token: its index in the flattened (B*S) or packed
+    layout), key column n (its index within the sequence):
+    keep = mix(mix(r ^ seed) + n * 0x9E3779B9) >= round(p * 2**32), all in uint32.
+    """
+    mask = 0xFFFFFFFF
+    threshold = min(int(round(dropout_p * 2**32)), mask)
+    seed = seed & 0x7FFFFFFF
+    h = torch.arange(heads, device=tokens.device, dtype=torch.int64)
+    rows = (h[:, None] * total_tokens + tokens.to(torch.int64)[None, :]) & mask
+    row_keys = _mix32(rows ^ seed)
+    cols = (torch.arange(n_keys, device=tokens.device, dtype=torch.int64) * 0x9E3779B9) & mask
+    return _mix32((row_keys[:, :, None] + cols[None, None, :]) & mask) >= threshold
+
+
+def _attend(q, k, v, causal, scale, dropout_p, seed, total, tokens):
+    """One sequence: q (S, H, D), k/v (S, Hkv, D), already rotated, compute dtype."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, S, D)
+    if dropout_p == 0:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
+    else:
+        scores = (qh @ kh.transpose(-1, -2)) * scale
+        if causal:
+            s = q.shape[0]
+            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        keep = dropout_keep(seed, dropout_p, heads, total, tokens, k.shape[0])
+        out = (p * keep / (1.0 - dropout_p)) @ vh
+    return out.transpose(0, 1)
+
+
+def rope_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    causal: bool = True, softmax_scale: Optional[float] = None, dropout_p: float = 0.0, *,
+    dropout_seed: int = 0, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
+    """The oracle and the torch backend: RoPE, then attention, in fp32 (fp64 for fp64 inputs),
+    differentiable by autograd; the result has q's dtype. Same arguments as rope_attention."""
+    del max_seqlen  # the reference walks the segments itself
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        b, s = q.shape[:2]
+        qr = rotate(q, cos[:s, None], sin[:s, None])
+        kr = rotate(k, cos[:s, None], sin[:s, None])
+        vf = v.to(compute)
+        outs = []
+        for i in range(b):
+            tokens = torch.arange(i * s, (i + 1) * s, device=q.device)
+            outs.append(_attend(qr[i], kr[i], vf[i], causal, scale, dropout_p, dropout_seed, b * s, tokens))
+        return torch.stack(outs).to(q.dtype)
+    offsets = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        n = end - start
+        qr = rotate(q[start:end], cos[:n, None], sin[:n, None])
+        kr = rotate(k[start:end], cos[:n, None], sin[:n, None])
+        tokens = torch.arange(start, end, device=q.device)
+        outs.append(_attend(qr, kr, v[start:end].to(compute), causal, scale, dropout_p, dropout_seed, q.shape[0], tokens))
+    return torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
+
+
+def rope_decode_attention_reference(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The decode oracle and torch backend, with the op's side effect: rotates q and k_new at
+    position L = cache_seqlens[b], writes the rotated key and the value into slot L of the caches,
+    then attends over slots 0..L in fp32. Graph-capturable (no host sync)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    b, heads = q.shape[0], q.shape[2]
+    lengths = cache_seqlens.to(torch.long)
+    c, s = cos[lengths][:, None, None], sin[lengths][:, None, None]  # (B, 1, 1, D/2)
+    qr = rotate(q, c, s)
+    kr = rotate(k_new, c, s)
+    rows = torch.arange(b, device=q.device)
+    k_cache[rows, lengths] = kr[:, 0].to(k_cache.dtype)
+    v_cache[rows, lengths] = v_new[:, 0].to(v_cache.dtype)
+    slots = torch.arange(k_cache.shape[1], device=q.device)
+    mask = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, capacity)
+    out = F.scaled_dot_product_attention(
+        qr.transpose(1, 2), k_cache.transpose(1, 2).to(compute), v_cache.transpose(1, 2).to(compute),
+        attn_mask=mask, scale=scale, enable_gqa=heads != k_cache.shape[2],
+    )
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- checks
+def _is_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_tables(cos, sin, head_dim: int, needed: Optional[int], device) -> None:
+    for name, t in (("cos", cos), ("sin", sin)):
+        _is_tensor(name, t)
+        if t.dim() != 2 or t.shape[1] != head_dim // 2:
+            raise ValueError(f"{name}: expected shape (positions, {head_dim // 2}) for head dim {head_dim}, "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point table, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"sin: shape {tuple(sin.shape)} differs from cos {tuple(cos.shape)}")
+    if needed is not None and cos.shape[0] < needed:
+        raise ValueError(f"cos: has {cos.shape[0]} positions but the sequences need {needed}")
+
+
+def _check_qkv(q, k, v, packed: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _is_tensor(name, t)
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+        want = 3 if packed else 4
+        if t.dim() != want:
+            layout = "(tokens, heads, head_dim) with cu_seqlens" if packed else "(batch, seq, heads, head_dim)"
+            raise ValueError(f"{name}: expected {want} dims {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
+        if t.shape[:-2] != q.shape[:-2]:
+            raise ValueError(f"{name}: leading dims {tuple(t.shape[:-2])} differ from q's {tuple(q.shape[:-2])}")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"k, v: head dims {k.shape[-1]}, {v.shape[-1]} must equal q's head dim {d}")
+    if d % 2 or d == 0:
+        raise ValueError(f"q: head dim must be even for RoPE, got {d}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"v: has {v.shape[-2]} heads but k has {k.shape[-2]}")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"k: q's {q.shape[-2]} heads must be a multiple of k's {k.shape[-2]} (GQA)")
+
+
+def _check_cu_seqlens(cu_seqlens, q) -> None:
+    _is_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor of batch + 1 offsets, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens: is on {cu_seqlens.device} but q is on {q.device}")
+
+
+def _check_scalars(causal, softmax_scale, dropout_p) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tables with one shared, contiguous layout (the kernels take one row stride)."""
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _kernel_unsupported(q: torch.Tensor) -> Optional[str]:
+    if q.dtype not in KERNEL_DTYPES:
+        return f"{q.dtype} goes through the fp32 reference"
+    if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 16:
+        return f"head dim {q.shape[-1]} is outside the kernels' 16..{MAX_HEAD_DIM}"
+    return None
+
+
+# ----------------------------------------------------------------------------- training op
+def _lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, int]:
+    tokens = q.shape[0] if packed else q.shape[0] * q.shape[1]
+    return q.shape[-2], tokens
+
+
+@torch.library.custom_op("kernels::rope_attention_fwd", mutates_args=())
+def rope_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool, softmax_scale: float,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out like q, lse (H, tokens) fp32: the natural-log logsumexp of each query row)."""
+    from .triton import rope_attention as tri
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32, device=q.device)
+    if q.numel():
+        tri.forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed)
+    return out, lse
+
+
+@rope_attention_fwd.register_fake
+def _(q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        _lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::rope_attention_bwd", mutates_args=())
+def rope_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+    max_seqlen: int, causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv), gradients w.r.t. the unrotated q and k."""
+    from .triton import rope_attention as tri
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel():
+        do = _last_contiguous(grad_out.to(q.dtype))
+        tri.backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen, causal,
+                     softmax_scale, dropout_p, seed)
+    return dq, dk, dv
+
+
+@rope_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin, cu_seqlens)
+    ctx.args = (max_seqlen, causal, scale, dropout_p, seed)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = rope_attention_bwd(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+rope_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rope_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    causal: bool = True, softmax_scale: Optional[float] = None, dropout_p: float = 0.0, *,
+    dropout_seed: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
+    """softmax(scale * rope(q) rope(k)^T [+ causal mask]) v, with RoPE applied inside the kernel.
+
+    q (B, S, H, D), k and v (B, S, Hkv, D); or, with `cu_seqlens` (B + 1,) int32, packed
+    (tokens, H, D) and (tokens, Hkv, D). cos, sin: (positions, D/2) tables covering S (or the
+    longest packed sequence, `max_seqlen`, computed with a host sync when omitted). Returns q's
+    shape and dtype; differentiable in q, k and v. `softmax_scale` defaults to 1/sqrt(D).
+    `dropout_p` > 0 drops attention weights with a mask fixed by `dropout_seed` (drawn from torch's
+    generator when None). fp16/bf16 CUDA tensors run the Triton kernels; fp32 and CPU tensors the
+    fp32 reference.
+    """
+    packed = cu_seqlens is not None
+    _check_qkv(q, k, v, packed)
+    _check_scalars(causal, softmax_scale, dropout_p)
+    if packed:
+        _check_cu_seqlens(cu_seqlens, q)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        elif not (isinstance(max_seqlen, int) and max_seqlen >= 0):
+            raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
+    else:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen: only meaningful with cu_seqlens (packed sequences)")
+        max_seqlen = q.shape[1]
+    _check_tables(cos, sin, q.shape[-1], max_seqlen, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_seed is None else int(dropout_seed)
+    backend = _dispatch.choose(
+        "rope_attention", q.device, {"triton": lambda: _kernel_unsupported(q)}, implemented=("triton", "torch"))
+    if backend == "torch":
+        return rope_attention_reference(q, k, v, cos, sin, causal, scale, float(dropout_p), dropout_seed=seed,
+                                        cu_seqlens=cu_seqlens)
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    cos, sin = _tables(cos, sin)
+    return rope_attention_fwd(q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, scale, float(dropout_p), seed)[0]
+
+
+# ----------------------------------------------------------------------------- decode op
+def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optional[str]:
+    reason = _kernel_unsupported(q)
+    if reason:
+        return reason
+    ext = _dispatch.ext()
+    if not hasattr(ext, "rope_decode_attention_cuda"):
+        return "kernels._C has no rope_decode_attention_cuda (rebuild it)"
+    from . import _rope_decode_cuda
+
+    return _rope_decode_cuda.unsupported(q, *tensors)
+
+
+@torch.library.custom_op("kernels::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+def rope_decode_attention_op(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float, backend: str,
+) -> torch.Tensor:
+    """The decode kernels (backend "triton" or "cuda"); writes slot cache_seqlens[b] of the caches."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    sms = 4 if not q.is_cuda else _dispatch.sm_count(q.device)
+    if backend == "cuda":
+        from . import _rope_decode_cuda
+
+        splits = _rope_decode_cuda.splits_for(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms)
+        _rope_decode_cuda.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale,
+                                 splits)
+    else:
+        from .triton import rope_attention as tri
+
+        splits = tri.decode_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms)
+        tri.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale, splits)
+    return out
+
+
+@rope_decode_attention_op.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _is_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
+    b, s, heads, d = q.shape
+    if s != 1:
+        raise ValueError(f"q: expected one new token per sequence, shape (batch, 1, heads, head_dim), got {tuple(q.shape)}")
+    if d % 2:
+        raise ValueError(f"q: head dim must be even for RoPE, got {d}")
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or kv_heads == 0:
+        raise ValueError(f"k_cache: expected shape ({b}, capacity, kv_heads, {d}), got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("v_cache: k_cache and v_cache must share one layout with a contiguous last dim")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(t.shape) != (b, 1, kv_heads, d):
+            raise ValueError(f"{name}: expected shape ({b}, 1, {kv_heads}, {d}), got {tuple(t.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"k_cache: q's {heads} heads must be a multiple of the cache's {kv_heads} (GQA)")
+    _is_tensor("cache_seqlens", cache_seqlens)
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"cache_seqlens: expected an int32 or int64 tensor of shape ({b},), got "
+                         f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: is on {cache_seqlens.device} but q is on {q.device}")
+
+
+def rope_decode_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: Optional[float] = None,
+    check_bounds: bool = True,
+) -> torch.Tensor:
+    """One decoding step of attention for a batch of sequences of different lengths.
+
+    q (B, 1, H, D), k_new and v_new (B, 1, Hkv, D): the new token's projections. k_cache and
+    v_cache (B, capacity, Hkv, D), in q's dtype. cache_seqlens (B,) int32/int64: positions already
+    cached, L_b. Rotates q and k_new at position L_b (cos/sin tables of (positions, D/2)), writes
+    the rotated key and the value into slot L_b of the caches in place (cache_seqlens is not
+    advanced), and returns attention over slots 0..L_b, (B, 1, H, D). Split-K over the cache
+    (flash-decoding), CUDA or Triton; the reference for fp32 and CPU.
+
+    `check_bounds` verifies on the host that every L_b < capacity and < positions (a device sync;
+    skipped while capturing a CUDA graph or compiling). Without the check, a length out of range
+    gives NaN for that sequence and no cache write in the kernels.
+    """
+    _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens)
+    _check_tables(cos, sin, q.shape[-1], None, q.device)
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if check_bounds and q.shape[0] and not torch.compiler.is_compiling() and not (
+            q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        limit = min(k_cache.shape[1], cos.shape[0])
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"cache_seqlens: lengths must be in [0, {limit - 1}] (capacity {k_cache.shape[1]}, "
+                             f"{cos.shape[0]} table positions), got [{lo}, {hi}]")
+    checks = {"triton": lambda: _kernel_unsupported(q),
+              "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache)}
+    backend = _dispatch.choose("rope_decode_attention", q.device, checks, implemented=("cuda", "triton", "torch"))
+    if backend == "torch":
+        return rope_decode_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale)
+    q, k_new, v_new = _last_contiguous(q), _last_contiguous(k_new), _last_contiguous(v_new)
+    cos, sin = _tables(cos, sin)
+    return rope_decode_attention_op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale, backend)

@@ -1,0 +1,681 @@
+"""Triton kernels for attention with the rotary embedding applied inside (see kernels/rope_attention.py).
+
+Layout: q (tokens, H, D) and k, v (tokens, Hkv, D) addressed through strides, so the dense
+(B, S, H, D) form and the packed varlen form (cu_seqlens) share every kernel. RoPE is half-split:
+a head vector is held as two halves x1 = x[:D/2], x2 = x[D/2:] (each padded to HPAD, a power of
+two), rotated in fp32 as (x1 c - x2 s, x2 c + x1 s) and rounded to the input dtype, so the scores
+are two tl.dot's of width D/2. Rotated q and k never leave registers.
+
+* Forward: one program per (query block, batch * head); online softmax in base 2 with the
+  softmax scale * log2(e) folded into the rotated q; saves the logsumexp (natural log, fp32).
+* Backward: a dQ kernel (one program per query block and head) that also computes
+  delta = rowsum(dO * O) and stores it, then a dK/dV kernel (one program per key block and kv
+  head) that loops over the query heads of its GQA group, so dK and dV need no atomics. dQ and dK
+  are rotated back (the transpose of the rotation) before they are stored.
+* Dropout: keep(row, col) comes from a counter-based hash of (seed, head, query token, key
+  index), recomputed in the backward; `dropout_keep_reference` in kernels/rope_attention.py is
+  the same hash in PyTorch, so tests compare against the exact mask.
+* Decode: flash-decoding over a KV cache, see `decode`.
+
+Causal masking is only evaluated on the blocks that cross the diagonal; ragged ends are masked on
+the last block only. Under TRITON_INTERPRET=1 every kernel runs with one small configuration.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def half_pad(head_dim: int) -> int:
+    """Width of a half head vector in the kernels: D/2 rounded up to a power of two, >= 16."""
+    return max(16, triton.next_power_of_2(head_dim // 2))
+
+
+# ----------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _mix32(x):
+    """murmur3's 32-bit finalizer (x uint32)."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _row_keys(seed, row_base, offs_m):
+    """Per query row: mix(seed ^ (h * T + token)), the first half of the dropout hash, where
+    row_base = h * T + the sequence's first token."""
+    r = (row_base + offs_m).to(tl.uint32)
+    return _mix32(r ^ seed)
+
+
+@triton.jit
+def _keep(row_keys, offs_n, threshold):
+    """(M, N) boolean: keep when mix(row_key + n * golden) >= threshold (uint32)."""
+    cols = offs_n.to(tl.uint32) * 0x9E3779B9
+    h = _mix32(row_keys[:, None] + cols[None, :])
+    return h >= threshold
+
+
+@triton.jit
+def _keep_t(seed, row_base, offs_m, offs_n, threshold):
+    """_keep transposed, (N, M), for query rows offs_m."""
+    r = _row_keys(seed, row_base, offs_m)
+    cols = offs_n.to(tl.uint32) * 0x9E3779B9
+    return _mix32(r[None, :] + cols[:, None]) >= threshold
+
+
+@triton.jit
+def _load_rotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos, HALF: tl.constexpr,
+                  HPAD: tl.constexpr, scale, MASK_S: tl.constexpr):
+    """Rows offs_s of a head (D contiguous): the rotated halves (x1 c - x2 s, x2 c + x1 s) * scale,
+    in fp32, for table positions pos."""
+    ptr = base + offs_s[:, None] * stride_s + offs_d[None, :]
+    cptr = pos[:, None] * stride_c + offs_d[None, :]
+    if MASK_S or HALF != HPAD:
+        if MASK_S:
+            m = s_ok[:, None] & (offs_d[None, :] < HALF)
+        else:
+            m = (offs_s[:, None] >= 0) & (offs_d[None, :] < HALF)
+        x1 = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + HALF, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(COS + cptr, mask=m, other=0.0)
+        s = tl.load(SIN + cptr, mask=m, other=0.0)
+    else:
+        x1 = tl.load(ptr).to(tl.float32)
+        x2 = tl.load(ptr + HALF).to(tl.float32)
+        c = tl.load(COS + cptr)
+        s = tl.load(SIN + cptr)
+    return (x1 * c - x2 * s) * scale, (x2 * c + x1 * s) * scale
+
+
+@triton.jit
+def _store_unrotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos, g1, g2,
+                     HALF: tl.constexpr):
+    """Store the gradient w.r.t. the unrotated vector, given (g1, g2) w.r.t. the rotated one:
+    the transpose of the rotation, (g1 c + g2 s, g2 c - g1 s)."""
+    d_ok = offs_d < HALF
+    m = s_ok[:, None] & d_ok[None, :]
+    cptr = pos[:, None] * stride_c + offs_d[None, :]
+    c = tl.load(COS + cptr, mask=m, other=0.0)
+    s = tl.load(SIN + cptr, mask=m, other=0.0)
+    ptr = base + offs_s[:, None] * stride_s + offs_d[None, :]
+    tl.store(ptr, (g1 * c + g2 * s).to(base.dtype.element_ty), mask=m)
+    tl.store(ptr + HALF, (g2 * c - g1 * s).to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _segment(CU, b, S, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        return start, tl.load(CU + b + 1) - start
+    return b * S, S
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+               lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
+               HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    dtype = q1.dtype
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen
+        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
+                               1.0, BOUNDS_MASK)
+        qk = tl.dot(q1, tl.trans(k1.to(dtype))) + tl.dot(q2, tl.trans(k2.to(dtype)))
+        if CAUSAL_MASK:
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        if BOUNDS_MASK:
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(row_keys, offs_n, threshold), p * drop_scale, 0.0)
+        v_mask = offs_dv[None, :] < HEAD_DIM
+        if BOUNDS_MASK:
+            v_mask = v_mask & n_ok[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    Q, K, V, COS, SIN, O, LSE, CU,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_c, stride_lh,
+    H, GROUP, S, T, qk_scale, seed, threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    row0, seqlen = _segment(CU, b, S, VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    # Dense: row0 = b * S, so batch offsets come from the batch stride (any layout); varlen
+    # tokens are rows of the packed tensor.
+    if VARLEN:
+        q_base = Q + row0.to(tl.int64) * stride_qs + h * stride_qh
+        k_base = K + row0.to(tl.int64) * stride_ks + hk * stride_kh
+        v_base = V + row0.to(tl.int64) * stride_vs + hk * stride_vh
+        o_base = O + row0.to(tl.int64) * stride_os + h * stride_oh
+    else:
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+        o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HPAD)
+    offs_dv = tl.arange(0, DPAD)
+    m_ok = offs_m < seqlen
+    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+                           qk_scale, True)
+    dtype = Q.dtype.element_ty
+    q1, q2 = q1.to(dtype), q2.to(dtype)
+    if DROPOUT:
+        row_keys = _row_keys(seed, h * T + row0, offs_m)
+    else:
+        row_keys = offs_m
+
+    acc = tl.zeros([BLOCK_M, DPAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if CAUSAL:
+        diag = pid_m * BLOCK_M  # keys before the block's first query need no mask
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                   stride_c, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+        hi = tl.minimum(diag + BLOCK_M, seqlen)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                   stride_c, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT)
+    else:
+        full = (seqlen // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                   stride_c, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                   stride_c, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT)
+    out = acc / l_i[:, None]
+    o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
+    # Natural-log LSE per (head, token): (m + log2 l) / log2(e).
+    tl.store(LSE + h * stride_lh + row0 + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                  stride_c, lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
+                  HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    dtype = q1.dtype
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen
+        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
+                               1.0, BOUNDS_MASK)
+        k1, k2 = k1.to(dtype), k2.to(dtype)
+        v_mask = offs_dv[None, :] < HEAD_DIM
+        if BOUNDS_MASK:
+            v_mask = v_mask & n_ok[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        p = tl.exp2(qk - lse2[:, None])
+        if CAUSAL_MASK:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_keep(row_keys, offs_n, threshold), dp * drop_scale, 0.0)
+        ds = (p * (dp - delta[:, None])).to(dtype)
+        # Keys past the end were loaded as zeros: their ds multiplies a zero row of k.
+        dq1 += tl.dot(ds, k1)
+        dq2 += tl.dot(ds, k2)
+    return dq1, dq2
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dq_kernel(
+    Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, CU,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_c, stride_lh,
+    H, GROUP, S, T, qk_scale, sm_scale, seed, threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    row0, seqlen = _segment(CU, b, S, VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    if VARLEN:
+        r64 = row0.to(tl.int64)
+        q_base = Q + r64 * stride_qs + h * stride_qh
+        k_base = K + r64 * stride_ks + hk * stride_kh
+        v_base = V + r64 * stride_vs + hk * stride_vh
+        o_base = O + r64 * stride_os + h * stride_oh
+        do_base = DO + r64 * stride_dos + h * stride_doh
+        dq_base = DQ + r64 * stride_dqs + h * stride_dqh
+    else:
+        b64 = b.to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        k_base = K + b64 * stride_kb + hk * stride_kh
+        v_base = V + b64 * stride_vb + hk * stride_vh
+        o_base = O + b64 * stride_ob + h * stride_oh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HPAD)
+    offs_dv = tl.arange(0, DPAD)
+    m_ok = offs_m < seqlen
+    row_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_dv[None, :], mask=row_mask, other=0.0)
+    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + h * stride_lh + row0 + offs_m, delta, mask=m_ok)
+    lse2 = tl.load(LSE + h * stride_lh + row0 + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+                           qk_scale, True)
+    dtype = Q.dtype.element_ty
+    q1, q2 = q1.to(dtype), q2.to(dtype)
+    if DROPOUT:
+        row_keys = _row_keys(seed, h * T + row0, offs_m)
+    else:
+        row_keys = offs_m
+    dq1 = tl.zeros([BLOCK_M, HPAD], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HPAD], dtype=tl.float32)
+    if CAUSAL:
+        diag = pid_m * BLOCK_M
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
+                                 SIN, stride_c, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+        hi = tl.minimum(diag + BLOCK_M, seqlen)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
+                                 SIN, stride_c, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT)
+    else:
+        full = (seqlen // BLOCK_N) * BLOCK_N
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
+                                 SIN, stride_c, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
+                                 SIN, stride_c, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT)
+    _store_unrotated(dq_base, stride_dqs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m,
+                     dq1 * sm_scale, dq2 * sm_scale, HALF)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, LSE_H, DELTA_H, COS, SIN,
+                    stride_c, lo, hi, seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                    HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """Accumulate over query blocks [lo, hi) of one head. Queries past the end load as zeros
+    (q, dO, delta): they add nothing to dK or dV."""
+    dtype = k1.dtype
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen
+        q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+                               qk_scale, True)
+        q1, q2 = q1.to(dtype), q2.to(dtype)
+        lse2 = tl.load(LSE_H + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA_H + offs_m, mask=m_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM), other=0.0)
+        qk_t = tl.dot(k1, tl.trans(q1)) + tl.dot(k2, tl.trans(q2))  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(qk_t - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep_t = _keep_t(seed, row_base, offs_m, offs_n, threshold)
+            dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(dtype), do)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(dtype), do)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        dk1 += tl.dot(ds_t, q1)
+        dk2 += tl.dot(ds_t, q2)
+    return dk1, dk2, dv
+
+
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dkdv_kernel(
+    Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, CU,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_c, stride_lh,
+    H, GROUP, S, T, qk_scale, seed, threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    n_kv = H // GROUP
+    b = bhk // n_kv
+    hk = bhk % n_kv
+    row0, seqlen = _segment(CU, b, S, VARLEN)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    if VARLEN:
+        r64 = row0.to(tl.int64)
+        q_b = Q + r64 * stride_qs
+        do_b = DO + r64 * stride_dos
+        k_base = K + r64 * stride_ks + hk * stride_kh
+        v_base = V + r64 * stride_vs + hk * stride_vh
+        dk_base = DK + r64 * stride_dks + hk * stride_dkh
+        dv_base = DV + r64 * stride_dvs + hk * stride_dvh
+    else:
+        b64 = b.to(tl.int64)
+        q_b = Q + b64 * stride_qb
+        do_b = DO + b64 * stride_dob
+        k_base = K + b64 * stride_kb + hk * stride_kh
+        v_base = V + b64 * stride_vb + hk * stride_vh
+        dk_base = DK + b64 * stride_dkb + hk * stride_dkh
+        dv_base = DV + b64 * stride_dvb + hk * stride_dvh
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HPAD)
+    offs_dv = tl.arange(0, DPAD)
+    n_ok = offs_n < seqlen
+    dtype = Q.dtype.element_ty
+    k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD, 1.0, True)
+    k1, k2 = k1.to(dtype), k2.to(dtype)
+    row_mask = n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=row_mask, other=0.0)
+    dk1 = tl.zeros([BLOCK_N, HPAD], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HPAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DPAD], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = q_b + h * stride_qh
+        do_base = do_b + h * stride_doh
+        lse_h = LSE + h * stride_lh + row0
+        delta_h = DELTA + h * stride_lh + row0
+        row_base = h * T + row0
+        if CAUSAL:
+            lo = pid_n * BLOCK_N  # earlier queries do not see these keys
+            dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
+                                           delta_h, COS, SIN, stride_c, lo, tl.minimum(lo + BLOCK_N, seqlen), seqlen,
+                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, True, DROPOUT)
+            dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
+                                           delta_h, COS, SIN, stride_c, lo + BLOCK_N, seqlen, seqlen,
+                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT)
+        else:
+            dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
+                                           delta_h, COS, SIN, stride_c, 0, seqlen, seqlen,
+                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT)
+    # ds was taken against q * scale * log2(e): dk = scale * ds^T q = ln(2) * ds^T (q * scale * log2 e).
+    ln2 = 0.6931471805599453
+    _store_unrotated(dk_base, stride_dks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, dk1 * ln2, dk2 * ln2,
+                     HALF)
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------- decode
+@triton.jit
+def _decode_kernel(
+    Q, KN, VN, KC, VC, LENS, COS, SIN, PM, PL, PACC,
+    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_cs, stride_ch,
+    stride_vcb, stride_vcs, stride_vch, stride_c,
+    H, GROUP, capacity, table_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """Program (b, kv head, split): the GQA group's queries against one chunk of cache slots
+    [0, L). The last split also takes the new key and value from registers and writes them to
+    slot L, which no program reads from memory, so there is no race."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    L = tl.load(LENS + b).to(tl.int32)
+    valid = (L >= 0) & (L < capacity) & (L < table_len)
+    L = tl.where(valid, L, 0)
+    b64 = b.to(tl.int64)
+    dtype = Q.dtype.element_ty
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HPAD)
+    offs_dv = tl.arange(0, DPAD)
+    d_ok = offs_d < HALF
+    dv_ok = offs_dv < HEAD_DIM
+    g_ok = offs_g < GROUP
+    heads = hk * GROUP + offs_g
+    q1, q2 = _load_rotated(Q + b64 * stride_qb, stride_qh, heads, offs_d, g_ok, COS, SIN, stride_c,
+                           L + offs_g * 0, HALF, HPAD, qk_scale, True)
+    q1, q2 = q1.to(dtype), q2.to(dtype)
+
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, L)
+    k_base = KC + b64 * stride_cb + hk * stride_ch
+    v_base = VC + b64 * stride_vcb + hk * stride_vch
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, DPAD], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        kp = k_base + offs_n[:, None].to(tl.int64) * stride_cs + offs_d[None, :]
+        k1 = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k2 = tl.load(kp + HALF, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vcs + offs_dv[None, :],
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        m_i = m_new
+
+    if split == SPLITS - 1:
+        kn = KN + b64 * stride_knb + hk * stride_knh
+        c = tl.load(COS + L * stride_c + offs_d, mask=d_ok, other=0.0)
+        s = tl.load(SIN + L * stride_c + offs_d, mask=d_ok, other=0.0)
+        x1 = tl.load(kn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(kn + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        r1 = (x1 * c - x2 * s).to(KC.dtype.element_ty)
+        r2 = (x2 * c + x1 * s).to(KC.dtype.element_ty)
+        vn = tl.load(VN + b64 * stride_vnb + hk * stride_vnh + offs_dv, mask=dv_ok, other=0.0)
+        score = tl.sum(q1.to(tl.float32) * r1.to(tl.float32)[None, :], 1) + \
+            tl.sum(q2.to(tl.float32) * r2.to(tl.float32)[None, :], 1)
+        m_new = tl.maximum(m_i, score)
+        p = tl.exp2(score - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * vn.to(VC.dtype.element_ty).to(tl.float32)[None, :]
+        m_i = m_new
+        slot_k = KC + b64 * stride_cb + L.to(tl.int64) * stride_cs + hk * stride_ch
+        slot_v = VC + b64 * stride_vcb + L.to(tl.int64) * stride_vcs + hk * stride_vch
+        # An out-of-range length writes nothing (the bounds collapse to 0).
+        half_w = tl.where(valid, HALF, 0)
+        tl.store(slot_k + offs_d, r1, mask=offs_d < half_w)
+        tl.store(slot_k + HALF + offs_d, r2, mask=offs_d < half_w)
+        tl.store(slot_v + offs_dv, vn.to(VC.dtype.element_ty), mask=offs_dv < tl.where(valid, HEAD_DIM, 0))
+
+    part = (b64 * H + heads) * SPLITS + split
+    tl.store(PM + part, m_i, mask=g_ok)
+    tl.store(PL + part, l_i, mask=g_ok)
+    tl.store(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(PM, PL, PACC, LENS, O, stride_ob, stride_oh, H, capacity, table_len,
+                           HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, SPLITS: tl.constexpr,
+                           SPLITS_PAD: tl.constexpr):
+    """Program (b, head): merge the splits' (max, sum, acc) in a fixed order; NaN for a sequence
+    whose length was out of range."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    L = tl.load(LENS + b).to(tl.int32)
+    valid = (L >= 0) & (L < capacity) & (L < table_len)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_dv = tl.arange(0, DPAD)
+    s_ok = offs_s < SPLITS
+    dv_ok = offs_dv < HEAD_DIM
+    part = (b.to(tl.int64) * H + h) * SPLITS + offs_s
+    m = tl.load(PM + part, mask=s_ok, other=float("-inf"))
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(w * tl.load(PL + part, mask=s_ok, other=0.0), 0)
+    acc = tl.load(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / l_sum
+    out = tl.where(valid, out, float("nan"))
+    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_dv, out.to(O.dtype.element_ty), mask=dv_ok)
+
+
+# ----------------------------------------------------------------------------- launch configurations
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket, fixed (no autotuning: launches stay
+# cheap and every config is compiled once). Causal masking needs BLOCK_M % BLOCK_N == 0 in the
+# forward and dQ kernels, and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
+FWD_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+DQ_CONFIGS = {64: (128, 32, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)}
+DKDV_CONFIGS = {64: (32, 128, 4, 3), 128: (32, 128, 8, 3), 256: (32, 64, 8, 2)}
+_INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+
+
+def _config(kind: str, head_dim: int) -> tuple[int, int, int, int]:
+    if _INTERPRET:
+        return _INTERPRETER_CONFIGS[kind]
+    table = {"fwd": FWD_CONFIGS, "dq": DQ_CONFIGS, "dkdv": DKDV_CONFIGS}[kind]
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return table[bucket]
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides in elements; the batch stride is unused for varlen."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q, k, cu_seqlens, max_seqlen):
+    varlen = cu_seqlens is not None
+    if varlen:
+        batch, seq, total = cu_seqlens.numel() - 1, max_seqlen, q.shape[0]
+    else:
+        batch, seq = q.shape[0], q.shape[1]
+        total = batch * seq
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    group = heads // k.shape[-2]
+    cu = cu_seqlens if varlen else q  # unused pointer when dense
+    return varlen, batch, seq, total, heads, head_dim, group, cu
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    if dropout_p <= 0:
+        return 0, 0, 1.0
+    threshold = min(int(round(dropout_p * 2**32)), 2**32 - 1)
+    return seed & 0x7FFFFFFF, threshold, 1.0 / (1.0 - dropout_p)
+
+
+def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
+    """out (like q) and lse (H, tokens) fp32 are preallocated."""
+    varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
+    seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    block_m, block_n, warps, stages = _config("fwd", head_dim)
+    grid = (triton.cdiv(seq, block_m), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, cos, sin, out, lse, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        cos.stride(0), lse.stride(0),
+        heads, group, seq, total, softmax_scale * LOG2E, seed, threshold, drop_scale,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HPAD=half_pad(head_dim), DPAD=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen, causal, softmax_scale,
+             dropout_p, seed):
+    """dq, dk, dv (like q, k, v) are preallocated; delta is a workspace like lse."""
+    varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
+    seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    delta = torch.empty_like(lse)
+    half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
+    block_m, block_n, warps, stages = _config("dq", head_dim)
+    _bwd_dq_kernel[(triton.cdiv(seq, block_m), batch * heads)](
+        q, k, v, cos, sin, out, do, lse, delta, dq, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *_strides3(do, varlen), *_strides3(dq, varlen), cos.stride(0), lse.stride(0),
+        heads, group, seq, total, softmax_scale * LOG2E, softmax_scale, seed, threshold, drop_scale,
+        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
+    )
+    block_m, block_n, warps, stages = _config("dkdv", head_dim)
+    _bwd_dkdv_kernel[(triton.cdiv(seq, block_n), batch * (heads // group))](
+        q, k, v, cos, sin, do, lse, delta, dk, dv, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
+        *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen), cos.stride(0), lse.stride(0),
+        heads, group, seq, total, softmax_scale * LOG2E, seed, threshold, drop_scale,
+        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
+    )
+
+
+DECODE_BLOCK_N = 64
+
+
+@functools.lru_cache(maxsize=None)
+def decode_splits(batch: int, kv_heads: int, capacity: int, sm_count: int) -> int:
+    """Splits of the cache per (sequence, kv head): about two waves of programs, each taking at
+    least two blocks of keys at full capacity. Fixed by the shapes, so a captured graph stays valid."""
+    want = triton.cdiv(2 * sm_count, batch * kv_heads)
+    most = max(1, capacity // (2 * DECODE_BLOCK_N))
+    return max(1, min(want, most, 128))
+
+
+def decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, softmax_scale, splits):
+    """q (B, 1, H, D), k_new/v_new (B, 1, Hkv, D), caches (B, capacity, Hkv, D); out like q."""
+    batch, _, heads, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    partial_m = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    partial_l = torch.empty_like(partial_m)
+    partial_acc = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
+    block_n = 16 if _INTERPRET else (DECODE_BLOCK_N if head_dim <= 128 else 32)
+    _decode_kernel[(batch, kv_heads, splits)](
+        q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, partial_m, partial_l, partial_acc,
+        q.stride(0), q.stride(2), k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), cos.stride(0),
+        heads, group, capacity, cos.shape[0], softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, G_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, SPLITS=splits, num_warps=4, num_stages=2,
+    )
+    _decode_combine_kernel[(batch, heads)](
+        partial_m, partial_l, partial_acc, seqlens, out, out.stride(0), out.stride(2), heads, capacity,
+        cos.shape[0], HEAD_DIM=head_dim, DPAD=dpad, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+    )
