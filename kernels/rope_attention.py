@@ -75,23 +75,22 @@ def dropout_keep(seed: int, dropout_p: float, heads: int, total_tokens: int, tok
 
 
 def _attend(q, k, v, causal, scale, dropout_p, seed, total, tokens):
-    """One sequence: q (S, H, D), k/v (S, Hkv, D), already rotated, compute dtype."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    if heads != kv_heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, S, D)
+    """q (B, S, H, D), k/v (B, S, Hkv, D), already rotated, in the compute dtype; tokens (B, S):
+    each query's index in the flattened or packed layout (for the dropout mask)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
     if dropout_p == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
-    else:
-        scores = (qh @ kh.transpose(-1, -2)) * scale
-        if causal:
-            s = q.shape[0]
-            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        keep = dropout_keep(seed, dropout_p, heads, total, tokens, k.shape[0])
-        out = (p * keep / (1.0 - dropout_p)) @ vh
-    return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=heads != kv_heads)
+        return out.transpose(1, 2)
+    kh, vh = kh.repeat_interleave(heads // kv_heads, dim=1), vh.repeat_interleave(heads // kv_heads, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    s = q.shape[1]
+    if causal:
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    keep = dropout_keep(seed, dropout_p, heads, total, tokens.reshape(-1), s)  # (H, B*S, S)
+    keep = keep.view(heads, q.shape[0], s, s).transpose(0, 1)
+    return ((p * keep / (1.0 - dropout_p)) @ vh).transpose(1, 2)
 
 
 def rope_attention_reference(
@@ -104,24 +103,21 @@ def rope_attention_reference(
     del max_seqlen  # the reference walks the segments itself
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+    def one(qs, ks, vs, tokens):
+        n = qs.shape[1]
+        qr = rotate(qs, cos[:n, None], sin[:n, None])
+        kr = rotate(ks, cos[:n, None], sin[:n, None])
+        return _attend(qr, kr, vs.to(compute), causal, scale, dropout_p, dropout_seed, total, tokens)
+
     if cu_seqlens is None:
         b, s = q.shape[:2]
-        qr = rotate(q, cos[:s, None], sin[:s, None])
-        kr = rotate(k, cos[:s, None], sin[:s, None])
-        vf = v.to(compute)
-        outs = []
-        for i in range(b):
-            tokens = torch.arange(i * s, (i + 1) * s, device=q.device)
-            outs.append(_attend(qr[i], kr[i], vf[i], causal, scale, dropout_p, dropout_seed, b * s, tokens))
-        return torch.stack(outs).to(q.dtype)
+        total = b * s
+        return one(q, k, v, torch.arange(total, device=q.device).view(b, s)).to(q.dtype)
+    total = q.shape[0]
     offsets = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        n = end - start
-        qr = rotate(q[start:end], cos[:n, None], sin[:n, None])
-        kr = rotate(k[start:end], cos[:n, None], sin[:n, None])
-        tokens = torch.arange(start, end, device=q.device)
-        outs.append(_attend(qr, kr, v[start:end].to(compute), causal, scale, dropout_p, dropout_seed, q.shape[0], tokens))
+    outs = [one(q[a:e][None], k[a:e][None], v[a:e][None], torch.arange(a, e, device=q.device)[None])[0]
+            for a, e in zip(offsets[:-1], offsets[1:])]
     return torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
 
 
@@ -227,12 +223,21 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return cos.float().contiguous(), sin.float().contiguous()
 
 
-def _kernel_unsupported(q: torch.Tensor) -> Optional[str]:
-    if q.dtype not in KERNEL_DTYPES:
-        return f"{q.dtype} goes through the fp32 reference"
-    if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 16:
-        return f"head dim {q.shape[-1]} is outside the kernels' 16..{MAX_HEAD_DIM}"
+def _kernel_unsupported(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    if dtype not in KERNEL_DTYPES:
+        return f"{dtype} goes through the fp32 reference"
+    if head_dim > MAX_HEAD_DIM or head_dim < 16:
+        return f"head dim {head_dim} is outside the kernels' 16..{MAX_HEAD_DIM}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _attention_backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The training op's backend. It depends only on constants, so torch.compile evaluates it
+    once while tracing (the forced-backend context is not traceable) and bakes the answer in."""
+    reason = _kernel_unsupported(dtype, head_dim)
+    return _dispatch.choose("rope_attention", torch.device(device_type), {"triton": lambda: reason},
+                            implemented=("triton", "torch"))
 
 
 # ----------------------------------------------------------------------------- training op
@@ -338,8 +343,7 @@ def rope_attention(
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_seed is None else int(dropout_seed)
-    backend = _dispatch.choose(
-        "rope_attention", q.device, {"triton": lambda: _kernel_unsupported(q)}, implemented=("triton", "torch"))
+    backend = _attention_backend(q.device.type, q.dtype, q.shape[-1])
     if backend == "torch":
         return rope_attention_reference(q, k, v, cos, sin, causal, scale, float(dropout_p), dropout_seed=seed,
                                         cu_seqlens=cu_seqlens)
@@ -350,7 +354,7 @@ def rope_attention(
 
 # ----------------------------------------------------------------------------- decode op
 def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optional[str]:
-    reason = _kernel_unsupported(q)
+    reason = _kernel_unsupported(q.dtype, q.shape[-1])
     if reason:
         return reason
     ext = _dispatch.ext()
@@ -361,16 +365,20 @@ def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optiona
     return _rope_decode_cuda.unsupported(q, *tensors)
 
 
-@torch.library.custom_op("kernels::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
-def rope_decode_attention_op(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float, backend: str,
-) -> torch.Tensor:
-    """The decode kernels (backend "triton" or "cuda"); writes slot cache_seqlens[b] of the caches."""
+def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale: float) -> torch.Tensor:
+    """Choose a backend for these (real) tensors and run it; writes slot L_b of the caches."""
+    checks = {"triton": lambda: _kernel_unsupported(q.dtype, q.shape[-1]),
+              "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache)}
+    backend = _dispatch.choose("rope_decode_attention", q.device, checks, implemented=("cuda", "triton", "torch"))
+    if backend == "torch":
+        return rope_decode_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin,
+                                               softmax_scale)
+    q, k_new, v_new = _last_contiguous(q), _last_contiguous(k_new), _last_contiguous(v_new)
+    cos, sin = _tables(cos, sin)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
-    sms = 4 if not q.is_cuda else _dispatch.sm_count(q.device)
+    sms = _dispatch.sm_count(q.device) if q.is_cuda else 4
     if backend == "cuda":
         from . import _rope_decode_cuda
 
@@ -385,8 +393,17 @@ def rope_decode_attention_op(
     return out
 
 
+@torch.library.custom_op("kernels::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+def rope_decode_attention_op(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
+) -> torch.Tensor:
+    """The decode step as one opaque op for torch.compile (the backend is chosen inside)."""
+    return _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale)
+
+
 @rope_decode_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale, backend):
+def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -456,11 +473,6 @@ def rope_decode_attention(
         if lo < 0 or hi >= limit:
             raise ValueError(f"cache_seqlens: lengths must be in [0, {limit - 1}] (capacity {k_cache.shape[1]}, "
                              f"{cos.shape[0]} table positions), got [{lo}, {hi}]")
-    checks = {"triton": lambda: _kernel_unsupported(q),
-              "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache)}
-    backend = _dispatch.choose("rope_decode_attention", q.device, checks, implemented=("cuda", "triton", "torch"))
-    if backend == "torch":
-        return rope_decode_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale)
-    q, k_new, v_new = _last_contiguous(q), _last_contiguous(k_new), _last_contiguous(v_new)
-    cos, sin = _tables(cos, sin)
-    return rope_decode_attention_op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale, backend)
+    if torch.compiler.is_compiling():
+        return rope_decode_attention_op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale)
+    return _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, scale)  # no custom-op layer

@@ -135,34 +135,40 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attn_dropout = cfg.attn_dropout
 
-    def forward(self, x, cos, sin, cache_kv=None, positions=None):
-        """x: (B, S, dim). Without a cache: causal attention over x, cos/sin (S, D/2).
-        With cache_kv = (k_cache, v_cache) and positions (B, S): cos/sin (B, S, D/2) are the
-        tables at those positions; keys/values are written there and attention reads the cache."""
+    def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
+        """x: (B, S, dim). Three cases:
+
+        * no cache: causal attention over x (kernels.rope_attention: RoPE inside the kernel);
+          cos/sin are the model's tables (positions, D/2).
+        * a cache and `seqlens` (B,) (one new token per sequence): kernels.rope_decode_attention
+          rotates, appends to the cache at seqlens[b] and attends over it; cos/sin the tables.
+        * a cache and `positions` (B, S) (prefill): cos/sin (B, S, D/2) at those positions; keys
+          and values are written there and attention reads the cache under a mask.
+        """
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout = self.attn_dropout if self.training else 0.0
-        gqa = self.n_heads != self.n_kv_heads
         if cache_kv is None:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                dropout_p=dropout, is_causal=True, enable_gqa=gqa,
-            )
-        else:
-            k_cache, v_cache = cache_kv
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
-            k_cache[rows, positions] = k.to(k_cache.dtype)
-            v_cache[rows, positions] = v.to(v_cache.dtype)
-            # Query i of sequence b sees cache slots 0..positions[b, i].
-            slots = torch.arange(k_cache.shape[1], device=x.device)
-            mask = slots[None, None, :] <= positions[:, :, None]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_cache.transpose(1, 2).to(q.dtype), v_cache.transpose(1, 2).to(q.dtype),
-                attn_mask=mask[:, None], dropout_p=dropout, enable_gqa=gqa,
-            )
+            out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
+            return self.wo(out.reshape(b, s, -1))
+        k_cache, v_cache = cache_kv
+        if seqlens is not None:
+            # The model checked the lengths against the cache and the tables already.
+            out = kernels.rope_decode_attention(q, k, v, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
+            return self.wo(out.reshape(b, s, -1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
+        k_cache[rows, positions] = k.to(k_cache.dtype)
+        v_cache[rows, positions] = v.to(v_cache.dtype)
+        # Query i of sequence b sees cache slots 0..positions[b, i].
+        slots = torch.arange(k_cache.shape[1], device=x.device)
+        mask = slots[None, None, :] <= positions[:, :, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache.transpose(1, 2).to(q.dtype), v_cache.transpose(1, 2).to(q.dtype),
+            attn_mask=mask[:, None], dropout_p=dropout, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -192,8 +198,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache_kv=None, positions=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache_kv, positions))
+    def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache_kv, positions, seqlens))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -315,8 +321,8 @@ class Transformer(nn.Module):
                         "set rope_scaling=linear or dynamic to run longer sequences"
                     )
                 self.setup_rope(s)
-            cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-            positions = None
+            cos, sin = self.rope_cos, self.rope_sin
+            positions = seqlens = None
         else:
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
@@ -327,14 +333,18 @@ class Transformer(nn.Module):
                     raise ValueError(f"cache: {needed} positions needed but its capacity is {cache.capacity}")
                 if needed > self.rope_cos.shape[0]:
                     self.setup_rope(needed)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if s == 1 and cache.k[0].dtype == h.dtype:  # decode: the fused op reads the tables itself
+                cos, sin, seqlens = self.rope_cos, self.rope_sin, cache.seqlens
+                positions = None
+            else:
+                cos, sin, seqlens = self.rope_cos[positions], self.rope_sin[positions], None
 
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.gradient_checkpointing and self.training and cache is None:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache_kv, positions)
+                h = layer(h, cos, sin, cache_kv, positions, seqlens)
         h = self.norm(h)
 
         if cache is not None:
