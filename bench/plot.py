@@ -71,6 +71,8 @@ def make_report(paths: list[Path], out_dir: Path) -> list[Path]:
 def _shape_label(case: dict | None) -> str:
     case = case or {}
     if all(isinstance(v, int) for v in case.values()):
+        if case and all(k[:1].isupper() and len(k) <= 3 for k in case):  # dims named B, H, S, D, ...: "B4 H16"
+            return " ".join(f"{k}{v}" for k, v in case.items())
         return "×".join(map(str, case.values()))
     return ", ".join(f"{k}={v}" for k, v in case.items())
 
