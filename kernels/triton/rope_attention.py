@@ -134,7 +134,7 @@ def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS,
         n_ok = offs_n < seqlen
         k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
                                1.0, BOUNDS_MASK)
-        qk = tl.dot(q1, tl.trans(k1.to(dtype))) + tl.dot(q2, tl.trans(k2.to(dtype)))
+        qk = tl.dot(q2, tl.trans(k2.to(dtype)), tl.dot(q1, tl.trans(k1.to(dtype))))
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
         if BOUNDS_MASK:
@@ -149,7 +149,7 @@ def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS,
         if BOUNDS_MASK:
             v_mask = v_mask & n_ok[:, None]
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
 
@@ -240,7 +240,7 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, 
         if BOUNDS_MASK:
             v_mask = v_mask & n_ok[:, None]
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        qk = tl.dot(q2, tl.trans(k2), tl.dot(q1, tl.trans(k1)))
         p = tl.exp2(qk - lse2[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -249,8 +249,8 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, 
             dp = tl.where(_keep(row_keys, offs_n, threshold), dp * drop_scale, 0.0)
         ds = (p * (dp - delta[:, None])).to(dtype)
         # Keys past the end were loaded as zeros: their ds multiplies a zero row of k.
-        dq1 += tl.dot(ds, k1)
-        dq2 += tl.dot(ds, k2)
+        dq1 = tl.dot(ds, k1, dq1)
+        dq2 = tl.dot(ds, k2, dq2)
     return dq1, dq2
 
 
@@ -347,20 +347,20 @@ def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_
         delta = tl.load(DELTA_H + offs_m, mask=m_ok, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
                      mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM), other=0.0)
-        qk_t = tl.dot(k1, tl.trans(q1)) + tl.dot(k2, tl.trans(q2))  # (BLOCK_N, BLOCK_M)
+        qk_t = tl.dot(k2, tl.trans(q2), tl.dot(k1, tl.trans(q1)))  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
             keep_t = _keep_t(seed, row_base, offs_m, offs_n, threshold)
-            dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(dtype), do)
+            dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(dtype), do, dv)
             dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
         else:
-            dv += tl.dot(p_t.to(dtype), do)
+            dv = tl.dot(p_t.to(dtype), do, dv)
         ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
-        dk1 += tl.dot(ds_t, q1)
-        dk2 += tl.dot(ds_t, q2)
+        dk1 = tl.dot(ds_t, q1, dk1)
+        dk2 = tl.dot(ds_t, q2, dk2)
     return dk1, dk2, dv
 
 
@@ -487,7 +487,7 @@ def _decode_kernel(
         kp = k_base + offs_n[:, None].to(tl.int64) * stride_cs + offs_d[None, :]
         k1 = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         k2 = tl.load(kp + HALF, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        qk = tl.dot(q2, tl.trans(k2), tl.dot(q1, tl.trans(k1)))
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -495,7 +495,7 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vcs + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     if split == SPLITS - 1:
