@@ -116,6 +116,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_matmul_cuda", &kernels::cuda::int4_matmul);
   m.def("int4_matmul_max_rows_cuda", &kernels::cuda::int4_matmul_max_rows);
   m.def("int4_dequantize_cuda", &kernels::cuda::int4_dequantize);
+  m.def("rope_decode_attention_cuda", &kernels::cuda::rope_decode_attention);
+  m.def("rope_decode_workspace_elems_cuda", &kernels::cuda::rope_decode_workspace_elems);
 #else
   m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
@@ -123,5 +125,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_matmul_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("int4_matmul_max_rows_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
   m.def("int4_dequantize_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
+  m.def("rope_decode_attention_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
+  m.def("rope_decode_workspace_elems_cuda", [](py::args, py::kwargs) -> int64_t { no_cuda(); });
 #endif
 }

@@ -382,7 +382,7 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     if backend == "cuda":
         from . import _rope_decode_cuda
 
-        splits = _rope_decode_cuda.splits_for(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms)
+        splits = _rope_decode_cuda.splits_for(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms, q.shape[-1])
         _rope_decode_cuda.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale,
                                  splits)
     else:

@@ -2,8 +2,11 @@
 // or "RuntimeError: ...", which kernels/_dispatch.py raises: no C++ exception crosses this
 // module on the GPU path. Throwing from this module segfaulted in one GPU image (gcc 13.3,
 // torch 2.11 and triton 3.6 loaded in the process), before any catch, for reasons not found.
+#include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "common.h"
 #include "cuda/kernels_cuda.h"
@@ -137,6 +140,66 @@ std::string int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros,
   return status_error(launch_int4_dequantize(packed, scales, zeros, lut, w, n, k, group_size, w_dtype,
                                              int4_codes, device, stream),
                       "int4_dequantize");
+}
+
+std::string rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache,
+                                  uintptr_t v_cache, uintptr_t seqlens, uintptr_t cos, uintptr_t sin,
+                                  uintptr_t out, uintptr_t workspace, int64_t workspace_elems, int64_t batch,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                                  int64_t table_len, int64_t q_stride_b, int64_t q_stride_h,
+                                  int64_t knew_stride_b, int64_t knew_stride_h, int64_t vnew_stride_b,
+                                  int64_t vnew_stride_h, int64_t cache_stride_b, int64_t cache_stride_s,
+                                  int64_t cache_stride_h, int64_t out_stride_b, int64_t out_stride_h,
+                                  int64_t table_stride, int dtype, bool seqlens_int64, float softmax_scale,
+                                  int64_t splits, int device, uintptr_t stream) {
+  ENTRY_RETURN_IF_ERROR(check_dtype(dtype, "q"));
+  ENTRY_REQUIRE(dtype == static_cast<int>(DType::F16) || dtype == static_cast<int>(DType::BF16),
+                "q: the CUDA decode attention takes float16 or bfloat16, got "
+                    << dtype_name(static_cast<DType>(dtype)));
+  ENTRY_REQUIRE(head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256,
+                "head_dim: the CUDA decode attention takes 32, 64, 128 or 256, got " << head_dim);
+  ENTRY_REQUIRE(batch >= 0 && batch <= 65535, "batch: expected 0..65535 sequences, got " << batch);
+  ENTRY_REQUIRE(heads >= 1 && heads <= 65535, "heads: expected 1..65535 query heads, got " << heads);
+  ENTRY_REQUIRE(kv_heads >= 1 && heads % kv_heads == 0,
+                "kv_heads: " << kv_heads << " must be positive and divide heads = " << heads);
+  const int64_t head_groups = (heads / kv_heads + 15) / 16;  // blocks of up to 16 query heads
+  ENTRY_REQUIRE(kv_heads * head_groups <= 65535,
+                "kv_heads: " << kv_heads << " kv heads of " << heads / kv_heads << " query heads each are too many");
+  ENTRY_REQUIRE(capacity >= 1 && capacity <= 0x7fffffff, "capacity: expected 1..2^31-1 slots, got " << capacity);
+  ENTRY_REQUIRE(table_len >= 1, "cos: the tables need at least one position, got " << table_len);
+  ENTRY_REQUIRE(table_stride >= head_dim / 2,
+                "cos: row stride " << table_stride << " is shorter than head_dim / 2 = " << head_dim / 2);
+  ENTRY_REQUIRE(k_cache % 16 == 0, "k_cache: must be 16-byte aligned for the CUDA kernel");
+  ENTRY_REQUIRE(v_cache % 16 == 0, "v_cache: must be 16-byte aligned for the CUDA kernel");
+  ENTRY_REQUIRE(cache_stride_b >= 0 && cache_stride_s >= 0 && cache_stride_h >= 0 && cache_stride_b % 8 == 0 &&
+                    cache_stride_s % 8 == 0 && cache_stride_h % 8 == 0,
+                "k_cache: strides must be non-negative multiples of 8 elements, got (" << cache_stride_b << ", "
+                    << cache_stride_s << ", " << cache_stride_h << ")");
+  ENTRY_REQUIRE(q_stride_b >= 0 && q_stride_h >= 0, "q: strides must be non-negative");
+  ENTRY_REQUIRE(knew_stride_b >= 0 && knew_stride_h >= 0, "k_new: strides must be non-negative");
+  ENTRY_REQUIRE(vnew_stride_b >= 0 && vnew_stride_h >= 0, "v_new: strides must be non-negative");
+  ENTRY_REQUIRE(out_stride_b >= 0 && out_stride_h >= 0, "out: strides must be non-negative");
+  ENTRY_REQUIRE(std::isfinite(softmax_scale), "softmax_scale: must be finite, got " << softmax_scale);
+  ENTRY_REQUIRE(splits >= 1 && splits <= 65535, "splits: expected 1..65535, got " << splits);
+  const int64_t need = rope_decode_workspace_elems(batch, heads, head_dim, splits);
+  ENTRY_REQUIRE(need == 0 || (workspace != 0 && workspace % 16 == 0 && workspace_elems >= need),
+                "workspace: needs " << need << " float32 elements (16-byte aligned) for " << splits << " splits, got "
+                                    << workspace_elems);
+  if (batch > 0) {
+    const std::pair<const char*, uintptr_t> pointers[] = {{"q", q}, {"k_new", k_new}, {"v_new", v_new},
+                                                          {"k_cache", k_cache}, {"v_cache", v_cache},
+                                                          {"seqlens", seqlens}, {"cos", cos}, {"sin", sin},
+                                                          {"out", out}};
+    for (const auto& p : pointers) ENTRY_REQUIRE(p.second != 0, p.first << ": null pointer");
+  }
+  ENTRY_REQUIRE(device >= 0, "device: expected a CUDA device ordinal, got " << device);
+  return status_error(
+      launch_rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, workspace, batch,
+                                   heads, kv_heads, head_dim, capacity, table_len, q_stride_b, q_stride_h,
+                                   knew_stride_b, knew_stride_h, vnew_stride_b, vnew_stride_h, cache_stride_b,
+                                   cache_stride_s, cache_stride_h, out_stride_b, out_stride_h, table_stride, dtype,
+                                   seqlens_int64, softmax_scale, splits, device, stream),
+      "rope_decode_attention");
 }
 
 }  // namespace cuda

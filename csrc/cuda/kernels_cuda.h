@@ -68,6 +68,42 @@ int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, 
                            uintptr_t w, int64_t n, int64_t k, int64_t group_size, int w_dtype,
                            bool int4_codes, int device, uintptr_t stream);
 
+// ------------------------------------------------------------------ RoPE + decode attention
+// One decoding step (csrc/cuda/rope_decode.cu): q (B, 1, H, D), k_new / v_new (B, 1, Hkv, D),
+// k_cache / v_cache (B, capacity, Hkv, D) sharing one layout, all of `dtype` (fp16 or bf16) with
+// a contiguous last dim; strides in elements (q_stride_b / _h are the strides of dims 0 and 2).
+// seqlens (B,) int32 or int64: L_b, the cached positions; cos / sin (table_len, D/2) fp32 with
+// row stride table_stride. Rotates q and k_new at position L_b, writes the rotated key and v_new
+// into slot L_b of the caches, and writes out (B, 1, H, D) = attention over slots 0..L_b. A
+// length outside [0, min(capacity, table_len) - 1] gives NaN and no cache write. head_dim is 32,
+// 64, 128 or 256; the caches must be 16-byte aligned with strides a multiple of 8 elements.
+// splits > 1 splits the cache per (sequence, kv head) and needs a workspace of
+// rope_decode_workspace_elems() fp32: stats (B, H, splits, {max, sum}) then acc (B, H, splits, D).
+std::string rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache,
+                                  uintptr_t v_cache, uintptr_t seqlens, uintptr_t cos, uintptr_t sin,
+                                  uintptr_t out, uintptr_t workspace, int64_t workspace_elems, int64_t batch,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                                  int64_t table_len, int64_t q_stride_b, int64_t q_stride_h,
+                                  int64_t knew_stride_b, int64_t knew_stride_h, int64_t vnew_stride_b,
+                                  int64_t vnew_stride_h, int64_t cache_stride_b, int64_t cache_stride_s,
+                                  int64_t cache_stride_h, int64_t out_stride_b, int64_t out_stride_h,
+                                  int64_t table_stride, int dtype, bool seqlens_int64, float softmax_scale,
+                                  int64_t splits, int device, uintptr_t stream);
+// fp32 elements of the workspace for `splits` (0 for one split, which needs none).
+inline int64_t rope_decode_workspace_elems(int64_t batch, int64_t heads, int64_t head_dim, int64_t splits) {
+  return splits > 1 ? batch * heads * splits * (head_dim + 2) : 0;
+}
+
+int launch_rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache,
+                                 uintptr_t v_cache, uintptr_t seqlens, uintptr_t cos, uintptr_t sin, uintptr_t out,
+                                 uintptr_t workspace, int64_t batch, int64_t heads, int64_t kv_heads,
+                                 int64_t head_dim, int64_t capacity, int64_t table_len, int64_t q_stride_b,
+                                 int64_t q_stride_h, int64_t knew_stride_b, int64_t knew_stride_h,
+                                 int64_t vnew_stride_b, int64_t vnew_stride_h, int64_t cache_stride_b,
+                                 int64_t cache_stride_s, int64_t cache_stride_h, int64_t out_stride_b,
+                                 int64_t out_stride_h, int64_t table_stride, int dtype, bool seqlens_int64,
+                                 float softmax_scale, int64_t splits, int device, uintptr_t stream);
+
 // Version of the CUDA runtime this module was built with, e.g. "13.0".
 std::string runtime_version();
 
