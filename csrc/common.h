@@ -1,10 +1,11 @@
 // Shared by the C++ and CUDA sources: dtype codes, error checks, and scalar conversions.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace kernels {
 
@@ -20,9 +21,42 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
+// Builds error messages with `msg << "text" << number`, without iostreams: a std::ostringstream
+// in this module crashed the process on one GPU image (its locale machinery is the likely
+// cause), so messages are formatted with snprintf into a std::string.
+class Message {
+ public:
+  Message& operator<<(const char* s) { text_ += s; return *this; }
+  Message& operator<<(const std::string& s) { text_ += s; return *this; }
+  Message& operator<<(char c) { text_ += c; return *this; }
+  Message& operator<<(bool b) { text_ += b ? "true" : "false"; return *this; }
+  template <typename T, typename std::enable_if<std::is_integral<T>::value, int>::type = 0>
+  Message& operator<<(T v) {
+    char buf[32];
+    if (std::is_signed<T>::value) {
+      std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
+    } else {
+      std::snprintf(buf, sizeof(buf), "%llu", static_cast<unsigned long long>(v));
+    }
+    text_ += buf;
+    return *this;
+  }
+  template <typename T, typename std::enable_if<std::is_floating_point<T>::value, int>::type = 0>
+  Message& operator<<(T v) {
+    char buf[48];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+    text_ += buf;
+    return *this;
+  }
+  const std::string& str() const { return text_; }
+
+ private:
+  std::string text_;
+};
+
 inline DType to_dtype(int code, const char* arg) {
   if (code < 0 || code > 2) {
-    std::ostringstream msg;
+    Message msg;
     msg << arg << ": unknown dtype code " << code << " (expected 0=float32, 1=float16, 2=bfloat16)";
     throw std::invalid_argument(msg.str());
   }
@@ -32,7 +66,7 @@ inline DType to_dtype(int code, const char* arg) {
 #define KERNELS_CHECK(cond, msg_expr)                                    \
   do {                                                                   \
     if (!(cond)) {                                                       \
-      std::ostringstream kernels_msg_;                                   \
+      ::kernels::Message kernels_msg_;                                   \
       kernels_msg_ << msg_expr;                                          \
       throw std::invalid_argument(kernels_msg_.str());                   \
     }                                                                    \

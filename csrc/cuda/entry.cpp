@@ -4,7 +4,6 @@
 // torch 2.11 and triton 3.6 loaded in the process), before any catch, for reasons not found.
 #include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <utility>
 
@@ -15,7 +14,7 @@
 #define ENTRY_REQUIRE(cond, msg_expr)                         \
   do {                                                        \
     if (!(cond)) {                                            \
-      std::ostringstream entry_msg_;                          \
+      ::kernels::Message entry_msg_;                          \
       entry_msg_ << "ValueError: " << msg_expr;               \
       return entry_msg_.str();                                \
     }                                                         \

@@ -164,6 +164,8 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first, so the short ones fill the tail of the grid
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -265,6 +267,8 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first, so the short ones fill the tail of the grid
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
