@@ -77,6 +77,9 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     seqlens: torch.Tensor
+    # True until a forward pass writes to the cache (allocate, reset): a host-side flag, so a
+    # prefill knows every sequence starts at position 0 without reading seqlens back.
+    empty: bool = True
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, capacity: int, device=None, dtype=torch.float32) -> "KVCache":
@@ -99,6 +102,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.seqlens.zero_()
+        self.empty = True
 
 
 # ----------------------------------------------------------------------------- layers
@@ -142,8 +146,11 @@ class Attention(nn.Module):
           cos/sin are the model's tables (positions, D/2).
         * a cache and `seqlens` (B,) (one new token per sequence): kernels.rope_decode_attention
           rotates, appends to the cache at seqlens[b] and attends over it; cos/sin the tables.
-        * a cache and `positions` (B, S) (prefill): cos/sin (B, S, D/2) at those positions; keys
-          and values are written there and attention reads the cache under a mask.
+        * a cache and `positions` (B, S) (prefill after earlier tokens): cos/sin (B, S, D/2) at
+          those positions; keys and values are written there and attention reads the cache
+          under a mask.
+        * a cache and neither (prefill of an empty cache): rope_attention over x, then the
+          rotated keys and values fill slots 0..S-1; cos/sin are the tables.
         """
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
@@ -154,6 +161,13 @@ class Attention(nn.Module):
             out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
             return self.wo(out.reshape(b, s, -1))
         k_cache, v_cache = cache_kv
+        if positions is None and seqlens is None:
+            # Prefill of an empty cache: causal attention over the prompt (right padding cannot
+            # reach earlier tokens), then its rotated keys and values fill slots 0..S-1.
+            out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
+            k_cache[:, :s] = apply_rope(k, cos[:s], sin[:s]).to(k_cache.dtype)
+            v_cache[:, :s] = v.to(v_cache.dtype)
+            return self.wo(out.reshape(b, s, -1))
         if seqlens is not None:
             # The model checked the lengths against the cache and the tables already.
             out = kernels.rope_decode_attention(q, k, v, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
@@ -326,14 +340,17 @@ class Transformer(nn.Module):
         else:
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
+            fresh = cache.empty and s > 1 and cache.k[0].dtype == h.dtype
             positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
             if not torch.compiler.is_compiling() and not _capturing(tokens):  # no host sync in a graph
-                needed = int(cache.seqlens.max()) + s
+                needed = s if fresh else int(cache.seqlens.max()) + s
                 if needed > cache.capacity:
                     raise ValueError(f"cache: {needed} positions needed but its capacity is {cache.capacity}")
                 if needed > self.rope_cos.shape[0]:
                     self.setup_rope(needed)
-            if s == 1 and cache.k[0].dtype == h.dtype:  # decode: the fused op reads the tables itself
+            if fresh:  # prefill from position 0: the fused training op, tables as they are
+                cos, sin, seqlens, positions = self.rope_cos, self.rope_sin, None, None
+            elif s == 1 and cache.k[0].dtype == h.dtype:  # decode: the fused op reads the tables itself
                 cos, sin, seqlens = self.rope_cos, self.rope_sin, cache.seqlens
                 positions = None
             else:
@@ -349,6 +366,8 @@ class Transformer(nn.Module):
 
         if cache is not None:
             cache.seqlens += s if lengths is None else lengths.to(cache.seqlens.dtype)
+            if cache.empty:
+                cache.empty = False
         if last_only:
             last = (s - 1) if lengths is None else (lengths.to(torch.long) - 1)
             h = h[:, -1] if lengths is None else h[torch.arange(b, device=h.device), last]

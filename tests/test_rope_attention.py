@@ -308,9 +308,14 @@ def test_model_on_the_fused_kernels_matches_the_reference_path(monkeypatch):
     with torch.no_grad():
         got = model(tokens).float()
         cache = KVCache.allocate(cfg, 2, 32, dtype=F16)
-        model(tokens[:, :20], cache=cache)
-        step = model(tokens[:, 20:], cache=cache, last_only=True).float()
+        first = model(tokens[:, :12], cache=cache).float()  # empty cache: the fused training op
+        assert not cache.empty
+        second = model(tokens[:, 12:20], cache=cache).float()  # continued: masked attention over the cache
+        step = model(tokens[:, 20:], cache=cache, last_only=True).float()  # decode op
     assert set(chosen) == {"rope_attention", "rope_decode_attention"}
     torch.testing.assert_close(got, expect, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(torch.cat([first, second], 1), expect[:, :20], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(step, expect[:, -1], atol=2e-2, rtol=2e-2)
     assert cache.seqlens.tolist() == [21, 21]
+    cache.reset()
+    assert cache.empty and cache.seqlens.tolist() == [0, 0]

@@ -127,13 +127,19 @@ def _segment(CU, b, S, VARLEN: tl.constexpr):
 def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
                lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
                HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+               CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               ROTATE_K: tl.constexpr):
     dtype = q1.dtype
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
-        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
-                               1.0, BOUNDS_MASK)
+        if ROTATE_K:
+            k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
+                                   1.0, BOUNDS_MASK)
+        else:  # timing hook only (see forward): keys used as stored
+            kp = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+            k1 = tl.load(kp, mask=n_ok[:, None] & (offs_d[None, :] < HALF), other=0.0)
+            k2 = tl.load(kp + HALF, mask=n_ok[:, None] & (offs_d[None, :] < HALF), other=0.0)
         qk = tl.dot(q2, tl.trans(k2.to(dtype)), tl.dot(q1, tl.trans(k1.to(dtype))))
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -161,7 +167,7 @@ def _fwd_kernel(
     stride_ob, stride_os, stride_oh, stride_c, stride_lh,
     H, GROUP, S, T, qk_scale, seed, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows first, so the short ones fill the tail of the grid
@@ -205,19 +211,19 @@ def _fwd_kernel(
         diag = pid_m * BLOCK_M  # keys before the block's first query need no mask
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
                                    stride_c, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K)
         hi = tl.minimum(diag + BLOCK_M, seqlen)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
                                    stride_c, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT)
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, ROTATE_K)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
                                    stride_c, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
                                    stride_c, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
-                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT)
+                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, ROTATE_K)
     out = acc / l_i[:, None]
     o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
     tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
@@ -563,8 +569,8 @@ def _decode_combine_kernel(PM, PL, PACC, LENS, O, stride_ob, stride_oh, H, capac
 # cheap and every config is compiled once). Causal masking needs BLOCK_M % BLOCK_N == 0 in the
 # forward and dQ kernels, and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
 FWD_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
-DQ_CONFIGS = {64: (128, 32, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)}
-DKDV_CONFIGS = {64: (32, 128, 4, 3), 128: (32, 128, 8, 3), 256: (32, 64, 8, 2)}
+DQ_CONFIGS = {64: (128, 32, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+DKDV_CONFIGS = {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 8, 2)}
 _INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 
 
@@ -603,8 +609,10 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     return seed & 0x7FFFFFFF, threshold, 1.0 / (1.0 - dropout_p)
 
 
-def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
-    """out (like q) and lse (H, tokens) fp32 are preallocated."""
+def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed,
+            rotate_keys=True):
+    """out (like q) and lse (H, tokens) fp32 are preallocated. `rotate_keys=False` is a timing
+    hook for bench/tune_attention.py (what the key rotation costs); its results are wrong."""
     varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     block_m, block_n, warps, stages = _config("fwd", head_dim)
@@ -616,7 +624,7 @@ def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax
         heads, group, seq, total, softmax_scale * LOG2E, seed, threshold, drop_scale,
         HEAD_DIM=head_dim, HALF=head_dim // 2, HPAD=half_pad(head_dim), DPAD=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0,
-        num_warps=warps, num_stages=stages,
+        ROTATE_K=rotate_keys, num_warps=warps, num_stages=stages,
     )
 
 
