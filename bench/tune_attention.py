@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); causal needs BLOCK_M % BLOCK_N == 0 (fwd, dQ) and
 # BLOCK_N % BLOCK_M == 0 (dK/dV).
-FWD = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+FWD = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (256, 64, 16, 2), (256, 64, 16, 3)]
+# Decode: (batch, kv heads = heads, cache length) and the splits to try, for each backend.
+DECODE = [(1, 16, 8192), (1, 16, 32768), (8, 16, 8192)]
+DECODE_SPLITS = [8, 16, 32, 64]
 DQ = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)]
 DKDV = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)]
 
@@ -100,8 +103,68 @@ def main(argv=None) -> int:
                     print(f"B{b} H{h} Hkv{hkv} S{s} D{d} {kind:5s} {cfg}{' *' if rec['default'] else '  '} {figure}",
                           flush=True)
                 table[bucket] = defaults[kind]
+        for b, h, length in DECODE:
+            _tune_decode(f, b, h, length, dtype, args.dtype, device)
     print(path)
     return 0
+
+
+def _graph_time_ms(fn, calls: int = 20, replays: int = 10) -> float:
+    """Median time of one call, from CUDA-graph replays of `calls` back-to-back calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
+    """Split counts for the Triton and CUDA decode kernels; one cache copy per call slot is enough
+    past L2 at these lengths (the cache is 2*b*length*h*d*2 bytes)."""
+    from kernels import _rope_decode_cuda
+    from kernels import _dispatch
+    from kernels.triton import rope_attention as tri
+
+    capacity = length + 1
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=dtype)
+    kn, vn = torch.randn(b, 1, h, d, device="cuda", dtype=dtype), torch.randn(b, 1, h, d, device="cuda", dtype=dtype)
+    kc = torch.randn(b, capacity, h, d, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    lens = torch.full((b,), length, device="cuda", dtype=torch.int64)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d)
+    ang = torch.outer(torch.arange(capacity, device="cuda", dtype=torch.float64), inv)
+    cos, sin = ang.cos().float().contiguous(), ang.sin().float().contiguous()
+    out = torch.empty_like(q)
+    cache_bytes = 2 * b * length * h * d * kc.element_size()
+    copy_src = torch.empty(cache_bytes // 2, dtype=torch.uint8, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = _graph_time_ms(lambda: copy_dst.copy_(copy_src))
+    sms = _dispatch.sm_count(q.device)
+    defaults = {"triton": tri.decode_splits(b, h, capacity, sms),
+                "cuda": _rope_decode_cuda.splits_for(b, h, capacity, sms, d)}
+    for backend in ("triton", "cuda"):
+        for splits in sorted(set(DECODE_SPLITS + [defaults[backend]])):
+            if backend == "triton":
+                fn = lambda: tri.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
+            else:
+                fn = lambda: _rope_decode_cuda.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
+            ms = _graph_time_ms(fn)
+            rec = {"kind": f"decode-{backend}", "splits": splits, "ms": ms, "gbps": cache_bytes / ms / 1e6,
+                   "vs_copy": copy_ms / ms, "shape": [b, h, h, length, d], "dtype": dtype_name, "device": device,
+                   "default": splits == defaults[backend], "status": "ok"}
+            f.write(json.dumps(rec) + "\n")
+            print(f"decode {backend:6s} B{b} H{h} L{length} splits {splits:3d}{' *' if rec['default'] else '  '} "
+                  f"{ms * 1000:.1f} us {rec['gbps']:.0f} GB/s {rec['vs_copy']:.2f} of copy", flush=True)
 
 
 if __name__ == "__main__":
