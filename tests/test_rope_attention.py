@@ -280,8 +280,8 @@ def test_decode_bad_inputs_name_the_argument(name, value, words):
 
 def test_decode_splits_fill_the_gpu_but_not_past_the_cache():
     tri = _tri()
-    assert tri.decode_splits(1, 16, 8192, 132) == 17  # 16 * 17 programs >= two waves of 132
-    assert tri.decode_splits(8, 32, 8192, 132) == 2
+    assert tri.decode_splits(1, 16, 8192, 132) == 33  # 16 * 33 programs: four per multiprocessor
+    assert tri.decode_splits(8, 32, 8192, 132) == 3
     assert tri.decode_splits(1, 16, 100, 132) == 1  # a short cache is not cut into slivers
 
 

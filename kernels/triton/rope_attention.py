@@ -660,9 +660,11 @@ DECODE_BLOCK_N = 64
 
 @functools.lru_cache(maxsize=None)
 def decode_splits(batch: int, kv_heads: int, capacity: int, sm_count: int) -> int:
-    """Splits of the cache per (sequence, kv head): about two waves of programs, each taking at
-    least two blocks of keys at full capacity. Fixed by the shapes, so a captured graph stays valid."""
-    want = triton.cdiv(2 * sm_count, batch * kv_heads)
+    """Splits of the cache per (sequence, kv head): about four programs per multiprocessor (on an
+    H200 at batch 1, 32 splits read an 8k cache at 0.74 of copy bandwidth against 0.67 for 16,
+    and a 32k one at 0.94 against 0.83), each taking at least two blocks of keys at full capacity.
+    Fixed by the shapes, so a captured graph stays valid."""
+    want = triton.cdiv(4 * sm_count, batch * kv_heads)
     most = max(1, capacity // (2 * DECODE_BLOCK_N))
     return max(1, min(want, most, 128))
 
