@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar, Union
+from typing import Callable, ContextManager, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -248,3 +248,15 @@ def _cpu_llc_bytes() -> int:
         if level > best_level and size.rstrip("KMG").isdigit():
             best_level, best_size = level, int(size.rstrip("KMG")) * scale
     return best_size
+
+
+def within(context: Callable[[], ContextManager] | None, call: Callable[[], object]) -> Callable[[], object]:
+    """`call` run inside `context()` (a forced backend, say), or `call` itself when there is none."""
+    if context is None:
+        return call
+
+    def run():
+        with context():
+            return call()
+
+    return run

@@ -64,7 +64,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite, with_backward
+from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite, with_backward, within
 
 ROPE_BASE = 10000.0
 # SDPA backends in the order "best first" for the compiled/Liger peers (cuDNN leads on an H100).
@@ -144,17 +144,21 @@ def _sdpa_backend(name: str):
     return getattr(SDPBackend, SDPA_ENUM[name])
 
 
+def _grouped(q, k, v, repeat: bool):
+    """k, v and SDPA's keyword arguments for grouped heads (B, H, S, D): native, or repeated."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v, {}
+    if repeat:
+        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), {}
+    return k, v, {"enable_gqa": True}
+
+
 def _sdpa(q, k, v, backend: str, repeat: bool, causal: bool = True):
     """SDPA on (B, H, S, D) under one forced backend; grouped heads native or repeated."""
     from torch.nn.attention import sdpa_kernel
 
-    groups = q.shape[1] // k.shape[1]
-    kwargs = {}
-    if groups > 1:
-        if repeat:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        else:
-            kwargs["enable_gqa"] = True
+    k, v, kwargs = _grouped(q, k, v, repeat)
     with sdpa_kernel(_sdpa_backend(backend)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kwargs)
 
@@ -370,20 +374,9 @@ def _train_setup(ctx: SuiteContext, impl: Impl, shape: Shape, dtype, backward: b
     calls = []
     for q, k, v, dout in copies:
         call = partial(forward, q, k, v)
-        calls.append(_within(impl.context, with_backward(call, (q, k, v), dout) if backward else call))
+        calls.append(within(impl.context, with_backward(call, (q, k, v), dout) if backward else call))
     _with_warnings(calls[0])  # a refusal surfaces here with SDPA's reasons; also the first warm-up
     return calls
-
-
-def _within(context: Callable[[], ContextManager] | None, call: Callable) -> Callable:
-    if context is None:
-        return call
-
-    def run():
-        with context():
-            return call()
-
-    return run
 
 
 def _train_items(ctx: SuiteContext) -> list[Item]:
@@ -458,7 +451,7 @@ def _decode_eager(ctx, backend, repeat, shape, dtype):
     cos, sin = _hf_tables(capacity, shape.d, ctx.device, dtype)
     positions = torch.full((shape.b,), shape.s, device=ctx.device, dtype=torch.long)
     cache_position = positions[:1].clone()  # every sequence at the same length: one slot index
-    groups, length = shape.h // shape.hkv, shape.s + 1
+    length = shape.s + 1
 
     @torch.no_grad()
     def call(q, kn, vn, kc, vc):
@@ -466,13 +459,8 @@ def _decode_eager(ctx, backend, repeat, shape, dtype):
         qr, kr = q * c + rotate_half(q) * s, kn * c + rotate_half(kn) * s
         kc.index_copy_(1, cache_position, kr)
         vc.index_copy_(1, cache_position, vn)
-        k, v = kc[:, :length].transpose(1, 2), vc[:, :length].transpose(1, 2)
-        kwargs = {}
-        if groups > 1:
-            if repeat:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            else:
-                kwargs["enable_gqa"] = True
+        k, v, kwargs = _grouped(qr.transpose(1, 2), kc[:, :length].transpose(1, 2),
+                                vc[:, :length].transpose(1, 2), repeat)
         if backend is None:
             out = F.scaled_dot_product_attention(qr.transpose(1, 2), k, v, **kwargs)
         else:

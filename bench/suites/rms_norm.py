@@ -18,7 +18,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite, with_backward
+from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, suite, with_backward, within
 
 EPS = 1e-6
 # Our backends worth timing per device type ("torch" is the reference; Triton on CPU is the interpreter).
@@ -141,19 +141,8 @@ def _setup(ctx: SuiteContext, impl: Impl, m: int, n: int, dtype: torch.dtype, ba
     calls = []
     for x, w, dy in copies:
         forward = partial(bind(w), x)
-        calls.append(_within(impl.context, with_backward(forward, (x, w), dy) if backward else forward))
+        calls.append(within(impl.context, with_backward(forward, (x, w), dy) if backward else forward))
     return calls
-
-
-def _within(context: Callable[[], ContextManager] | None, call: Callable) -> Callable:
-    if context is None:
-        return call
-
-    def run():
-        with context():
-            return call()
-
-    return run
 
 
 @suite("rms_norm")

@@ -122,6 +122,29 @@ def _segment(CU, b, S, VARLEN: tl.constexpr):
     return b * S, S
 
 
+@triton.jit
+def _query_program(CU, H, GROUP, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """The (query block, batch * head) program's coordinates: (pid_m, b, h, kv head, first token,
+    length). Causal grids run the longest rows first, so the short ones fill the tail."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0, seqlen = _segment(CU, b, S, VARLEN)
+    return pid_m, b, h, h // GROUP, row0, seqlen
+
+
+@triton.jit
+def _head(P, b, row0, head, stride_b, stride_s, stride_h, VARLEN: tl.constexpr):
+    """Pointer to token 0 of one sequence and head. Dense tensors offset by the batch stride (any
+    layout); packed (varlen) ones by the sequence's first token."""
+    if VARLEN:
+        return P + row0.to(tl.int64) * stride_s + head * stride_h
+    return P + b.to(tl.int64) * stride_b + head * stride_h
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
@@ -169,28 +192,13 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the longest rows first, so the short ones fill the tail of the grid
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    row0, seqlen = _segment(CU, b, S, VARLEN)
+    pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
-    # Dense: row0 = b * S, so batch offsets come from the batch stride (any layout); varlen
-    # tokens are rows of the packed tensor.
-    if VARLEN:
-        q_base = Q + row0.to(tl.int64) * stride_qs + h * stride_qh
-        k_base = K + row0.to(tl.int64) * stride_ks + hk * stride_kh
-        v_base = V + row0.to(tl.int64) * stride_vs + hk * stride_vh
-        o_base = O + row0.to(tl.int64) * stride_os + h * stride_oh
-    else:
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-        o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh
+    q_base = _head(Q, b, row0, h, stride_qb, stride_qs, stride_qh, VARLEN)
+    k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
+    v_base = _head(V, b, row0, hk, stride_vb, stride_vs, stride_vh, VARLEN)
+    o_base = _head(O, b, row0, h, stride_ob, stride_os, stride_oh, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HPAD)
     offs_dv = tl.arange(0, DPAD)
@@ -272,32 +280,15 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the longest rows first, so the short ones fill the tail of the grid
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    row0, seqlen = _segment(CU, b, S, VARLEN)
+    pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
-    if VARLEN:
-        r64 = row0.to(tl.int64)
-        q_base = Q + r64 * stride_qs + h * stride_qh
-        k_base = K + r64 * stride_ks + hk * stride_kh
-        v_base = V + r64 * stride_vs + hk * stride_vh
-        o_base = O + r64 * stride_os + h * stride_oh
-        do_base = DO + r64 * stride_dos + h * stride_doh
-        dq_base = DQ + r64 * stride_dqs + h * stride_dqh
-    else:
-        b64 = b.to(tl.int64)
-        q_base = Q + b64 * stride_qb + h * stride_qh
-        k_base = K + b64 * stride_kb + hk * stride_kh
-        v_base = V + b64 * stride_vb + hk * stride_vh
-        o_base = O + b64 * stride_ob + h * stride_oh
-        do_base = DO + b64 * stride_dob + h * stride_doh
-        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
+    q_base = _head(Q, b, row0, h, stride_qb, stride_qs, stride_qh, VARLEN)
+    k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
+    v_base = _head(V, b, row0, hk, stride_vb, stride_vs, stride_vh, VARLEN)
+    o_base = _head(O, b, row0, h, stride_ob, stride_os, stride_oh, VARLEN)
+    do_base = _head(DO, b, row0, h, stride_dob, stride_dos, stride_doh, VARLEN)
+    dq_base = _head(DQ, b, row0, h, stride_dqb, stride_dqs, stride_dqh, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HPAD)
     offs_dv = tl.arange(0, DPAD)
@@ -394,22 +385,12 @@ def _bwd_dkdv_kernel(
     row0, seqlen = _segment(CU, b, S, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
         return
-    if VARLEN:
-        r64 = row0.to(tl.int64)
-        q_b = Q + r64 * stride_qs
-        do_b = DO + r64 * stride_dos
-        k_base = K + r64 * stride_ks + hk * stride_kh
-        v_base = V + r64 * stride_vs + hk * stride_vh
-        dk_base = DK + r64 * stride_dks + hk * stride_dkh
-        dv_base = DV + r64 * stride_dvs + hk * stride_dvh
-    else:
-        b64 = b.to(tl.int64)
-        q_b = Q + b64 * stride_qb
-        do_b = DO + b64 * stride_dob
-        k_base = K + b64 * stride_kb + hk * stride_kh
-        v_base = V + b64 * stride_vb + hk * stride_vh
-        dk_base = DK + b64 * stride_dkb + hk * stride_dkh
-        dv_base = DV + b64 * stride_dvb + hk * stride_dvh
+    q_b = _head(Q, b, row0, 0, stride_qb, stride_qs, stride_qh, VARLEN)
+    do_b = _head(DO, b, row0, 0, stride_dob, stride_dos, stride_doh, VARLEN)
+    k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
+    v_base = _head(V, b, row0, hk, stride_vb, stride_vs, stride_vh, VARLEN)
+    dk_base = _head(DK, b, row0, hk, stride_dkb, stride_dks, stride_dkh, VARLEN)
+    dv_base = _head(DV, b, row0, hk, stride_dvb, stride_dvs, stride_dvh, VARLEN)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HPAD)
     offs_dv = tl.arange(0, DPAD)
