@@ -97,6 +97,7 @@ def rope_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     causal: bool = True, softmax_scale: Optional[float] = None, dropout_p: float = 0.0, *,
     dropout_seed: int = 0, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The oracle and the torch backend: RoPE, then attention, in fp32 (fp64 for fp64 inputs),
     differentiable by autograd; the result has q's dtype. Same arguments as rope_attention."""
@@ -104,20 +105,23 @@ def rope_attention_reference(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
-    def one(qs, ks, vs, tokens):
-        n = qs.shape[1]
-        qr = rotate(qs, cos[:n, None], sin[:n, None])
-        kr = rotate(ks, cos[:n, None], sin[:n, None])
+    def one(qs, ks, vs, tokens, pos):
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]  # (B, n, 1, D/2)
+        qr, kr = rotate(qs, c, s), rotate(ks, c, s)
         return _attend(qr, kr, vs.to(compute), causal, scale, dropout_p, dropout_seed, total, tokens)
 
     if cu_seqlens is None:
         b, s = q.shape[:2]
         total = b * s
-        return one(q, k, v, torch.arange(total, device=q.device).view(b, s)).to(q.dtype)
+        pos = torch.arange(s, device=q.device).expand(b, s) if positions is None else positions.long()
+        return one(q, k, v, torch.arange(total, device=q.device).view(b, s), pos).to(q.dtype)
     total = q.shape[0]
     offsets = cu_seqlens.tolist()
-    outs = [one(q[a:e][None], k[a:e][None], v[a:e][None], torch.arange(a, e, device=q.device)[None])[0]
-            for a, e in zip(offsets[:-1], offsets[1:])]
+    outs = []
+    for a, e in zip(offsets[:-1], offsets[1:]):
+        pos = torch.arange(e - a, device=q.device) if positions is None else positions[a:e].long()
+        tokens = torch.arange(a, e, device=q.device)
+        outs.append(one(q[a:e][None], k[a:e][None], v[a:e][None], tokens[None], pos[None])[0])
     return torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
 
 
@@ -205,6 +209,21 @@ def _check_cu_seqlens(cu_seqlens, q) -> None:
         raise ValueError(f"cu_seqlens: is on {cu_seqlens.device} but q is on {q.device}")
 
 
+def _check_positions(positions, q, packed: bool, table_rows: int) -> None:
+    _is_tensor("positions", positions)
+    want = tuple(q.shape[:1] if packed else q.shape[:2])
+    if positions.dtype not in (torch.int32, torch.int64) or tuple(positions.shape) != want:
+        raise ValueError(f"positions: expected an int32 or int64 tensor of shape {want}, got "
+                         f"{positions.dtype} of shape {tuple(positions.shape)}")
+    if positions.device != q.device:
+        raise ValueError(f"positions: is on {positions.device} but q is on {q.device}")
+    if positions.numel() and not torch.compiler.is_compiling() and not (
+            q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= table_rows:
+            raise ValueError(f"positions: must index the {table_rows} rows of cos/sin, got [{lo}, {hi}]")
+
+
 def _check_scalars(causal, softmax_scale, dropout_p) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
@@ -249,8 +268,8 @@ def _lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, int]:
 @torch.library.custom_op("kernels::rope_attention_fwd", mutates_args=())
 def rope_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool, softmax_scale: float,
-    dropout_p: float, seed: int,
+    cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor], max_seqlen: int, causal: bool,
+    softmax_scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out like q, lse (H, tokens) fp32: the natural-log logsumexp of each query row)."""
     from .triton import rope_attention as tri
@@ -258,12 +277,13 @@ def rope_attention_fwd(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32, device=q.device)
     if q.numel():
-        tri.forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed)
+        tri.forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed,
+                    positions)
     return out, lse
 
 
 @rope_attention_fwd.register_fake
-def _(q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
+def _(q, k, v, cos, sin, cu_seqlens, positions, max_seqlen, causal, softmax_scale, dropout_p, seed):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         _lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
 
@@ -272,7 +292,8 @@ def _(q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_
 def rope_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-    max_seqlen: int, causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    positions: Optional[torch.Tensor], max_seqlen: int, causal: bool, softmax_scale: float, dropout_p: float,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv), gradients w.r.t. the unrotated q and k."""
     from .triton import rope_attention as tri
@@ -283,27 +304,28 @@ def rope_attention_bwd(
     if q.numel():
         do = _last_contiguous(grad_out.to(q.dtype))
         tri.backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen, causal,
-                     softmax_scale, dropout_p, seed)
+                     softmax_scale, dropout_p, seed, positions)
     return dq, dk, dv
 
 
 @rope_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
+def _(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, positions, max_seqlen, causal, softmax_scale, dropout_p,
+      seed):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin, cu_seqlens)
+    q, k, v, cos, sin, cu_seqlens, positions, max_seqlen, causal, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin, cu_seqlens, positions)
     ctx.args = (max_seqlen, causal, scale, dropout_p, seed)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = rope_attention_bwd(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, cos, sin, cu_seqlens, positions = ctx.saved_tensors
+    dq, dk, dv = rope_attention_bwd(grad_out, q, k, v, out, lse, cos, sin, cu_seqlens, positions, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 rope_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -313,7 +335,7 @@ def rope_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     causal: bool = True, softmax_scale: Optional[float] = None, dropout_p: float = 0.0, *,
     dropout_seed: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
+    max_seqlen: Optional[int] = None, positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(scale * rope(q) rope(k)^T [+ causal mask]) v, with RoPE applied inside the kernel.
 
@@ -322,7 +344,9 @@ def rope_attention(
     longest packed sequence, `max_seqlen`, computed with a host sync when omitted). Returns q's
     shape and dtype; differentiable in q, k and v. `softmax_scale` defaults to 1/sqrt(D).
     `dropout_p` > 0 drops attention weights with a mask fixed by `dropout_seed` (drawn from torch's
-    generator when None). fp16/bf16 CUDA tensors run the Triton kernels; fp32 and CPU tensors the
+    generator when None). `positions`, int (B, S) or (tokens,) for packed input, picks each
+    token's row of the tables (default: 0, 1, ... within each sequence); the causal mask still
+    follows token order. fp16/bf16 CUDA tensors run the Triton kernels; fp32 and CPU tensors the
     fp32 reference.
     """
     packed = cu_seqlens is not None
@@ -338,7 +362,9 @@ def rope_attention(
         if max_seqlen is not None:
             raise ValueError("max_seqlen: only meaningful with cu_seqlens (packed sequences)")
         max_seqlen = q.shape[1]
-    _check_tables(cos, sin, q.shape[-1], max_seqlen, q.device)
+    _check_tables(cos, sin, q.shape[-1], max_seqlen if positions is None else None, q.device)
+    if positions is not None:
+        _check_positions(positions, q, packed, cos.shape[0])
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     seed = 0
     if dropout_p > 0:
@@ -346,10 +372,13 @@ def rope_attention(
     backend = _attention_backend(q.device.type, q.dtype, q.shape[-1])
     if backend == "torch":
         return rope_attention_reference(q, k, v, cos, sin, causal, scale, float(dropout_p), dropout_seed=seed,
-                                        cu_seqlens=cu_seqlens)
+                                        cu_seqlens=cu_seqlens, positions=positions)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     cos, sin = _tables(cos, sin)
-    return rope_attention_fwd(q, k, v, cos, sin, cu_seqlens, max_seqlen, causal, scale, float(dropout_p), seed)[0]
+    if positions is not None:
+        positions = positions.contiguous()
+    return rope_attention_fwd(q, k, v, cos, sin, cu_seqlens, positions, max_seqlen, causal, scale,
+                              float(dropout_p), seed)[0]
 
 
 # ----------------------------------------------------------------------------- decode op

@@ -39,12 +39,13 @@ def cu_from_lengths(lengths, device="cpu"):
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-def _same_dtype_segment(q, k, v, cos, sin, causal, scale, dropout_p, seed, total, tokens):
+def _same_dtype_segment(q, k, v, cos, sin, causal, scale, dropout_p, seed, total, tokens, pos):
     """PyTorch in q's dtype: RoPE rounded to the dtype, then SDPA (or explicit math with the
     dropout mask)."""
     s = q.shape[0]
-    qr = rotate(q, cos[:s, None], sin[:s, None]).to(q.dtype).transpose(0, 1)
-    kr = rotate(k, cos[:s, None], sin[:s, None]).to(q.dtype).transpose(0, 1)
+    c, sn = cos[pos][:, None], sin[pos][:, None]
+    qr = rotate(q, c, sn).to(q.dtype).transpose(0, 1)
+    kr = rotate(k, c, sn).to(q.dtype).transpose(0, 1)
     vh = v.transpose(0, 1)
     group = q.shape[1] // k.shape[1]
     kr, vh = kr.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
@@ -58,18 +59,20 @@ def _same_dtype_segment(q, k, v, cos, sin, causal, scale, dropout_p, seed, total
     return (((p * keep) / (1 - dropout_p)).to(q.dtype) @ vh).transpose(0, 1)
 
 
-def same_dtype_attention(q, k, v, cos, sin, causal, dropout_p=0.0, seed=0, cu_seqlens=None):
+def same_dtype_attention(q, k, v, cos, sin, causal, dropout_p=0.0, seed=0, cu_seqlens=None, positions=None):
     scale = 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
         b, s = q.shape[:2]
+        pos = torch.arange(s, device=q.device).expand(b, s) if positions is None else positions.long()
         return torch.stack([
             _same_dtype_segment(q[i], k[i], v[i], cos, sin, causal, scale, dropout_p, seed, b * s,
-                                torch.arange(i * s, (i + 1) * s, device=q.device))
+                                torch.arange(i * s, (i + 1) * s, device=q.device), pos[i])
             for i in range(b)])
     offsets = cu_seqlens.tolist()
     return torch.cat([
         _same_dtype_segment(q[a:e], k[a:e], v[a:e], cos, sin, causal, scale, dropout_p, seed, q.shape[0],
-                            torch.arange(a, e, device=q.device))
+                            torch.arange(a, e, device=q.device),
+                            torch.arange(e - a, device=q.device) if positions is None else positions[a:e].long())
         for a, e in zip(offsets[:-1], offsets[1:])])
 
 
@@ -80,12 +83,13 @@ def _grads(fn, inputs, grad_out):
     return out.detach(), [t.grad for t in leaves]
 
 
-def check_training(q, k, v, cos, sin, causal=True, dropout_p=0.0, seed=0, cu_seqlens=None, backend="triton"):
+def check_training(q, k, v, cos, sin, causal=True, dropout_p=0.0, seed=0, cu_seqlens=None, backend="triton",
+                   positions=None):
     """Forward and all gradients of kernels.rope_attention (forced backend) against the fp64
     reference, within 2x the same-dtype PyTorch error plus a floor."""
     dtype = q.dtype
     grad_out = torch.randn(q.shape, device=q.device)
-    kwargs = dict(causal=causal, dropout_p=dropout_p, cu_seqlens=cu_seqlens)
+    kwargs = dict(causal=causal, dropout_p=dropout_p, cu_seqlens=cu_seqlens, positions=positions)
 
     def ours(q_, k_, v_):
         with kernels.use_backend(backend):
@@ -95,7 +99,7 @@ def check_training(q, k, v, cos, sin, causal=True, dropout_p=0.0, seed=0, cu_seq
         return rope_attention_reference(q_, k_, v_, cos, sin, dropout_seed=seed, **kwargs)
 
     def baseline(q_, k_, v_):
-        return same_dtype_attention(q_, k_, v_, cos, sin, causal, dropout_p, seed, cu_seqlens)
+        return same_dtype_attention(q_, k_, v_, cos, sin, causal, dropout_p, seed, cu_seqlens, positions)
 
     out, grads = _grads(ours, (q, k, v), grad_out)
     ref_out, ref_grads = _grads(oracle, [t.double() for t in (q, k, v)], grad_out)

@@ -56,6 +56,41 @@ def test_packed_sequences_do_not_attend_across_documents(causal):
 
 @needs_triton
 @pytest.mark.parametrize("packed", [False, True])
+def test_positions_pick_the_table_rows(packed):
+    """Explicit positions (an offset chunk, repeated and out-of-order ids) rotate by those rows."""
+    if packed:
+        cu = cu_from_lengths([9, 20])
+        q, k, v = qkv((29, 4, 32), 2, F16)
+        positions = torch.cat([torch.arange(100, 109), torch.randint(0, 120, (20,))])
+    else:
+        cu = None
+        q, k, v = qkv((2, 23, 4, 32), 2, F16)
+        positions = torch.stack([torch.arange(50, 73), torch.randint(0, 120, (23,))])
+    cos, sin = tables(120, 32)
+    check_training(q, k, v, cos, sin, cu_seqlens=cu, positions=positions)
+    # Without positions, rows 0.. are used: the same as passing them explicitly.
+    default = torch.arange(23).expand(2, 23) if not packed else torch.cat([torch.arange(9), torch.arange(20)])
+    with kernels.use_backend("triton"):
+        a = kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu)
+        b = kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu, positions=default.int())
+    assert torch.equal(a, b)
+
+
+def test_positions_are_checked():
+    q, k, v = qkv((1, 8, 4, 16), 2, torch.float32)
+    cos, sin = tables(10, 16)
+    with pytest.raises(ValueError, match=r"positions: must index the 10 rows of cos/sin, got \[0, 10\]"):
+        kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(3, 11)[None] - torch.tensor([[3] + [0] * 7]))
+    with pytest.raises(ValueError, match="positions: expected an int32 or int64 tensor of shape"):
+        kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(8))
+    # Positions decide the rows needed, not the sequence length.
+    short_cos, short_sin = tables(4, 16)
+    out = kernels.rope_attention(q, k, v, short_cos, short_sin, positions=torch.zeros(1, 8, dtype=torch.long))
+    assert out.shape == q.shape
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
 def test_dropout_uses_the_seeded_mask(packed):
     p = 0.3
     if packed:
@@ -139,7 +174,7 @@ def test_torch_backend_gradients_flow():
 def test_opcheck():
     q, k, v = qkv((1, 19, 2, 32), 1, F16)
     cos, sin = tables(19, 32)
-    args = (q, k, v, cos, sin, None, 19, True, 0.25, 0.0, 0)
+    args = (q, k, v, cos, sin, None, None, 19, True, 0.25, 0.0, 0)
     torch.library.opcheck(torch.ops.kernels.rope_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

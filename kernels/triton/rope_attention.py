@@ -99,6 +99,16 @@ def _load_rotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos,
 
 
 @triton.jit
+def _table_rows(POS, offs, ok, table_len, HAS_POS: tl.constexpr):
+    """Table rows of tokens offs of a sequence: their index, or POS[offs] (POS already points at
+    the sequence's first token), clamped into the table."""
+    if HAS_POS:
+        p = tl.load(POS + offs, mask=ok, other=0)
+        return tl.minimum(tl.maximum(p, 0), table_len - 1)
+    return offs
+
+
+@triton.jit
 def _store_unrotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos, g1, g2,
                      HALF: tl.constexpr):
     """Store the gradient w.r.t. the unrotated vector, given (g1, g2) w.r.t. the rotated one:
@@ -147,17 +157,18 @@ def _head(P, b, row0, head, stride_b, stride_s, stride_h, VARLEN: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c, POS, table_len,
                lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
                HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               ROTATE_K: tl.constexpr):
+               ROTATE_K: tl.constexpr, HAS_POS: tl.constexpr):
     dtype = q1.dtype
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
         if ROTATE_K:
-            k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
+            k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+                                   _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD,
                                    1.0, BOUNDS_MASK)
         else:  # timing hook only (see forward): keys used as stored
             kp = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -185,16 +196,17 @@ def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS,
 
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, COS, SIN, O, LSE, CU,
+    Q, K, V, COS, SIN, O, LSE, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_c, stride_lh,
-    H, GROUP, S, T, qk_scale, seed, threshold, drop_scale,
+    H, GROUP, S, T, table_len, qk_scale, seed, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
+    POS = POS + row0  # positions of this sequence's tokens (unused without HAS_POS)
     q_base = _head(Q, b, row0, h, stride_qb, stride_qs, stride_qh, VARLEN)
     k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
     v_base = _head(V, b, row0, hk, stride_vb, stride_vs, stride_vh, VARLEN)
@@ -203,7 +215,8 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HPAD)
     offs_dv = tl.arange(0, DPAD)
     m_ok = offs_m < seqlen
-    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
                            qk_scale, True)
     dtype = Q.dtype.element_ty
     q1, q2 = q1.to(dtype), q2.to(dtype)
@@ -218,20 +231,20 @@ def _fwd_kernel(
     if CAUSAL:
         diag = pid_m * BLOCK_M  # keys before the block's first query need no mask
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K)
+                                   stride_c, POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K, HAS_POS)
         hi = tl.minimum(diag + BLOCK_M, seqlen)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, ROTATE_K)
+                                   stride_c, POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, ROTATE_K, HAS_POS)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K)
+                                   stride_c, POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K, HAS_POS)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
-                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, ROTATE_K)
+                                   stride_c, POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, ROTATE_K, HAS_POS)
     out = acc / l_i[:, None]
     o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
     tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
@@ -242,14 +255,15 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 @triton.jit
 def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                  stride_c, lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
+                  stride_c, POS, table_len, lo, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold, drop_scale,
                   HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+                  CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr):
     dtype = q1.dtype
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
-        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD,
+        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+                                   _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD,
                                1.0, BOUNDS_MASK)
         k1, k2 = k1.to(dtype), k2.to(dtype)
         v_mask = offs_dv[None, :] < HEAD_DIM
@@ -272,17 +286,18 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, 
 
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
-    Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, CU,
+    Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
     stride_c, stride_lh,
-    H, GROUP, S, T, qk_scale, sm_scale, seed, threshold, drop_scale,
+    H, GROUP, S, T, table_len, qk_scale, sm_scale, seed, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
+    POS = POS + row0  # positions of this sequence's tokens (unused without HAS_POS)
     q_base = _head(Q, b, row0, h, stride_qb, stride_qs, stride_qh, VARLEN)
     k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
     v_base = _head(V, b, row0, hk, stride_vb, stride_vs, stride_vh, VARLEN)
@@ -299,7 +314,8 @@ def _bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + h * stride_lh + row0 + offs_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + h * stride_lh + row0 + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
                            qk_scale, True)
     dtype = Q.dtype.element_ty
     q1, q2 = q1.to(dtype), q2.to(dtype)
@@ -312,36 +328,38 @@ def _bwd_dq_kernel(
     if CAUSAL:
         diag = pid_m * BLOCK_M
         dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+                                 SIN, stride_c, POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, HAS_POS)
         hi = tl.minimum(diag + BLOCK_M, seqlen)
         dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT)
+                                 SIN, stride_c, POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, HAS_POS)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
         dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT)
+                                 SIN, stride_c, POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, HAS_POS)
         dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
-                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT)
-    _store_unrotated(dq_base, stride_dqs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m,
+                                 SIN, stride_c, POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, HAS_POS)
+    _store_unrotated(dq_base, stride_dqs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                     _table_rows(POS, offs_m, m_ok, table_len, HAS_POS),
                      dq1 * sm_scale, dq2 * sm_scale, HALF)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, LSE_H, DELTA_H, COS, SIN,
-                    stride_c, lo, hi, seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                    stride_c, POS, table_len, lo, hi, seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
                     HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr):
     """Accumulate over query blocks [lo, hi) of one head. Queries past the end load as zeros
     (q, dO, delta): they add nothing to dK or dV."""
     dtype = k1.dtype
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen
-        q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, offs_m, HALF, HPAD,
+        q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
                                qk_scale, True)
         q1, q2 = q1.to(dtype), q2.to(dtype)
         lse2 = tl.load(LSE_H + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -369,13 +387,13 @@ def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_
 
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
-    Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, CU,
+    Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_c, stride_lh,
-    H, GROUP, S, T, qk_scale, seed, threshold, drop_scale,
+    H, GROUP, S, T, table_len, qk_scale, seed, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -385,6 +403,7 @@ def _bwd_dkdv_kernel(
     row0, seqlen = _segment(CU, b, S, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
         return
+    POS = POS + row0
     q_b = _head(Q, b, row0, 0, stride_qb, stride_qs, stride_qh, VARLEN)
     do_b = _head(DO, b, row0, 0, stride_dob, stride_dos, stride_doh, VARLEN)
     k_base = _head(K, b, row0, hk, stride_kb, stride_ks, stride_kh, VARLEN)
@@ -396,7 +415,8 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, DPAD)
     n_ok = offs_n < seqlen
     dtype = Q.dtype.element_ty
-    k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, HALF, HPAD, 1.0, True)
+    k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+                                   _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD, 1.0, True)
     k1, k2 = k1.to(dtype), k2.to(dtype)
     row_mask = n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
     v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=row_mask, other=0.0)
@@ -413,21 +433,22 @@ def _bwd_dkdv_kernel(
         if CAUSAL:
             lo = pid_n * BLOCK_N  # earlier queries do not see these keys
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, lo, tl.minimum(lo + BLOCK_N, seqlen), seqlen,
+                                           delta_h, COS, SIN, stride_c, POS, table_len, lo, tl.minimum(lo + BLOCK_N, seqlen), seqlen,
                                            offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, True, DROPOUT)
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, True, DROPOUT, HAS_POS)
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, lo + BLOCK_N, seqlen, seqlen,
+                                           delta_h, COS, SIN, stride_c, POS, table_len, lo + BLOCK_N, seqlen, seqlen,
                                            offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT)
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
         else:
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, 0, seqlen, seqlen,
+                                           delta_h, COS, SIN, stride_c, POS, table_len, 0, seqlen, seqlen,
                                            offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT)
+                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
     # ds was taken against q * scale * log2(e): dk = scale * ds^T q = ln(2) * ds^T (q * scale * log2 e).
     ln2 = 0.6931471805599453
-    _store_unrotated(dk_base, stride_dks, offs_n, offs_d, n_ok, COS, SIN, stride_c, offs_n, dk1 * ln2, dk2 * ln2,
+    _store_unrotated(dk_base, stride_dks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+                     _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), dk1 * ln2, dk2 * ln2,
                      HALF)
     tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=row_mask)
 
@@ -591,7 +612,7 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
 
 
 def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed,
-            rotate_keys=True):
+            positions=None, rotate_keys=True):
     """out (like q) and lse (H, tokens) fp32 are preallocated. `rotate_keys=False` is a timing
     hook for bench/tune_attention.py (what the key rotation costs); its results are wrong."""
     varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
@@ -599,40 +620,43 @@ def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax
     block_m, block_n, warps, stages = _config("fwd", head_dim)
     grid = (triton.cdiv(seq, block_m), batch * heads)
     _fwd_kernel[grid](
-        q, k, v, cos, sin, out, lse, cu,
+        q, k, v, cos, sin, out, lse, cu, cu if positions is None else positions,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         cos.stride(0), lse.stride(0),
-        heads, group, seq, total, softmax_scale * LOG2E, seed, threshold, drop_scale,
+        heads, group, seq, total, cos.shape[0], softmax_scale * LOG2E, seed, threshold, drop_scale,
         HEAD_DIM=head_dim, HALF=head_dim // 2, HPAD=half_pad(head_dim), DPAD=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0,
-        ROTATE_K=rotate_keys, num_warps=warps, num_stages=stages,
+        ROTATE_K=rotate_keys, HAS_POS=positions is not None, num_warps=warps, num_stages=stages,
     )
 
 
 def backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen, causal, softmax_scale,
-             dropout_p, seed):
+             dropout_p, seed, positions=None):
     """dq, dk, dv (like q, k, v) are preallocated; delta is a workspace like lse."""
     varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     delta = torch.empty_like(lse)
+    pos = cu if positions is None else positions
     half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
     block_m, block_n, warps, stages = _config("dq", head_dim)
     _bwd_dq_kernel[(triton.cdiv(seq, block_m), batch * heads)](
-        q, k, v, cos, sin, out, do, lse, delta, dq, cu,
+        q, k, v, cos, sin, out, do, lse, delta, dq, cu, pos,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_strides3(do, varlen), *_strides3(dq, varlen), cos.stride(0), lse.stride(0),
-        heads, group, seq, total, softmax_scale * LOG2E, softmax_scale, seed, threshold, drop_scale,
+        heads, group, seq, total, cos.shape[0], softmax_scale * LOG2E, softmax_scale, seed, threshold, drop_scale,
         HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, HAS_POS=positions is not None,
+        num_warps=warps, num_stages=stages,
     )
     block_m, block_n, warps, stages = _config("dkdv", head_dim)
     _bwd_dkdv_kernel[(triton.cdiv(seq, block_n), batch * (heads // group))](
-        q, k, v, cos, sin, do, lse, delta, dk, dv, cu,
+        q, k, v, cos, sin, do, lse, delta, dk, dv, cu, pos,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen), cos.stride(0), lse.stride(0),
-        heads, group, seq, total, softmax_scale * LOG2E, seed, threshold, drop_scale,
+        heads, group, seq, total, cos.shape[0], softmax_scale * LOG2E, seed, threshold, drop_scale,
         HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, HAS_POS=positions is not None,
+        num_warps=warps, num_stages=stages,
     )
 
 

@@ -40,6 +40,15 @@ def test_packed_sequences(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_explicit_positions(dtype):
+    """A chunk continuing at position 3000 of a 4096-row table (chunked prefill, say)."""
+    q, k, v = qkv((2, 700, 8, 128), 2, dtype, "cuda")
+    cos, sin = tables(4096, 128, "cuda")
+    positions = torch.arange(3000, 3700, device="cuda").expand(2, 700)
+    check_training(q, k, v, cos, sin, positions=positions)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_the_seeded_mask(dtype):
     q, k, v = qkv((2, 300, 4, 64), 2, dtype, "cuda")
     cos, sin = tables(300, 64, "cuda")
@@ -94,7 +103,8 @@ def test_under_torch_compile():
 def test_opcheck():
     q, k, v = qkv((1, 130, 4, 64), 2, torch.bfloat16, "cuda")
     cos, sin = tables(130, 64, "cuda")
-    torch.library.opcheck(torch.ops.kernels.rope_attention_fwd.default, (q, k, v, cos, sin, None, 130, True, 0.125, 0.0, 0))
+    torch.library.opcheck(torch.ops.kernels.rope_attention_fwd.default,
+                          (q, k, v, cos, sin, None, None, 130, True, 0.125, 0.0, 0))
 
 
 def test_wrong_device_is_named():
