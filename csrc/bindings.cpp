@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "common.h"
 #include "cpu/kernels_cpu.h"
 #ifdef KERNELS_WITH_CUDA
@@ -107,6 +110,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "y = x @ dequant(W)^T for 4-bit W (fp16 scales/zeros, fp32 lut); zeros may be 0 (NF4)");
+  m.def(
+      "rope_decode_attention_cpu",
+      [](uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens,
+         bool seqlens_int64, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t heads,
+         int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t table_len, std::vector<int64_t> strides,
+         int dtype, float scale, int threads) {
+        KERNELS_CHECK(strides.size() == 12, "strides: expected 12 values, got " << strides.size());
+        KERNELS_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
+                      "heads, kv_heads, head_dim: " << heads << ", " << kv_heads << ", " << head_dim);
+        py::gil_scoped_release release;
+        kernels::cpu::rope_decode_attention(ptr<const void>(q), ptr<const void>(k_new), ptr<const void>(v_new),
+                                            ptr<void>(k_cache), ptr<void>(v_cache), ptr<const void>(seqlens),
+                                            seqlens_int64, ptr<const float>(cos), ptr<const float>(sin),
+                                            ptr<void>(out), batch, heads, kv_heads, head_dim, capacity, table_len,
+                                            strides.data(), dtype, scale, threads);
+      },
+      "RoPE on q and the new key at position seqlens[b], append to the caches, attention over 0..L");
 
   // ------------------------------------------------------------------ CUDA
 #ifdef KERNELS_WITH_CUDA

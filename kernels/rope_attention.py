@@ -394,11 +394,30 @@ def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optiona
     return _rope_decode_cuda.unsupported(q, *tensors)
 
 
+def _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale: float) -> None:
+    strides = [q.stride(0), q.stride(2), k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(2), cos.stride(0)]
+    batch, _, heads, head_dim = q.shape
+    _dispatch.ext().rope_decode_attention_cpu(
+        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        cache_seqlens.data_ptr(), cache_seqlens.dtype == torch.int64, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+        batch, heads, k_cache.shape[2], head_dim, k_cache.shape[1], cos.shape[0], strides,
+        _dispatch.DTYPE_CODES[q.dtype], softmax_scale, torch.get_num_threads(),
+    )
+
+
+def _cpu_decode_unsupported() -> Optional[str]:
+    ext = _dispatch.ext()
+    return None if hasattr(ext, "rope_decode_attention_cpu") else "kernels._C has no rope_decode_attention_cpu"
+
+
 def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale: float) -> torch.Tensor:
     """Choose a backend for these (real) tensors and run it; writes slot L_b of the caches."""
     checks = {"triton": lambda: _kernel_unsupported(q.dtype, q.shape[-1]),
-              "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache)}
-    backend = _dispatch.choose("rope_decode_attention", q.device, checks, implemented=("cuda", "triton", "torch"))
+              "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache),
+              "cpu": _cpu_decode_unsupported}
+    backend = _dispatch.choose("rope_decode_attention", q.device, checks,
+                               implemented=("cuda", "triton", "cpu", "torch"))
     if backend == "torch":
         return rope_decode_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin,
                                                softmax_scale)
@@ -406,6 +425,9 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     cos, sin = _tables(cos, sin)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
+        return out
+    if backend == "cpu":
+        _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens.contiguous(), cos, sin, out, softmax_scale)
         return out
     sms = _dispatch.sm_count(q.device) if q.is_cuda else 4
     if backend == "cuda":
@@ -484,7 +506,8 @@ def rope_decode_attention(
     cached, L_b. Rotates q and k_new at position L_b (cos/sin tables of (positions, D/2)), writes
     the rotated key and the value into slot L_b of the caches in place (cache_seqlens is not
     advanced), and returns attention over slots 0..L_b, (B, 1, H, D). Split-K over the cache
-    (flash-decoding), CUDA or Triton; the reference for fp32 and CPU.
+    (flash-decoding), CUDA or Triton, for fp16/bf16 CUDA tensors (fp32 ones take the reference);
+    a C++ kernel for CPU tensors of any of the three dtypes.
 
     `check_bounds` verifies on the host that every L_b < capacity and < positions (a device sync;
     skipped while capturing a CUDA graph or compiling). Without the check, a length out of range

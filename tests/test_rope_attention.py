@@ -282,13 +282,63 @@ def test_decode_public_op_and_length_checks():
     assert torch.equal(k_cache[1], before[1])
 
 
-def test_decode_default_on_cpu_is_the_reference():
-    q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(2, 4, 2, 16, 12, [0, 11], torch.float32)
-    cos, sin = tables(12, 16)
-    kc, vc = k_cache.clone(), v_cache.clone()
-    out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
-    expect = rope_decode_attention_reference(q, k_new, v_new, kc, vc, seqlens, cos, sin)
-    assert torch.equal(out, expect) and torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+needs_cpu_kernel = pytest.mark.skipif(_dispatch.unavailable("cpu", torch.device("cpu")) is not None,
+                                      reason="needs kernels._C")
+
+
+ISAS = _dispatch.capabilities().ext.cpu_isas() if _dispatch.capabilities().ext is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each instruction set this build has and this CPU runs."""
+    ext = _dispatch.ext()
+    ext.set_cpu_isa(request.param)
+    yield request.param
+    ext.set_cpu_isa("")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lengths,capacity", [
+    (4, 4, 64, [0, 37, 99], 100),
+    (8, 2, 32, [1, 70, 5], 77),
+    (8, 1, 128, [300, 0], 301),
+])
+@pytest.mark.parametrize("seq_dtype", [torch.int64, torch.int32], ids=str)
+def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_dim, lengths, capacity, seq_dtype):
+    """The C++ decode kernel (the CPU default) against fp64, outputs poisoned, cache checked."""
+    q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(len(lengths), heads, kv_heads, head_dim, capacity,
+                                                                lengths, dtype)
+    seqlens = seqlens.to(seq_dtype)
+    cos, sin = tables(capacity + 2, head_dim)
+    ref_k, ref_v = k_cache.double(), v_cache.double()
+    expect = rope_decode_attention_reference(q.double(), k_new.double(), v_new.double(), ref_k, ref_v, seqlens, cos, sin)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    out = poisoned(q.shape, dtype)
+    mod._cpu_decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / math.sqrt(head_dim))
+    assert_close(out, expect, dtype)
+    rows = torch.arange(len(lengths))
+    assert_close(k_cache[rows, seqlens.long()], ref_k[rows, seqlens.long()], dtype)
+    assert torch.equal(v_cache[rows, seqlens.long()], v_new[:, 0])
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    written[rows, seqlens.long()] = True
+    assert torch.equal(k_cache[~written], before_k[~written]) and torch.equal(v_cache[~written], before_v[~written])
+    # The public op takes the same kernel on CPU tensors.
+    kc, vc = before_k.clone(), before_v.clone()
+    again = kernels.rope_decode_attention(q, k_new, v_new, kc, vc, seqlens, cos, sin)
+    assert torch.equal(again, out) and torch.equal(kc, k_cache)
+
+
+@needs_cpu_kernel
+def test_decode_cpu_kernel_out_of_range_gives_nan_and_no_write():
+    q, k_new, v_new, k_cache, v_cache, _ = _decode_inputs(3, 4, 2, 16, 12, [0, 0, 0], torch.float32)
+    cos, sin = tables(10, 16)  # shorter than the cache: length 10 is in the cache but not the tables
+    seqlens = torch.tensor([3, 10, -1])
+    before = k_cache.clone()
+    out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+    assert torch.equal(k_cache[1:], before[1:])
 
 
 @pytest.mark.parametrize("name,value,words", [

@@ -116,6 +116,15 @@ void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t ro
                                     w_dtype, eps, num_threads))
 }
 
+void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
+                           const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,
+                           int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                           int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads) {
+  KERNELS_CPU_DISPATCH(rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, seqlens_int64, cos, sin,
+                                             out, batch, heads, kv_heads, head_dim, capacity, table_len, strides,
+                                             dtype, scale, num_threads))
+}
+
 void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
                   void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride,
                   int64_t dx_stride, int x_dtype, int w_dtype, int num_threads) {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+// rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
+// (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride.
 #define KERNELS_CPU_DECLARE_KERNELS                                                          \
   void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows,         \
                     int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, \
@@ -18,7 +20,13 @@
               int bias_dtype, int num_threads);                                               \
   void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,   \
                    const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,         \
-                   int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);
+                   int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);             \
+  void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache,  \
+                             void* v_cache, const void* seqlens, bool seqlens_int64,              \
+                             const float* cos, const float* sin, void* out, int64_t batch,         \
+                             int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,  \
+                             int64_t table_len, const int64_t* strides, int dtype, float scale,    \
+                             int num_threads);
 
 namespace kernels {
 namespace cpu {

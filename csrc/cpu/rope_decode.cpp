@@ -1,0 +1,150 @@
+// One decoding step of attention on the CPU, fused: RoPE on q and the new key at each sequence's
+// own position L, the append of that key and value to slot L of the KV cache, and attention over
+// slots 0..L. The same semantics as the CUDA and Triton decode kernels (kernels/rope_attention.py).
+//
+// Threads take (sequence, kv head) pairs. A pair reads each cached key and value once for all the
+// query heads of its GQA group: scores for the group against a key, then the softmax, then one
+// pass over the values. fp32 math for every storage dtype.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
+
+namespace kernels {
+namespace cpu {
+namespace KERNELS_ISA {
+namespace {
+
+template <typename T>
+void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const void* seqlens,
+                 bool seqlens_int64, const float* cos, const float* sin, T* out, int64_t batch, int64_t heads,
+                 int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t table_len, const int64_t* st,
+                 float scale, int num_threads) {
+  const int64_t q_b = st[0], q_h = st[1], kn_b = st[2], kn_h = st[3], vn_b = st[4], vn_h = st[5];
+  const int64_t c_b = st[6], c_s = st[7], c_h = st[8], o_b = st[9], o_h = st[10], t_s = st[11];
+  const int64_t group = heads / kv_heads, half = head_dim / 2, pairs = batch * kv_heads;
+  auto length = [&](int64_t b) -> int64_t {
+    return seqlens_int64 ? static_cast<const int64_t*>(seqlens)[b]
+                         : static_cast<const int32_t*>(seqlens)[b];
+  };
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, std::min(length(b), capacity));
+  const int nt = threads_for(pairs * (longest + 1) * head_dim * 2, pairs, num_threads);
+  (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> qr(static_cast<size_t>(group * head_dim));
+    std::vector<float> acc(static_cast<size_t>(group * head_dim));
+    std::vector<float> scores;
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      const int64_t b = pair / kv_heads, kh = pair % kv_heads;
+      const int64_t L = length(b);
+      T* o = out + b * o_b + kh * group * o_h;
+      if (L < 0 || L >= capacity || L >= table_len) {  // out of range: NaN, no cache write
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < head_dim; ++d) o[g * o_h + d] = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const float* c = cos + L * t_s;
+      const float* s = sin + L * t_s;
+      // Append: the rotated key (rounded to the cache dtype, as every later step reads it) and v.
+      const T* kn = k_new + b * kn_b + kh * kn_h;
+      const T* vn = v_new + b * vn_b + kh * vn_h;
+      T* kslot = k_cache + b * c_b + L * c_s + kh * c_h;
+      T* vslot = v_cache + b * c_b + L * c_s + kh * c_h;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = to_float(kn[i]), x2 = to_float(kn[i + half]);
+        kslot[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
+        kslot[i + half] = from_float<T>(x2 * c[i] + x1 * s[i]);
+      }
+      for (int64_t d = 0; d < head_dim; ++d) vslot[d] = vn[d];
+      // The group's rotated queries, scaled.
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qh = q + b * q_b + (kh * group + g) * q_h;
+        float* r = qr.data() + g * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = to_float(qh[i]), x2 = to_float(qh[i + half]);
+          r[i] = (x1 * c[i] - x2 * s[i]) * scale;
+          r[i + half] = (x2 * c[i] + x1 * s[i]) * scale;
+        }
+      }
+      // Scores against slots 0..L, one pass over the keys.
+      const int64_t n_keys = L + 1;
+      scores.resize(static_cast<size_t>(group * n_keys));
+      const T* kbase = k_cache + b * c_b + kh * c_h;
+      for (int64_t n = 0; n < n_keys; ++n) {
+        const T* kr = kbase + n * c_s;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* r = qr.data() + g * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += r[d] * to_float(kr[d]);
+          scores[g * n_keys + n] = dot;
+        }
+      }
+      // Softmax per head (unnormalised weights; divide at the end).
+      std::vector<float> inv_sum(static_cast<size_t>(group));
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = scores.data() + g * n_keys;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t n = 0; n < n_keys; ++n) mx = std::max(mx, sc[n]);
+        float sum = 0.f;
+        for (int64_t n = 0; n < n_keys; ++n) {
+          sc[n] = std::exp(sc[n] - mx);
+          sum += sc[n];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      // Weighted values, one pass.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const T* vbase = v_cache + b * c_b + kh * c_h;
+      for (int64_t n = 0; n < n_keys; ++n) {
+        const T* vr = vbase + n * c_s;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * n_keys + n];
+          float* a = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * to_float(vr[d]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < head_dim; ++d)
+          o[g * o_h + d] = from_float<T>(acc[g * head_dim + d] * inv_sum[g]);
+    }
+  }
+}
+
+}  // namespace
+
+void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
+                           const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,
+                           int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                           int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads) {
+  switch (to_dtype(dtype, "q")) {
+    case DType::F32:
+      return decode_impl(static_cast<const float*>(q), static_cast<const float*>(k_new),
+                         static_cast<const float*>(v_new), static_cast<float*>(k_cache),
+                         static_cast<float*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<float*>(out),
+                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
+    case DType::F16:
+      return decode_impl(static_cast<const f16_t*>(q), static_cast<const f16_t*>(k_new),
+                         static_cast<const f16_t*>(v_new), static_cast<f16_t*>(k_cache),
+                         static_cast<f16_t*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<f16_t*>(out),
+                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
+    case DType::BF16:
+      return decode_impl(static_cast<const bf16_t*>(q), static_cast<const bf16_t*>(k_new),
+                         static_cast<const bf16_t*>(v_new), static_cast<bf16_t*>(k_cache),
+                         static_cast<bf16_t*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<bf16_t*>(out),
+                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
+  }
+}
+
+}  // namespace KERNELS_ISA
+}  // namespace cpu
+}  // namespace kernels
