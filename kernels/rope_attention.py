@@ -1,7 +1,7 @@
 """Attention with the rotary embedding fused in: training (forward + backward) and decoding.
 
     rope_attention(q, k, v, cos, sin, causal=True, softmax_scale=None, dropout_p=0.0,
-                   dropout_seed=None, cu_seqlens=None, max_seqlen=None)
+                   dropout_seed=None, cu_seqlens=None, max_seqlen=None, positions=None)
     rope_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin,
                           softmax_scale=None, check_bounds=True)
 
@@ -12,9 +12,10 @@ other, and each sequence's positions restart at 0. cos and sin are (positions, D
 (llama.model.rope_tables); RoPE is half-split (element i pairs with i + D/2), the model's
 convention.
 
-Backends: Triton for fp16/bf16 CUDA tensors (kernels/triton/rope_attention.py), plus a CUDA
-decode kernel (csrc/cuda/rope_decode.cu); fp32, CPU tensors and anything a kernel cannot take go
-to the reference below, which computes in fp32.
+Backends: Triton for fp16/bf16 CUDA tensors (kernels/triton/rope_attention.py); for decoding also
+a CUDA kernel (csrc/cuda/rope_decode.cu) and a C++ CPU kernel (csrc/cpu/rope_decode.cpp). fp32
+CUDA tensors, CPU training calls and anything a kernel cannot take go to the reference below,
+which computes in fp32.
 
 Dropout inside the kernel is reproducible: the keep mask is a counter-based hash of
 (dropout_seed, head, query token, key index), the same in every backend (see `dropout_keep`), so

@@ -140,7 +140,7 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
-        """x: (B, S, dim). Three cases:
+        """x: (B, S, dim). Four cases:
 
         * no cache: causal attention over x (kernels.rope_attention: RoPE inside the kernel);
           cos/sin are the model's tables (positions, D/2).
