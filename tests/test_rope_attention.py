@@ -404,3 +404,21 @@ def test_model_on_the_fused_kernels_matches_the_reference_path(monkeypatch):
     assert cache.seqlens.tolist() == [21, 21]
     cache.reset()
     assert cache.empty and cache.seqlens.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_empty_inputs(backend):
+    """No batch, no tokens, no packed tokens, no sequences to decode: empty results, no launch."""
+    cos, sin = tables(8, 32)
+    with kernels.use_backend(backend):
+        for shape in [(0, 5, 4, 32), (2, 0, 4, 32)]:
+            q, k, v = (t.requires_grad_() for t in qkv(shape, 2, F16))
+            out = kernels.rope_attention(q, k, v, cos, sin)
+            out.sum().backward()
+            assert out.shape == shape and q.grad.shape == shape and k.grad.shape == k.shape
+        q, k, v = qkv((0, 4, 32), 2, F16)
+        assert kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_from_lengths([0, 0])).shape == (0, 4, 32)
+        q, k, v = qkv((0, 1, 4, 32), 2, F16)
+        cache = torch.zeros(0, 8, 2, 32, dtype=F16)
+        out = kernels.rope_decode_attention(q, k, v, cache, cache.clone(), torch.zeros(0, dtype=torch.long), cos, sin)
+        assert out.shape == (0, 1, 4, 32)
