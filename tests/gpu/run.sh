@@ -8,6 +8,7 @@
 #   PYTEST_ARGS="-n 8"       extra arguments for pytest (pytest-xdist compiles Triton kernels in parallel)
 #   TEST_TIMEOUT=300 BENCH_TIMEOUT=300   wall-clock limits in seconds for the tests and for each suite
 #   SKIP_TESTS=1 / SKIP_BENCH=1
+#   TUNE=1                   also sweep the attention kernels' launch configurations (bench/tune_attention.py)
 # Works offline: the build uses the packages already installed (no build isolation).
 set -uo pipefail
 out=${1:?usage: tests/gpu/run.sh OUTDIR}
@@ -46,6 +47,11 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && bench_rc=$rc
   done
+fi
+
+if [ -n "${TUNE:-}" ]; then
+  stamp "tune attention"
+  timeout "${BENCH_TIMEOUT:-1800}" "$python" bench/tune_attention.py --out "$out" 2>&1 | tee "$out/tune-attention.log"
 fi
 
 stamp "gpu tests exit $tests_rc, benchmarks exit $bench_rc"
