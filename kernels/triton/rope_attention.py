@@ -102,10 +102,11 @@ def _load_rotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos,
 def _table_rows(POS, offs, ok, table_len, HAS_POS: tl.constexpr):
     """Table rows of tokens offs of a sequence: their index, or POS[offs] (POS already points at
     the sequence's first token), clamped into the table."""
+    rows = offs
     if HAS_POS:
         p = tl.load(POS + offs, mask=ok, other=0)
-        return tl.minimum(tl.maximum(p, 0), table_len - 1)
-    return offs
+        rows = tl.minimum(tl.maximum(p, 0), table_len - 1).to(tl.int32)
+    return rows
 
 
 @triton.jit
