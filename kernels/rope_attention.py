@@ -378,6 +378,8 @@ def rope_attention(
     cos, sin = _tables(cos, sin)
     if positions is not None:
         positions = positions.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
     return rope_attention_fwd(q, k, v, cos, sin, cu_seqlens, positions, max_seqlen, causal, scale,
                               float(dropout_p), seed)[0]
 
@@ -424,11 +426,12 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
                                                softmax_scale)
     q, k_new, v_new = _last_contiguous(q), _last_contiguous(k_new), _last_contiguous(v_new)
     cos, sin = _tables(cos, sin)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels index it as a plain array
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
     if backend == "cpu":
-        _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens.contiguous(), cos, sin, out, softmax_scale)
+        _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale)
         return out
     sms = _dispatch.sm_count(q.device) if q.is_cuda else 4
     if backend == "cuda":

@@ -440,3 +440,14 @@ def test_kernels_compile_for_hopper():
     report = run.stdout + run.stderr[-3000:]
     assert run.returncode == 0, report
     assert report.count("ok ") >= 12, report
+
+
+@needs_cpu_kernel
+def test_decode_takes_strided_lengths():
+    q, k_new, v_new, k_cache, v_cache, _ = _decode_inputs(2, 4, 2, 16, 12, [0, 0], torch.float32)
+    cos, sin = tables(12, 16)
+    lengths = torch.tensor([3, 99, 7, 99])[::2]  # a strided view: 3 and 7
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, cos, sin)
+    expect = rope_decode_attention_reference(q, k_new, v_new, kc, vc, lengths.contiguous(), cos, sin)
+    assert_close(out, expect, torch.float32)
