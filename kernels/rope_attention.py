@@ -475,7 +475,8 @@ def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
             raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
     b, s, heads, d = q.shape
     if s != 1:
-        raise ValueError(f"q: expected one new token per sequence, shape (batch, 1, heads, head_dim), got {tuple(q.shape)}")
+        raise ValueError(f"q: expected one new token per sequence, shape (batch, 1, heads, head_dim), "
+                         f"got {tuple(q.shape)}")
     if d % 2:
         raise ValueError(f"q: head dim must be even for RoPE, got {d}")
     kv_heads = k_cache.shape[2]

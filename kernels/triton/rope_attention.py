@@ -156,6 +156,20 @@ def _head(P, b, row0, head, stride_b, stride_s, stride_h, VARLEN: tl.constexpr):
     return P + b.to(tl.int64) * stride_b + head * stride_h
 
 
+@triton.jit
+def _query_tile(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, POS, table_len, qk_scale, seed,
+                row_base, HALF: tl.constexpr, HPAD: tl.constexpr, HAS_POS: tl.constexpr, DROPOUT: tl.constexpr):
+    """A block of queries, rotated and scaled by softmax scale * log2(e), in the input dtype, and
+    their dropout row keys (row_base = head * tokens + the sequence's first token)."""
+    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD, qk_scale, True)
+    dtype = q_base.dtype.element_ty
+    row_keys = offs_m
+    if DROPOUT:
+        row_keys = _row_keys(seed, row_base, offs_m)
+    return q1.to(dtype), q2.to(dtype), row_keys
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c, POS, table_len,
@@ -201,8 +215,10 @@ def _fwd_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_c, stride_lh,
     H, GROUP, S, T, table_len, qk_scale, seed, threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr, HAS_POS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ROTATE_K: tl.constexpr,
+    HAS_POS: tl.constexpr,
 ):
     pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
@@ -216,36 +232,33 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HPAD)
     offs_dv = tl.arange(0, DPAD)
     m_ok = offs_m < seqlen
-    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
-                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
-                           qk_scale, True)
-    dtype = Q.dtype.element_ty
-    q1, q2 = q1.to(dtype), q2.to(dtype)
-    if DROPOUT:
-        row_keys = _row_keys(seed, h * T + row0, offs_m)
-    else:
-        row_keys = offs_m
+    q1, q2, row_keys = _query_tile(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, POS, table_len,
+                                   qk_scale, seed, h * T + row0, HALF, HPAD, HAS_POS, DROPOUT)
 
     acc = tl.zeros([BLOCK_M, DPAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if CAUSAL:
         diag = pid_m * BLOCK_M  # keys before the block's first query need no mask
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K, HAS_POS)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+                                   POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K,
+                                   HAS_POS)
         hi = tl.minimum(diag + BLOCK_M, seqlen)
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, ROTATE_K, HAS_POS)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+                                   POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, ROTATE_K,
+                                   HAS_POS)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K, HAS_POS)
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN,
-                                   stride_c, POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
-                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, ROTATE_K, HAS_POS)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+                                   POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
+                                   drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, ROTATE_K,
+                                   HAS_POS)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS, SIN, stride_c,
+                                   POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                   threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT,
+                                   ROTATE_K, HAS_POS)
     out = acc / l_i[:, None]
     o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
     tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
@@ -292,7 +305,8 @@ def _bwd_dq_kernel(
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
     stride_c, stride_lh,
     H, GROUP, S, T, table_len, qk_scale, sm_scale, seed, threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     pid_m, b, h, hk, row0, seqlen = _query_program(CU, H, GROUP, S, BLOCK_M, CAUSAL, VARLEN)
@@ -315,34 +329,31 @@ def _bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + h * stride_lh + row0 + offs_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + h * stride_lh + row0 + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
-                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
-                           qk_scale, True)
-    dtype = Q.dtype.element_ty
-    q1, q2 = q1.to(dtype), q2.to(dtype)
-    if DROPOUT:
-        row_keys = _row_keys(seed, h * T + row0, offs_m)
-    else:
-        row_keys = offs_m
+    q1, q2, row_keys = _query_tile(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, POS, table_len,
+                                   qk_scale, seed, h * T + row0, HALF, HPAD, HAS_POS, DROPOUT)
     dq1 = tl.zeros([BLOCK_M, HPAD], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HPAD], dtype=tl.float32)
     if CAUSAL:
         diag = pid_m * BLOCK_M
-        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, HAS_POS)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                 stride_c, POS, table_len, 0, diag, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT,
+                                 HAS_POS)
         hi = tl.minimum(diag + BLOCK_M, seqlen)
-        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT, HAS_POS)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                 stride_c, POS, table_len, diag, hi, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, True, True, DROPOUT,
+                                 HAS_POS)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
-        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys, threshold,
-                                 drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT, HAS_POS)
-        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS,
-                                 SIN, stride_c, POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
-                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT, HAS_POS)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                 stride_c, POS, table_len, 0, full, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, False, DROPOUT,
+                                 HAS_POS)
+        dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, COS, SIN,
+                                 stride_c, POS, table_len, full, seqlen, seqlen, offs_m, offs_d, offs_dv, row_keys,
+                                 threshold, drop_scale, HALF, HPAD, BLOCK_N, HEAD_DIM, False, True, DROPOUT,
+                                 HAS_POS)
     _store_unrotated(dq_base, stride_dqs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
                      _table_rows(POS, offs_m, m_ok, table_len, HAS_POS),
                      dq1 * sm_scale, dq2 * sm_scale, HALF)
@@ -350,7 +361,8 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, LSE_H, DELTA_H, COS, SIN,
-                    stride_c, POS, table_len, lo, hi, seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
+                    stride_c, POS, table_len, lo, hi, seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold,
+                    drop_scale, qk_scale,
                     HALF: tl.constexpr, HPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr):
     """Accumulate over query blocks [lo, hi) of one head. Queries past the end load as zeros
@@ -393,7 +405,8 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_c, stride_lh,
     H, GROUP, S, T, table_len, qk_scale, seed, threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -434,18 +447,19 @@ def _bwd_dkdv_kernel(
         if CAUSAL:
             lo = pid_n * BLOCK_N  # earlier queries do not see these keys
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, POS, table_len, lo, tl.minimum(lo + BLOCK_N, seqlen), seqlen,
-                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, True, DROPOUT, HAS_POS)
+                                           delta_h, COS, SIN, stride_c, POS, table_len, lo,
+                                           tl.minimum(lo + BLOCK_N, seqlen), seqlen, offs_n, offs_d, offs_dv, seed,
+                                           row_base, threshold, drop_scale, qk_scale, HALF, HPAD, BLOCK_M,
+                                           HEAD_DIM, True, DROPOUT, HAS_POS)
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, POS, table_len, lo + BLOCK_N, seqlen, seqlen,
-                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
+                                           delta_h, COS, SIN, stride_c, POS, table_len, lo + BLOCK_N, seqlen,
+                                           seqlen, offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale,
+                                           qk_scale, HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
         else:
             dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_dos, lse_h,
-                                           delta_h, COS, SIN, stride_c, POS, table_len, 0, seqlen, seqlen,
-                                           offs_n, offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale,
-                                           HALF, HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
+                                           delta_h, COS, SIN, stride_c, POS, table_len, 0, seqlen, seqlen, offs_n,
+                                           offs_d, offs_dv, seed, row_base, threshold, drop_scale, qk_scale, HALF,
+                                           HPAD, BLOCK_M, HEAD_DIM, False, DROPOUT, HAS_POS)
     # ds was taken against q * scale * log2(e): dk = scale * ds^T q = ln(2) * ds^T (q * scale * log2 e).
     ln2 = 0.6931471805599453
     _store_unrotated(dk_base, stride_dks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
@@ -461,7 +475,8 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_cs, stride_ch,
     stride_vcb, stride_vcs, stride_vch, stride_c,
     H, GROUP, capacity, table_len, qk_scale,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
     """Program (b, kv head, split): the GQA group's queries against one chunk of cache slots
