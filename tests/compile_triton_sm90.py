@@ -59,10 +59,10 @@ def variants():
             if kind == "fwd":
                 c["ROTATE_K"] = True
             yield f"{kind} D{d} flags={on} {dtype}", kernel, c, warps, stages, dtype
-    for d, group in ((128, 1), (64, 8)):
+    for d, group, splits in ((128, 1, 33), (64, 8, 33), (128, 4, 1)):
         c = dict(HEAD_DIM=d, HALF=d // 2, HPAD=d // 2, DPAD=d, G_PAD=max(16, group), BLOCK_N=tri.DECODE_BLOCK_N,
-                 SPLITS=33)
-        yield f"decode D{d} group {group}", tri._decode_kernel, c, 4, 2, "bf16"
+                 SPLITS=splits)
+        yield f"decode D{d} group {group} splits {splits}", tri._decode_kernel, c, 4, 2, "bf16"
     c = dict(HEAD_DIM=128, DPAD=128, SPLITS=33, SPLITS_PAD=64)
     yield "decode combine", tri._decode_combine_kernel, c, 4, 1, "bf16"
 

@@ -471,9 +471,9 @@ def _bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(
-    Q, KN, VN, KC, VC, LENS, COS, SIN, PM, PL, PACC,
+    Q, KN, VN, KC, VC, LENS, COS, SIN, PM, PL, PACC, O,
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_cs, stride_ch,
-    stride_vcb, stride_vcs, stride_vch, stride_c,
+    stride_vcb, stride_vcs, stride_vch, stride_c, stride_ob, stride_oh,
     H, GROUP, capacity, table_len, qk_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -481,7 +481,8 @@ def _decode_kernel(
 ):
     """Program (b, kv head, split): the GQA group's queries against one chunk of cache slots
     [0, L). The last split also takes the new key and value from registers and writes them to
-    slot L, which no program reads from memory, so there is no race."""
+    slot L, which no program reads from memory, so there is no race. With one split (short
+    caches) the program writes the output itself and no merge launch follows."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -551,10 +552,16 @@ def _decode_kernel(
         tl.store(slot_k + HALF + offs_d, r2, mask=offs_d < half_w)
         tl.store(slot_v + offs_dv, vn.to(VC.dtype.element_ty), mask=offs_dv < tl.where(valid, HEAD_DIM, 0))
 
-    part = (b64 * H + heads) * SPLITS + split
-    tl.store(PM + part, m_i, mask=g_ok)
-    tl.store(PL + part, l_i, mask=g_ok)
-    tl.store(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        out = tl.where(valid, out, float("nan"))
+        o_ptr = O + b64 * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+    else:
+        part = (b64 * H + heads) * SPLITS + split
+        tl.store(PM + part, m_i, mask=g_ok)
+        tl.store(PL + part, l_i, mask=g_ok)
+        tl.store(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -695,20 +702,23 @@ def decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, softmax_sc
     batch, _, heads, head_dim = q.shape
     kv_heads, capacity = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
-    partial_m = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    parts = splits if splits > 1 else 0  # one split writes the output directly
+    partial_m = torch.empty((batch, heads, parts), dtype=torch.float32, device=q.device)
     partial_l = torch.empty_like(partial_m)
-    partial_acc = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    partial_acc = torch.empty((batch, heads, parts, head_dim), dtype=torch.float32, device=q.device)
     half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
     block_n = 16 if _INTERPRET else (DECODE_BLOCK_N if head_dim <= 128 else 32)
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, partial_m, partial_l, partial_acc,
+        q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, partial_m, partial_l, partial_acc, out,
         q.stride(0), q.stride(2), k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), cos.stride(0),
+        v_cache.stride(2), cos.stride(0), out.stride(0), out.stride(2),
         heads, group, capacity, cos.shape[0], softmax_scale * LOG2E,
-        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, G_PAD=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, SPLITS=splits, num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad,
+        G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SPLITS=splits, num_warps=4, num_stages=2,
     )
+    if splits == 1:
+        return
     _decode_combine_kernel[(batch, heads)](
         partial_m, partial_l, partial_acc, seqlens, out, out.stride(0), out.stride(2), heads, capacity,
         cos.shape[0], HEAD_DIM=head_dim, DPAD=dpad, SPLITS=splits,
