@@ -70,19 +70,26 @@ inline float scalar(const T* p, int64_t i) {
   return to_float(p[i]);
 }
 
+// The fp16 scales (or zeros) of RB weight rows as fp32, converted once per row block so the
+// group loop broadcasts them from memory.
+template <int RB>
+inline void to_fp32_rows(const f16_t* src, int64_t groups, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(RB * groups));
+  for (int r = 0; r < RB; ++r)
+    for (int64_t g = 0; g < groups; ++g) dst[r * groups + g] = to_float(src[r * groups + g]);
+}
+
 // RB weight rows against MB rows of x. xf: MB rows of fp32 x; xsum: per row of x, the sum of
 // each group (only used with zeros). Writes out[m][r].
 template <int RB, int MB>
 inline void block(const float* const* xs, const float* const* xsums, const uint8_t* packed,
                   int64_t packed_stride, const f16_t* scales, const f16_t* zeros, int64_t groups,
                   int64_t k, int group, vfloat lut, float out[MB][RB]) {
+  thread_local std::vector<float> scale_f, zero_f;
+  to_fp32_rows<RB>(scales, groups, scale_f);
   vfloat total[MB][RB];
-  float zero_terms[MB][RB];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) {
-      total[m][r] = vfloat{};
-      zero_terms[m][r] = 0.f;
-    }
+    for (int r = 0; r < RB; ++r) total[m][r] = vfloat{};
   const int chunks_per_group = group / 32;
   for (int64_t g = 0; g < groups; ++g) {
     vfloat acc[MB][RB];
@@ -99,20 +106,30 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
       }
       for (int m = 0; m < MB; ++m) {
         const vfloat x_lo = loadf(xs[m] + k0), x_hi = loadf(xs[m] + k0 + 16);
-        for (int r = 0; r < RB; ++r) acc[m][r] += w_lo[r] * x_lo + w_hi[r] * x_hi;
+        for (int r = 0; r < RB; ++r) {  // two separate FMAs, not mul + fma + add
+          acc[m][r] += w_lo[r] * x_lo;
+          acc[m][r] += w_hi[r] * x_hi;
+        }
       }
     }
     for (int r = 0; r < RB; ++r) {
-      const float s = scalar(scales + r * groups, g);
-      const float z = zeros ? scalar(zeros + r * groups, g) : 0.f;
-      for (int m = 0; m < MB; ++m) {
-        total[m][r] += acc[m][r] * s;
-        if (zeros) zero_terms[m][r] += z * xsums[m][g];
-      }
+      const float s = scale_f[r * groups + g];
+      for (int m = 0; m < MB; ++m) total[m][r] += acc[m][r] * s;
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] = hsum(total[m][r]) + zero_terms[m][r];
+    for (int r = 0; r < RB; ++r) out[m][r] = hsum(total[m][r]);
+  if (zeros) {  // sum_g zero[r, g] * (sum of x over group g), once per row
+    to_fp32_rows<RB>(zeros, groups, zero_f);
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < RB; ++r) {
+        const float* z = zero_f.data() + r * groups;
+        float t = 0.f;
+#pragma omp simd reduction(+ : t)
+        for (int64_t g = 0; g < groups; ++g) t += z[g] * xsums[m][g];
+        out[m][r] += t;
+      }
+  }
   (void)k;
 }
 
