@@ -23,6 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import time_cuda_graph  # noqa: E402
+from bench.suites.attention import rope_tables  # noqa: E402
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); causal needs BLOCK_M % BLOCK_N == 0 (fwd, dQ) and
 # BLOCK_N % BLOCK_M == 0 (dK/dV).
 FWD = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (256, 64, 16, 2), (256, 64, 16, 3)]
@@ -59,9 +62,7 @@ def main(argv=None) -> int:
             k = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype)
             v = torch.randn_like(k)
             do = torch.randn_like(q)
-            inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d)
-            ang = torch.outer(torch.arange(s, device="cuda", dtype=torch.float64), inv)
-            cos, sin = ang.cos().float(), ang.sin().float()
+            cos, sin = rope_tables(s, d, "cuda")
             out = torch.empty_like(q)
             lse = torch.empty((h, b * s), device="cuda", dtype=torch.float32)
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -115,25 +116,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _graph_time_ms(fn, calls: int = 20, replays: int = 10) -> float:
-    """Median time of one call, from CUDA-graph replays of `calls` back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
     """Split counts for the Triton and CUDA decode kernels; one cache copy per call slot is enough
     past L2 at these lengths (the cache is 2*b*length*h*d*2 bytes)."""
@@ -147,14 +129,12 @@ def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
     kc = torch.randn(b, capacity, h, d, device="cuda", dtype=dtype)
     vc = torch.randn_like(kc)
     lens = torch.full((b,), length, device="cuda", dtype=torch.int64)
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d)
-    ang = torch.outer(torch.arange(capacity, device="cuda", dtype=torch.float64), inv)
-    cos, sin = ang.cos().float().contiguous(), ang.sin().float().contiguous()
+    cos, sin = rope_tables(capacity, d, "cuda")
     out = torch.empty_like(q)
     cache_bytes = 2 * b * length * h * d * kc.element_size()
     copy_src = torch.empty(cache_bytes // 2, dtype=torch.uint8, device="cuda")
     copy_dst = torch.empty_like(copy_src)
-    copy_ms = _graph_time_ms(lambda: copy_dst.copy_(copy_src))
+    copy_ms = time_cuda_graph([lambda: copy_dst.copy_(copy_src)]).median_ms
     sms = _dispatch.sm_count(q.device)
     defaults = {"triton": tri.decode_splits(b, h, capacity, sms),
                 "cuda": _rope_decode_cuda.splits_for(b, h, capacity, sms, d)}
@@ -164,7 +144,7 @@ def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
                 fn = lambda: tri.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
             else:
                 fn = lambda: _rope_decode_cuda.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
-            ms = _graph_time_ms(fn)
+            ms = time_cuda_graph([fn]).median_ms  # launch overhead removed
             rec = {"kind": f"decode-{backend}", "splits": splits, "ms": ms, "gbps": cache_bytes / ms / 1e6,
                    "vs_copy": copy_ms / ms, "shape": [b, h, h, length, d], "dtype": dtype_name, "device": device,
                    "default": splits == defaults[backend], "status": "ok"}

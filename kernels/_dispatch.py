@@ -109,6 +109,12 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def host_sync_allowed(t: torch.Tensor) -> bool:
+    """Whether a host-side check may read t's device values: not while tracing for
+    torch.compile, nor while capturing a CUDA graph."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def cuda_call(fn: Callable[..., str], *args) -> None:
     """Call a CUDA entry point of kernels._C, which returns "" or "ValueError: ..." /
     "RuntimeError: ..." instead of throwing (see csrc/cuda/kernels_cuda.h), and raise its error."""

@@ -218,8 +218,7 @@ def _check_positions(positions, q, packed: bool, table_rows: int) -> None:
                          f"{positions.dtype} of shape {tuple(positions.shape)}")
     if positions.device != q.device:
         raise ValueError(f"positions: is on {positions.device} but q is on {q.device}")
-    if positions.numel() and not torch.compiler.is_compiling() and not (
-            q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if positions.numel() and _dispatch.host_sync_allowed(q):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= table_rows:
             raise ValueError(f"positions: must index the {table_rows} rows of cos/sin, got [{lo}, {hi}]")
@@ -523,8 +522,7 @@ def rope_decode_attention(
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if check_bounds and q.shape[0] and not torch.compiler.is_compiling() and not (
-            q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if check_bounds and q.shape[0] and _dispatch.host_sync_allowed(q):
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         limit = min(k_cache.shape[1], cos.shape[0])
         if lo < 0 or hi >= limit:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels._dispatch import host_sync_allowed
+from kernels.rope_attention import rotate
 
 from .config import ModelConfig
 
@@ -51,20 +53,12 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, S, H, D) by cos/sin of shape (S, D/2) or (B, S, D/2); fp32 math."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return rotate(x, cos[:, :, None, :], sin[:, :, None, :]).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- KV cache
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 @dataclass
 class KVCache:
     """Preallocated keys and values for every layer, and how many positions each sequence holds.
@@ -342,7 +336,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
             fresh = cache.empty and s > 1 and cache.k[0].dtype == h.dtype
             positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
-            if not torch.compiler.is_compiling() and not _capturing(tokens):  # no host sync in a graph
+            if host_sync_allowed(tokens):
                 needed = s if fresh else int(cache.seqlens.max()) + s
                 if needed > cache.capacity:
                     raise ValueError(f"cache: {needed} positions needed but its capacity is {cache.capacity}")

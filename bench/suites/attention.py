@@ -114,7 +114,7 @@ def _cases(ctx: SuiteContext):
 
 
 # ----------------------------------------------------------------------------- RoPE
-def _tables(length: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(length: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (length, d/2) in fp32, llama.model.rope_tables' convention with base 10000."""
     inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
     angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv_freq)
@@ -123,7 +123,7 @@ def _tables(length: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _hf_tables(length: int, d: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (length, d) in ``dtype``: both halves repeated, as transformers' rotary embedding."""
-    cos, sin = _tables(length, d, device)
+    cos, sin = rope_tables(length, d, device)
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
 
 
@@ -226,7 +226,7 @@ class Impl:
 
 
 def _ours_prepare(kernels, shape, dtype, device):
-    cos, sin = _tables(shape.s, shape.d, device)
+    cos, sin = rope_tables(shape.s, shape.d, device)
     return lambda q, k, v: kernels.rope_attention(q, k, v, cos, sin, causal=True)
 
 
@@ -258,7 +258,7 @@ def _rope_sdpa_prepare(rope: str, backend: str, repeat: bool, shape, dtype, devi
 
 
 def _flash_attn_prepare(attn, rotary, shape, dtype, device):
-    cos, sin = _tables(shape.s, shape.d, device)
+    cos, sin = rope_tables(shape.s, shape.d, device)
     cos, sin = cos.to(dtype), sin.to(dtype)
     if rotary is None:
         hcos, hsin = _hf_tables(shape.s, shape.d, device, dtype)
@@ -433,7 +433,7 @@ def _decode_inputs(ctx: SuiteContext, shape: Shape, dtype):
 
 def _decode_ours(ctx, kernels, backend, shape, dtype):
     capacity, copies = _decode_inputs(ctx, shape, dtype)
-    cos, sin = _tables(capacity, shape.d, ctx.device)
+    cos, sin = rope_tables(capacity, shape.d, ctx.device)
     seqlens = torch.full((shape.b,), shape.s, device=ctx.device, dtype=torch.int32)
 
     def call(q, kn, vn, kc, vc):
@@ -475,7 +475,7 @@ def _decode_eager(ctx, backend, repeat, shape, dtype):
 
 def _decode_flash_attn(ctx, fn, shape, dtype):
     capacity, copies = _decode_inputs(ctx, shape, dtype)
-    cos, sin = (t.to(dtype) for t in _tables(capacity, shape.d, ctx.device))
+    cos, sin = (t.to(dtype) for t in rope_tables(capacity, shape.d, ctx.device))
     seqlens = torch.full((shape.b,), shape.s, device=ctx.device, dtype=torch.int32)
 
     def call(q, kn, vn, kc, vc):

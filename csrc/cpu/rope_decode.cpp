@@ -40,6 +40,7 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
   {
     std::vector<float> qr(static_cast<size_t>(group * head_dim));
     std::vector<float> acc(static_cast<size_t>(group * head_dim));
+    std::vector<float> inv_sum(static_cast<size_t>(group));
     std::vector<float> scores;
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
@@ -89,7 +90,6 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
         }
       }
       // Softmax per head (unnormalised weights; divide at the end).
-      std::vector<float> inv_sum(static_cast<size_t>(group));
       for (int64_t g = 0; g < group; ++g) {
         float* sc = scores.data() + g * n_keys;
         float mx = -std::numeric_limits<float>::infinity();
