@@ -1,11 +1,18 @@
 // y = x @ W^T for 4-bit group-quantized W (int4 or NF4) and a few rows of x (decode-sized M).
 //
 // W[n, k] = lut[q] * scale[n, k / group] (+ zero[n, k / group]), the codes packed two per byte
-// in chunks of 32 (byte j = code j | code j + 16 << 4; see kernels/int4_matmul.py). One 16-byte
-// load gives two runs of 16 codes; each run is widened to 32-bit lanes and looked up in the
-// 16-entry table with one permute (vpermps on AVX-512), then multiplied into every row of x.
-// Per group, the row sums of x carry the zero term: sum_k x*(v*s + z) = s*sum x*v + z*sum x.
-// The weights stream once: a tile of 4 rows at a time serves all rows of x.
+// in chunks of 32 (byte j = code j | code j + 16 << 4; see kernels/int4_matmul.py). Per group,
+// the row sums of x carry the zero term: sum_k x*(v*s + z) = s*sum x*v + z*sum x. The weights
+// stream once: a tile of rows at a time serves all rows of x.
+//
+// AVX-512 reads 128 codes (four chunks, 64 bytes) of a row as sixteen 32-bit lanes. Shifting
+// the whole vector right by 4s leaves, in the low nibble of each lane, one code per lane; the
+// 16-entry table lookup (vpermps) reads only those low four bits, so each run of 16 codes costs
+// one shift, one permute and one FMA, with no widening. x is permuted once per call into the
+// same order (lane L of step s holds the x element that code's position needs), and each lane
+// carries its own group's scale at the end of the block. Other ISAs, and the last K % 128
+// codes, go chunk by chunk: one 16-byte load, two runs of 16 codes widened to 32-bit lanes and
+// looked up.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -65,6 +72,63 @@ inline vfloat lookup(vfloat lut, vbyte codes) {
 #endif
 }
 
+// Codes per wide block (see the top of the file); only AVX-512 has the wide path.
+constexpr int kWide = 128;
+#if defined(__AVX512F__)
+constexpr bool kHasWide = true;
+#else
+constexpr bool kHasWide = false;
+#endif
+
+// Where x element `i` of a wide block goes in the permuted copy: the code in bits 4s..4s+3 of
+// lane L is code 4(L % 4) + s / 2 (+ 16 for odd s) of chunk L / 4.
+inline int wide_source(int i) {
+  const int s = i / 16, lane = i % 16;
+  return (lane / 4) * 32 + (s % 2) * 16 + 4 * (lane % 4) + s / 2;
+}
+
+#if defined(__AVX512F__)
+typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// Each lane's group scale for wide block b: scale of chunk L / 4 (group 32), L / 8 (group 64)
+// or the block's one scale (group 128). `sf` is padded so the 4-float load stays inside.
+template <int GROUP>
+inline vfloat wide_scales(const float* sf, int64_t b) {
+  if (GROUP == 128) return vfloat(_mm512_set1_ps(sf[b]));
+  const __m512i lanes = GROUP == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                    : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return vfloat(_mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(sf + b * (128 / GROUP)))));
+}
+
+// Wide blocks [0, blocks) of RB weight rows against MB rows of permuted x, added into total.
+template <int RB, int MB, int GROUP>
+inline void wide_blocks(const float* const* xs, const uint8_t* packed, int64_t packed_stride,
+                        const float* scale_f, int64_t groups, int64_t blocks, vfloat lut,
+                        vfloat total[MB][RB]) {
+  const __m512 table = __m512(lut);
+  for (int64_t b = 0; b < blocks; ++b) {
+    vuint bits[RB];
+    for (int r = 0; r < RB; ++r) std::memcpy(&bits[r], packed + r * packed_stride + b * 64, sizeof(bits[r]));
+    vfloat acc[MB][RB];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < RB; ++r) acc[m][r] = vfloat{};
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      vfloat w[RB];
+      for (int r = 0; r < RB; ++r) w[r] = vfloat(_mm512_permutexvar_ps(__m512i(bits[r] >> (4 * s)), table));
+      for (int m = 0; m < MB; ++m) {
+        const vfloat xv = loadf(xs[m] + b * kWide + s * kLanes);
+        for (int r = 0; r < RB; ++r) acc[m][r] += w[r] * xv;
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const vfloat sv = wide_scales<GROUP>(scale_f + r * groups, b);
+      for (int m = 0; m < MB; ++m) total[m][r] += acc[m][r] * sv;
+    }
+  }
+}
+#endif
+
 template <typename T>
 inline float scalar(const T* p, int64_t i) {
   return to_float(p[i]);
@@ -74,9 +138,17 @@ inline float scalar(const T* p, int64_t i) {
 // group loop broadcasts them from memory.
 template <int RB>
 inline void to_fp32_rows(const f16_t* src, int64_t groups, std::vector<float>& dst) {
-  dst.resize(static_cast<size_t>(RB * groups));
-  for (int r = 0; r < RB; ++r)
-    for (int64_t g = 0; g < groups; ++g) dst[r * groups + g] = to_float(src[r * groups + g]);
+  const int64_t count = RB * groups;
+  dst.resize(static_cast<size_t>(count + 4));  // + 4: wide_scales loads 4 at a time
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(dst.data() + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < count; ++i) dst[i] = to_float(src[i]);
 }
 
 // RB weight rows against MB rows of x. xf: MB rows of fp32 x; xsum: per row of x, the sum of
@@ -91,7 +163,14 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) total[m][r] = vfloat{};
   const int chunks_per_group = group / 32;
-  for (int64_t g = 0; g < groups; ++g) {
+  const int64_t wide = kHasWide ? k / kWide : 0;  // wide blocks, then chunk by chunk
+#if defined(__AVX512F__)
+  const float* sf = scale_f.data();
+  if (group == 32) wide_blocks<RB, MB, 32>(xs, packed, packed_stride, sf, groups, wide, lut, total);
+  if (group == 64) wide_blocks<RB, MB, 64>(xs, packed, packed_stride, sf, groups, wide, lut, total);
+  if (group == 128) wide_blocks<RB, MB, 128>(xs, packed, packed_stride, sf, groups, wide, lut, total);
+#endif
+  for (int64_t g = wide * kWide / group; g < groups; ++g) {
     vfloat acc[MB][RB];
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < RB; ++r) acc[m][r] = vfloat{};
@@ -117,20 +196,24 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
       for (int m = 0; m < MB; ++m) total[m][r] += acc[m][r] * s;
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] = hsum(total[m][r]);
-  if (zeros) {  // sum_g zero[r, g] * (sum of x over group g), once per row
+  if (zeros) {  // sum_g zero[r, g] * (sum of x over group g), in vectors of 16 groups
     to_fp32_rows<RB>(zeros, groups, zero_f);
+    const int64_t whole = groups / kLanes * kLanes;
+    for (int r = 0; r < RB; ++r) {
+      const float* z = zero_f.data() + r * groups;
+      for (int m = 0; m < MB; ++m)
+        for (int64_t g = 0; g < whole; g += kLanes) total[m][r] += loadf(z + g) * loadf(xsums[m] + g);
+    }
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < RB; ++r) {
-        const float* z = zero_f.data() + r * groups;
-        float t = 0.f;
-#pragma omp simd reduction(+ : t)
-        for (int64_t g = 0; g < groups; ++g) t += z[g] * xsums[m][g];
-        out[m][r] += t;
+        float t = hsum(total[m][r]);
+        for (int64_t g = whole; g < groups; ++g) t += zero_f[r * groups + g] * xsums[m][g];
+        out[m][r] = t;
       }
+    return;
   }
-  (void)k;
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) out[m][r] = hsum(total[m][r]);
 }
 
 template <int MB, typename TX>
@@ -159,12 +242,16 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
           TX* y, int64_t m, int64_t n, int64_t k, int group, int64_t x_stride, int64_t y_stride,
           int num_threads) {
   const int64_t groups = k / group;
+  // x in fp32, wide blocks permuted (see wide_source), and its sum over each group.
   std::vector<float> xf(static_cast<size_t>(m) * k), xsum(static_cast<size_t>(m) * groups, 0.f);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < k; ++c) {
-      xf[i * k + c] = to_float(x[i * x_stride + c]);
-      xsum[i * groups + c / group] += xf[i * k + c];
-    }
+  const int64_t wide_end = kHasWide ? k / kWide * kWide : 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const TX* xi = x + i * x_stride;
+    float* fi = xf.data() + i * k;
+    for (int64_t c = 0; c < k; ++c) xsum[i * groups + c / group] += to_float(xi[c]);
+    for (int64_t c = 0; c < wide_end; ++c) fi[c] = to_float(xi[c / kWide * kWide + wide_source(c % kWide)]);
+    for (int64_t c = wide_end; c < k; ++c) fi[c] = to_float(xi[c]);
+  }
   const vfloat lut = loadf(lut_p);
   // 4-bit rows are small: a tile of this many weight rows stays in L2 while every row of x passes.
   const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);

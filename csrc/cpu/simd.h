@@ -9,6 +9,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace kernels {
 namespace cpu {
@@ -23,10 +26,17 @@ inline vfloat loadf(const float* p) {
   return v;
 }
 
+// Sum of the lanes as a tree (log2 16 dependent adds, not 15).
 inline float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(v));
+#else
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) t[i] += t[i + width];
+  return t[0];
+#endif
 }
 
 // Below this many elements a call runs on the calling thread: waking a thread pool costs more
