@@ -90,26 +90,39 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "linear_cpu",
-      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t m, int64_t n, int64_t k,
-         int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
-        kernels::cpu::linear(ptr<const void>(x), ptr<const void>(w), ptr<const void>(bias),
-                             ptr<void>(y), m, n, k, x_stride, y_stride, x_dtype, w_dtype,
-                             bias_dtype, threads);
+      [](uintptr_t x, const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& bias,
+         const std::vector<uintptr_t>& y, const std::vector<int64_t>& n, int64_t m, int64_t k, int64_t x_stride,
+         int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
+        kernels::cpu::LinearParts parts;
+        for (uintptr_t a : w) parts.w.push_back(ptr<const void>(a));
+        for (uintptr_t a : bias) parts.bias.push_back(ptr<const void>(a));
+        for (uintptr_t a : y) parts.y.push_back(ptr<void>(a));
+        parts.n = n;
+        kernels::cpu::linear(ptr<const void>(x), parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype,
+                             threads);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "y = x @ w^T + bias for a few rows of x; bias may be 0 (none)");
+      "y[p] = x @ w[p]^T + bias[p] for a few rows of x and one or more weights w[p] of n[p] rows; a bias "
+      "entry may be 0 (none); all y[p] share y_stride");
 
   m.def(
       "int4_matmul_cpu",
-      [](uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t y,
-         int64_t m, int64_t n, int64_t k, int group, int64_t x_stride, int64_t y_stride, int x_dtype,
-         int threads) {
-        kernels::cpu::int4_matmul(ptr<const void>(x), ptr<const uint8_t>(packed), ptr<const void>(scales),
-                                  ptr<const void>(zeros), ptr<const float>(lut), ptr<void>(y), m, n, k,
-                                  group, x_stride, y_stride, x_dtype, threads);
+      [](uintptr_t x, const std::vector<uintptr_t>& packed, const std::vector<uintptr_t>& scales,
+         const std::vector<uintptr_t>& zeros, uintptr_t lut, const std::vector<uintptr_t>& y,
+         const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
+         int x_dtype, int threads) {
+        kernels::cpu::Int4Parts parts;
+        for (uintptr_t a : packed) parts.packed.push_back(ptr<const uint8_t>(a));
+        for (uintptr_t a : scales) parts.scales.push_back(ptr<const void>(a));
+        for (uintptr_t a : zeros) parts.zeros.push_back(ptr<const void>(a));
+        for (uintptr_t a : y) parts.y.push_back(ptr<void>(a));
+        parts.n = n;
+        kernels::cpu::int4_matmul(ptr<const void>(x), parts, ptr<const float>(lut), m, k, group, x_stride,
+                                  y_stride, x_dtype, threads);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "y = x @ dequant(W)^T for 4-bit W (fp16 scales/zeros, fp32 lut); zeros may be 0 (NF4)");
+      "y[p] = x @ dequant(W[p])^T for one or more 4-bit weights W[p] of n[p] rows (packed codes, fp16 "
+      "scales and zeros; a zeros entry may be 0 for NF4) and one fp32 lut; all y[p] share y_stride");
   m.def(
       "rope_decode_attention_cpu",
       [](uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens,

@@ -80,7 +80,10 @@ def ext():
 
 def forced_backend() -> Optional[str]:
     """The backend forced by use_backend() or KERNELS_BACKEND, or None for automatic choice."""
-    name = _forced.get() or os.environ.get("KERNELS_BACKEND", "").strip().lower() or None
+    name = _forced.get() or os.environ.get("KERNELS_BACKEND")
+    if not name:
+        return None
+    name = name.strip().lower() or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"KERNELS_BACKEND: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
@@ -164,6 +167,20 @@ def _preference(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
 
 
+def clear_caches() -> None:
+    """Forget the cached capability answers (tests that fake a missing backend call this)."""
+    _unavailable.cache_clear()
+    _candidates.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(device_type: str, implemented: tuple[str, ...]) -> tuple[tuple[str, Optional[str]], ...]:
+    """The implemented backends for a device type, preferred first, each with why it cannot run
+    there at all (None if it can); computed once, since choose() runs on every call of every op."""
+    return tuple((b, _unavailable(b, device_type)) for b in _preference(torch.device(device_type))
+                 if b in implemented)
+
+
 def log_once(op: str, message: str, level: int = logging.WARNING) -> None:
     key = (op, message)
     if key not in _logged:
@@ -183,22 +200,19 @@ def choose(
     `unsupported` maps a backend to a check returning why it cannot take this particular call
     (an odd size, say), or None. A forced backend that cannot run raises RuntimeError.
     """
-    unsupported = unsupported or {}
     forced = forced_backend()
-    if forced is not None and forced not in implemented:
-        raise RuntimeError(f"{op}: backend {forced!r} was forced but {op} has no {forced} implementation")
     if forced is not None:
-        reason = _unavailable(forced, device.type) or (unsupported[forced]() if forced in unsupported else None)
+        if forced not in implemented:
+            raise RuntimeError(f"{op}: backend {forced!r} was forced but {op} has no {forced} implementation")
+        reason = _unavailable(forced, device.type) or (
+            unsupported[forced]() if unsupported and forced in unsupported else None)
         if reason:
             raise RuntimeError(f"{op}: backend {forced!r} was forced but cannot run this call: {reason}")
         return forced
     skipped, missing = [], False
-    for backend in _preference(device):
-        if backend not in implemented:
-            continue
-        reason = _unavailable(backend, device.type)
+    for backend, reason in _candidates(device.type, implemented):
         missing = missing or reason is not None
-        if reason is None and backend in unsupported:
+        if reason is None and unsupported and backend in unsupported:
             reason = unsupported[backend]()
         if reason is None:
             if skipped:

@@ -20,7 +20,7 @@ without shuffles. K must be a multiple of the group size (and so of 32).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -212,13 +212,19 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
             raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
 
 
-def _cpu(x2, packed, scales, zeros, lut, group_size, y):
-    codes = _dispatch.DTYPE_CODES
+def _cpu_parts(x2, parts, lut, group_size, ys):
+    """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
+    zeros) writes ys[p] (all with one row stride)."""
     _dispatch.ext().int4_matmul_cpu(
-        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
-        lut.data_ptr(), y.data_ptr(), x2.shape[0], packed.shape[0], packed.shape[1] * 2, group_size,
-        x2.stride(0), y.stride(0), codes[x2.dtype], torch.get_num_threads(),
+        x2.data_ptr(), [p[0].data_ptr() for p in parts], [p[1].data_ptr() for p in parts],
+        [0 if p[2] is None else p[2].data_ptr() for p in parts], lut.data_ptr(), [y.data_ptr() for y in ys],
+        [p[0].shape[0] for p in parts], x2.shape[0], x2.shape[1], group_size, x2.stride(0), ys[0].stride(0),
+        _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
     )
+
+
+def _cpu(x2, packed, scales, zeros, lut, group_size, y):
+    _cpu_parts(x2, ((packed, scales, zeros),), lut, group_size, (y,))
 
 
 def _triton(x2, packed, scales, zeros, lut, group_size, y):
@@ -300,19 +306,41 @@ def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _forward(x, packed, scales, zeros, lut, group_size):
-    x2 = x.reshape(-1, x.shape[-1])
+_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+
+
+def _forward_parts(x, parts, lut, group_size):
+    """x @ [W_0 | W_1 | ...]^T for parts[p] = (packed, scales, zeros), in one (..., sum N_p)
+    output: the CPU kernel takes every part in one call; other backends run one part at a time."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.device.type == "cpu":
+    packed = parts[0][0]
+    if x2.is_cpu:
         checks = {"cpu": lambda: _cpu_unsupported(x2)}
     else:
         checks = {"cuda": lambda: _cuda_unsupported(x2, packed)}
-    backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=("cuda", "triton", "cpu", "torch"))
-    y = torch.empty((x2.shape[0], packed.shape[0]), dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        BACKENDS[backend](x2, packed, scales, zeros, lut, group_size, y)
-    return y.view(*x.shape[:-1], packed.shape[0])
+    backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=_IMPLEMENTED)
+    if len(parts) > 1 and backend != "cpu":
+        return torch.cat([_forward_parts(x, [p], lut, group_size) for p in parts], dim=-1)
+    n = sum(p[0].shape[0] for p in parts)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if not x2.shape[0]:
+        return y
+    y2 = y if y.dim() == 2 else y.view(x2.shape[0], n)
+    if len(parts) == 1:
+        BACKENDS[backend](x2, packed, parts[0][1], parts[0][2], lut, group_size, y2)
+        return y
+    ys, start = [], 0
+    for p in parts:
+        ys.append(y2[:, start:start + p[0].shape[0]])
+        start += p[0].shape[0]
+    _cpu_parts(x2, parts, lut, group_size, ys)
+    return y
+
+
+def _forward(x, packed, scales, zeros, lut, group_size):
+    return _forward_parts(x, ((packed, scales, zeros),), lut, group_size)
 
 
 @torch.library.custom_op("kernels::int4_matmul", mutates_args=())
@@ -348,15 +376,48 @@ def _backward(ctx, grad_y):
 _int4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def int4_matmul(
+    x: torch.Tensor, qw: QuantizedWeight | Sequence[QuantizedWeight], bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """y = x @ dequant(qw)^T (+ bias) over any leading dims of x, differentiable in x (and bias).
 
-    x may be fp32, fp16 or bf16; y has x's dtype. The weight is frozen.
+    x may be fp32, fp16 or bf16; y has x's dtype. The weight is frozen. `qw` may also be a
+    sequence of weights that share x (the Q, K and V projections, say, in one format and group
+    size): y is then x @ [W_0 | W_1 | ...]^T, the outputs side by side in one (..., sum N)
+    tensor, computed in one pass (one CPU kernel call converts x once for all of them); `bias`
+    then has sum N entries.
     """
-    check_inputs(x, qw, bias)
-    lut = qw.lut
+    qws = _weights(qw)
+    for q in qws:
+        check_inputs(x, q, None)
+    n = sum(q.shape[0] for q in qws)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            raise ValueError(f"bias: expected shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
+    first = qws[0]
+    lut = first.lut
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-        y = _int4_matmul_op(x, qw.packed, qw.scales, qw.zeros, lut, qw.group_size)
+        ys = [_int4_matmul_op(x, q.packed, q.scales, q.zeros, q.lut, q.group_size) for q in qws]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     else:
-        y = _forward(x, qw.packed, qw.scales, qw.zeros, lut, qw.group_size)
+        y = _forward_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], lut, first.group_size)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def _weights(qw) -> list[QuantizedWeight]:
+    """qw as a non-empty list of weights that one kernel call can take together."""
+    if isinstance(qw, QuantizedWeight):
+        return [qw]
+    if not isinstance(qw, (list, tuple)) or not qw:
+        raise TypeError(f"qw: expected a QuantizedWeight or a non-empty sequence of them, got {type(qw).__name__}")
+    qws = list(qw)
+    for i, q in enumerate(qws):
+        if not isinstance(q, QuantizedWeight):
+            raise TypeError(f"qw[{i}]: expected a QuantizedWeight (from quantize_int4/quantize_nf4), "
+                            f"got {type(q).__name__}")
+        if (q.format, q.group_size, q.shape[1]) != (qws[0].format, qws[0].group_size, qws[0].shape[1]):
+            raise ValueError(f"qw[{i}]: format {q.format}, group_size {q.group_size}, in_features {q.shape[1]} "
+                             f"differ from qw[0]'s {qws[0].format}, {qws[0].group_size}, {qws[0].shape[1]}")
+    return qws

@@ -8,6 +8,8 @@ backend).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -30,14 +32,20 @@ def _torch(x, weight, bias):
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def _cpu(x2, weight, bias, y):
+def _cpu_parts(x2, weights, biases, ys):
+    """One kernel call for several weights against the same x2: writes ys[p] = x2 @ weights[p]^T
+    + biases[p] (all ys with one row stride; biases entries may be None)."""
     codes = _dispatch.DTYPE_CODES
+    bias_dtype = next((codes[b.dtype] for b in biases if b is not None), 0)
     _dispatch.ext().linear_cpu(
-        x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-        x2.shape[0], weight.shape[0], weight.shape[1], x2.stride(0), y.stride(0),
-        codes[x2.dtype], codes[weight.dtype], codes[bias.dtype] if bias is not None else 0,
-        torch.get_num_threads(),
+        x2.data_ptr(), [w.data_ptr() for w in weights], [0 if b is None else b.data_ptr() for b in biases],
+        [y.data_ptr() for y in ys], [w.shape[0] for w in weights], x2.shape[0], x2.shape[1], x2.stride(0),
+        ys[0].stride(0), codes[x2.dtype], codes[weights[0].dtype], bias_dtype, torch.get_num_threads(),
     )
+
+
+def _cpu(x2, weight, bias, y):
+    _cpu_parts(x2, (weight,), (bias,), (y,))
 
 
 # Compiled backends write into a caller-allocated y (tests poison it first).
@@ -45,19 +53,29 @@ BACKENDS = {"cpu": _cpu}
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    for name, t in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+    for name, t in (("x", x), ("weight", weight)):
+        _check_tensor(name, t, x)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: last dim must equal weight's in_features {weight.shape[1]}, got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None:
+        _check_bias(x, bias, weight.shape[0])
+
+
+def _check_tensor(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+
+
+def _check_bias(x: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
+    _check_tensor("bias", bias, x)
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
 
 
 def _cpu_unsupported(x2: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -72,22 +90,69 @@ def _cpu_unsupported(x2: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight^T + bias over any leading dims of x; y has x's dtype."""
-    check_inputs(x, weight, bias)
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    ):
-        return _torch(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ weight^T + bias over any leading dims of x; y has x's dtype.
+
+    `weight` may also be a sequence of weights that share x (the Q, K and V projections, say):
+    y is then x @ [W_0 | W_1 | ...]^T, the outputs side by side in one (..., sum N) tensor, and
+    `bias` has sum N entries. On the CPU one kernel call converts x once for all of them.
+    """
+    weights = _weights(weight)
+    for w in weights:
+        check_inputs(x, w, None)
+    n = sum(w.shape[0] for w in weights)
+    if bias is not None:
+        _check_bias(x, bias, n)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or grad:
+        return _torch_parts(x, weights, bias)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     backend = _dispatch.choose(
-        "linear", x.device, {"cpu": lambda: _cpu_unsupported(x2, weight)}, implemented=("cpu", "torch")
+        "linear", x.device, {"cpu": lambda: next(filter(None, (_cpu_unsupported(x2, w) for w in weights)), None)},
+        implemented=("cpu", "torch"),
     )
     if backend == "torch":
-        return _torch(x, weight, bias)
-    y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        BACKENDS[backend](x2, weight, bias, y)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return _torch_parts(x, weights, bias)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if not x2.shape[0]:
+        return y
+    y2 = y if y.dim() == 2 else y.view(x2.shape[0], n)
+    if bias is not None:
+        bias = bias.contiguous()
+    if len(weights) == 1:
+        BACKENDS[backend](x2, weights[0], bias, y2)
+    else:
+        ys, biases, start = [], [], 0
+        for w in weights:
+            ys.append(y2[:, start:start + w.shape[0]])
+            biases.append(None if bias is None else bias[start:start + w.shape[0]])
+            start += w.shape[0]
+        _cpu_parts(x2, weights, biases, ys)
+    return y
+
+
+def _torch_parts(x, weights, bias):
+    if len(weights) == 1:
+        return _torch(x, weights[0], bias)
+    y = torch.cat([_torch(x, w, None) for w in weights], dim=-1)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _weights(weight) -> list[torch.Tensor]:
+    """weight as a non-empty list of (N_p, K) weights of one dtype."""
+    if isinstance(weight, torch.Tensor):
+        return [weight]
+    if not isinstance(weight, (list, tuple)) or not weight:
+        raise TypeError(f"weight: expected a torch.Tensor or a non-empty sequence of them, got {type(weight).__name__}")
+    weights = list(weight)
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weight[{i}]: expected a torch.Tensor, got {type(w).__name__}")
+        if w.dtype != weights[0].dtype:
+            raise TypeError(f"weight[{i}]: dtype {w.dtype} differs from weight[0]'s {weights[0].dtype}")
+    return weights

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,33 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
 
+    @staticmethod
+    def fused_forward(x: torch.Tensor, layers: Sequence["Linear"]) -> Optional[torch.Tensor]:
+        """The layers' outputs side by side from one kernels.linear call, or None when they have
+        biases or weights of different dtypes (see project)."""
+        dtype = layers[0].weight.dtype
+        if any(layer.bias is not None or layer.weight.dtype != dtype for layer in layers):
+            return None
+        return kernels.linear(x, [layer.weight for layer in layers])
+
+
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """x through several layers that read it (Q, K and V; gate and up): a list of their outputs.
+
+    On the CPU a decode step is dozens of small matrix-vector products, and each call's Python and
+    thread start-up costs about as much as its arithmetic. Layers of one class that define
+    `fused_forward(x, layers)` (4-bit layers of one format) then run as one kernel call, whose
+    output is split into views. Everything else, and every layer on a GPU (where the step is a
+    CUDA graph, so separate launches cost nothing extra), runs one layer at a time.
+    """
+    cls = type(layers[0])
+    fused = getattr(cls, "fused_forward", None)
+    if fused is not None and x.is_cpu and all(type(layer) is cls for layer in layers):
+        y = fused(x, layers)
+        if y is not None:
+            return list(y.split([layer.out_features for layer in layers], dim=-1))
+    return [layer(x) for layer in layers]
+
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rms":
@@ -147,9 +174,10 @@ class Attention(nn.Module):
           rotated keys and values fill slots 0..S-1; cos/sin are the tables.
         """
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.wq, self.wk, self.wv))
+        q = q.view(b, s, self.n_heads, self.head_dim)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
         dropout = self.attn_dropout if self.training else 0.0
         if cache_kv is None:
             out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
@@ -193,7 +221,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            gate, up = project(x, (self.w1, self.w3))
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
@@ -207,8 +236,12 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache_kv, positions, seqlens))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        h = self.attention(self.attention_norm(x), cos, sin, cache_kv, positions, seqlens)
+        if self.training:  # dropout is the identity in eval mode: skip the module calls
+            h = self.dropout(h)
+        x = x + h
+        h = self.feed_forward(self.ffn_norm(x))
+        return x + (self.dropout(h) if self.training else h)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -320,7 +353,9 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
         b, s = tokens.shape
-        h = self.dropout(self.tok_embeddings(tokens))
+        h = self.tok_embeddings(tokens)
+        if self.training:
+            h = self.dropout(h)
         if cache is None:
             if s > self.rope_cos.shape[0]:
                 if self.config.rope_scaling == "none" and not torch.compiler.is_compiling():
@@ -335,7 +370,6 @@ class Transformer(nn.Module):
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
             fresh = cache.empty and s > 1 and cache.k[0].dtype == h.dtype
-            positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
             if host_sync_allowed(tokens):
                 needed = s if fresh else int(cache.seqlens.max()) + s
                 if needed > cache.capacity:
@@ -348,6 +382,7 @@ class Transformer(nn.Module):
                 cos, sin, seqlens = self.rope_cos, self.rope_sin, cache.seqlens
                 positions = None
             else:
+                positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
                 cos, sin, seqlens = self.rope_cos[positions], self.rope_sin[positions], None
 
         for i, layer in enumerate(self.layers):

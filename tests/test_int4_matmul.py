@@ -91,6 +91,45 @@ def test_cpu_kernel_matches_reference(isa, fmt, dtype, shape, group):
     torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (5, 256, 128)], ids=str)
+def test_cpu_kernel_with_several_weights(isa, fmt, m, k, group):
+    """One call over weights of ragged sizes (13, 70, 5 rows: not multiples of the row block)
+    writes each output slice, and only its own, as the reference does."""
+    qws = [_quantize(fmt, torch.randn(n, k), group) for n in (13, 70, 5)]
+    x = torch.randn(m, k)
+    y = poisoned((m, 13 + 70 + 5 + 3), torch.float32)  # 3 columns past the parts stay untouched
+    ys = [y[:, :13], y[:, 13:83], y[:, 83:88]]
+    EXT.set_cpu_isa(isa)
+    try:
+        im._cpu_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, group, ys)
+    finally:
+        EXT.set_cpu_isa("")
+    for q, yp in zip(qws, ys):
+        torch.testing.assert_close(yp, int4_matmul_reference(x, q), atol=1e-4 * k**0.5, rtol=1e-4)
+    assert torch.isnan(y[:, 88:]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if EXT is not None else []))
+def test_public_op_with_several_weights(backend):
+    """A list of weights gives the outputs side by side, with and without autograd."""
+    qws = [quantize_int4(torch.randn(n, 96), 32) for n in (8, 24, 3)]
+    bias = torch.randn(35)
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    ref = torch.cat([int4_matmul_reference(x.detach(), q) for q in qws], dim=-1) + bias
+    with kernels.use_backend(backend):
+        y = int4_matmul(x, qws, bias)
+        with torch.no_grad():
+            y_nograd = int4_matmul(x, tuple(qws), bias)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_nograd, ref, atol=1e-4, rtol=1e-4)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, dy @ torch.cat([dequantize(q) for q in qws]), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if EXT is not None else []))
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 def test_public_op_forward_backward_and_bias(backend, fmt):
@@ -137,6 +176,14 @@ def test_opcheck():
         (lambda: int4_matmul(torch.randn(2, 64), torch.randn(4, 64)), TypeError, "qw: expected a QuantizedWeight"),
         (lambda: int4_matmul(torch.randn(2, 64), quantize_int4(torch.randn(4, 64), 32), torch.randn(5)), ValueError,
          r"bias: expected shape \(4,\)"),
+        (lambda: int4_matmul(torch.randn(2, 64), []), TypeError, "qw: expected a QuantizedWeight or a non-empty"),
+        (lambda: int4_matmul(torch.randn(2, 64), [quantize_int4(torch.randn(4, 64), 32), torch.randn(4, 64)]),
+         TypeError, r"qw\[1\]: expected a QuantizedWeight"),
+        (lambda: int4_matmul(torch.randn(2, 64), [quantize_int4(torch.randn(4, 64), 32),
+                                                  quantize_int4(torch.randn(4, 64), 64)]),
+         ValueError, r"qw\[1\]: format int4, group_size 64, in_features 64 differ"),
+        (lambda: int4_matmul(torch.randn(2, 64), [quantize_int4(torch.randn(4, 64), 32)] * 2, torch.randn(4)),
+         ValueError, r"bias: expected shape \(8,\)"),
     ],
 )
 def test_bad_inputs_name_the_argument(call, exc, match):

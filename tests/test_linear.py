@@ -51,6 +51,39 @@ def test_cpu_kernel_matches_reference(isa, x_dtype, w_dtype, m, n, k, with_bias)
     _close(y, lin.linear_reference(x.double(), w.double(), None if bias is None else bias.double()), x_dtype, k)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k", [(1, 33), (3, 64), (6, 17)], ids=str)
+def test_cpu_kernel_with_several_weights(isa, m, k):
+    """One call over weights of ragged sizes writes each output slice (and nothing past them)."""
+    ws = [torch.randn(n, k) for n in (13, 70, 5)]
+    bias = torch.randn(88)
+    x = torch.randn(m, k)
+    y = poisoned((m, 88 + 3), torch.float32)
+    ys = [y[:, :13], y[:, 13:83], y[:, 83:88]]
+    EXT.set_cpu_isa(isa)
+    try:
+        lin._cpu_parts(x, ws, [bias[:13], None, bias[83:]], ys)
+    finally:
+        EXT.set_cpu_isa("")
+    for w, yp, b in zip(ws, ys, [bias[:13], None, bias[83:]]):
+        _close(yp, lin.linear_reference(x.double(), w.double(), None if b is None else b.double()), torch.float32, k)
+    assert torch.isnan(y[:, 88:]).all()
+
+
+def test_several_weights_side_by_side():
+    ws = [torch.randn(n, 24) for n in (4, 9)]
+    bias = torch.randn(13)[None].expand(2, 13)[0]  # a strided view is fine
+    x = torch.randn(2, 3, 24)
+    ref = lin.linear_reference(x, torch.cat(ws), bias)
+    with torch.no_grad():
+        _close(kernels.linear(x, ws, bias), ref, torch.float32, 24)
+        with kernels.use_backend("torch"):
+            _close(kernels.linear(x, tuple(ws), bias), ref, torch.float32, 24)
+    xg = x.clone().requires_grad_()
+    kernels.linear(xg, ws).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.cat(ws).sum(0).expand(2, 3, 24))
+
+
 def test_strided_rows_and_leading_dims():
     x = torch.randn(2, 3, 40)[:, :, :33]  # row stride 40, last dim contiguous
     w = torch.randn(11, 33)
@@ -93,6 +126,11 @@ def test_autograd_goes_through_torch():
         (torch.randn(2, 8).double(), torch.randn(3, 8), None, TypeError, "x: dtype must be"),
         (torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8), None, TypeError, "weight: dtype must be"),
         (torch.randn(2, 8), torch.randn(3, 8, device="meta"), None, ValueError, "weight: is on meta"),
+        (torch.randn(2, 8), [], None, TypeError, "weight: expected a torch.Tensor or a non-empty sequence"),
+        (torch.randn(2, 8), [torch.randn(3, 8), torch.randn(3, 8).half()], None, TypeError,
+         r"weight\[1\]: dtype torch.float16 differs"),
+        (torch.randn(2, 8), [torch.randn(3, 8), torch.randn(2, 8)], torch.randn(3), ValueError,
+         r"bias: expected shape \(5,\)"),
     ],
 )
 def test_bad_inputs_name_the_argument(x, w, b, exc, match):

@@ -105,6 +105,23 @@ def test_quantize_swaps_layers_and_logits_stay_close(name):
     assert model_size_bytes(model) < 0.45 * model_size_bytes(dense)
 
 
+def test_cpu_projections_that_share_an_input_run_as_one_call(monkeypatch):
+    """Q/K/V and gate/up of a 4-bit model are one int4_matmul call each on the CPU, and give
+    the logits that one call per layer gives."""
+    im = sys.modules["kernels.int4_matmul"]
+    model = quantize_(tiny(), Int4Config(64))
+    calls, real = [], im._forward_parts
+    monkeypatch.setattr(im, "_forward_parts", lambda x, parts, *a: calls.append(len(parts)) or real(x, parts, *a))
+    with torch.no_grad():
+        fused = model(TOKENS[:1, :3])
+        assert calls == [3, 1, 2, 1] * 2 + [1]
+        monkeypatch.setattr(QuantLinear, "fused_forward", None)
+        calls.clear()
+        single = model(TOKENS[:1, :3])
+        assert calls == [1] * 15
+    torch.testing.assert_close(fused, single, atol=1e-5, rtol=1e-5)
+
+
 def test_smaller_groups_are_more_accurate():
     dense = tiny()
     with torch.no_grad():

@@ -204,8 +204,8 @@ def test_automatic_fallback_is_logged_once(monkeypatch, caplog, request):
     missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "kernels._C is not importable (test)"})
     monkeypatch.setattr(_dispatch, "capabilities", lambda: missing)
     monkeypatch.setattr(_dispatch, "_logged", set())
-    _dispatch._unavailable.cache_clear()  # availability is cached per backend and device type
-    request.addfinalizer(_dispatch._unavailable.cache_clear)
+    _dispatch.clear_caches()  # availability is cached per backend and device type
+    request.addfinalizer(_dispatch.clear_caches)
     x, w = torch.randn(3, 16), torch.randn(16)
     with caplog.at_level(logging.WARNING, logger="kernels"):
         for _ in range(3):

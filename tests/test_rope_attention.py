@@ -331,6 +331,20 @@ def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_d
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("sharpness", [8.0, 200.0])
+def test_decode_cpu_kernel_peaked_softmax(isa, sharpness):
+    """Large scores (weights from 1 down to underflow, past e^-87) through the kernel's vector exp."""
+    q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(1, 4, 4, 64, 90, [85], torch.float32)
+    q = q * sharpness
+    cos, sin = tables(92, 64)
+    expect = rope_decode_attention_reference(q.double(), k_new.double(), v_new.double(), k_cache.double(),
+                                             v_cache.double(), seqlens, cos, sin)
+    out = poisoned(q.shape, torch.float32)
+    mod._cpu_decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / 8)
+    torch.testing.assert_close(out.double(), expect, atol=1e-5 * sharpness, rtol=1e-4)
+
+
+@needs_cpu_kernel
 def test_decode_cpu_kernel_out_of_range_gives_nan_and_no_write():
     q, k_new, v_new, k_cache, v_cache, _ = _decode_inputs(3, 4, 2, 16, 12, [0, 0, 0], torch.float32)
     cos, sin = tables(10, 16)  # shorter than the cache: length 10 is in the cache but not the tables

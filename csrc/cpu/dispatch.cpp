@@ -132,18 +132,14 @@ void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rst
                                     dx_stride, x_dtype, w_dtype, num_threads))
 }
 
-void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,
-            int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-            int bias_dtype, int num_threads) {
-  KERNELS_CPU_DISPATCH(linear(x, w, bias, y, m, n, k, x_stride, y_stride, x_dtype, w_dtype,
-                              bias_dtype, num_threads))
+void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride, int64_t y_stride,
+            int x_dtype, int w_dtype, int bias_dtype, int num_threads) {
+  KERNELS_CPU_DISPATCH(linear(x, parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype, num_threads))
 }
 
-void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,
-                 const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,
+void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
                  int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
-  KERNELS_CPU_DISPATCH(int4_matmul(x, packed, scales, zeros, lut, y, m, n, k, group, x_stride,
-                                   y_stride, x_dtype, num_threads))
+  KERNELS_CPU_DISPATCH(int4_matmul(x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))
 }
 
 }  // namespace cpu

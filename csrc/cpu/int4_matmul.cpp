@@ -238,11 +238,11 @@ void rows_pass(const float* const* xs, const float* const* xsums, TX* const* ys,
 }
 
 template <typename TX>
-void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* zeros, const float* lut_p,
-          TX* y, int64_t m, int64_t n, int64_t k, int group, int64_t x_stride, int64_t y_stride,
-          int num_threads) {
+void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, int64_t k, int group,
+          int64_t x_stride, int64_t y_stride, int num_threads) {
   const int64_t groups = k / group;
-  // x in fp32, wide blocks permuted (see wide_source), and its sum over each group.
+  // x in fp32, wide blocks permuted (see wide_source), and its sum over each group: once for
+  // every part.
   std::vector<float> xf(static_cast<size_t>(m) * k), xsum(static_cast<size_t>(m) * groups, 0.f);
   const int64_t wide_end = kHasWide ? k / kWide * kWide : 0;
   for (int64_t i = 0; i < m; ++i) {
@@ -255,7 +255,12 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
   const vfloat lut = loadf(lut_p);
   // 4-bit rows are small: a tile of this many weight rows stays in L2 while every row of x passes.
   const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
-  parallel_rows(n, kRowBlock, n * k, num_threads, [&](int64_t n0, int64_t n1) {
+  // The parts' rows are stacked, [part 0 | part 1 | ...], and split across threads as one range.
+  parallel_parts(parts.n, kRowBlock, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
+    const auto* packed = parts.packed[p];
+    const auto* scales = static_cast<const f16_t*>(parts.scales[p]);
+    const auto* zeros = static_cast<const f16_t*>(parts.zeros[p]);
+    TX* y = static_cast<TX*>(parts.y[p]);
     for (int64_t t0 = n0; t0 < n1; t0 += tile) {
       const int64_t t1 = std::min(n1, t0 + tile);
       for (int64_t i = 0; i < m; i += kMaxM) {
@@ -281,24 +286,22 @@ void impl(const TX* x, const uint8_t* packed, const f16_t* scales, const f16_t* 
 
 }  // namespace
 
-void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,
-                 const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,
+void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
                  int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
-  KERNELS_CHECK(m >= 0 && n > 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " n=" << n << " k=" << k);
+  KERNELS_CHECK(m >= 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " k=" << k);
+  KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
+                    parts.zeros.size() == parts.n.size() && parts.y.size() == parts.n.size(),
+                "qw: expected one or more weights, each with packed codes, scales, zeros and an output");
+  for (int64_t n : parts.n) KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
   KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
   KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
-  const auto* s = static_cast<const f16_t*>(scales);
-  const auto* z = static_cast<const f16_t*>(zeros);
   switch (to_dtype(x_dtype, "x")) {
     case DType::F32:
-      return impl(static_cast<const float*>(x), packed, s, z, lut, static_cast<float*>(y), m, n, k, group,
-                  x_stride, y_stride, num_threads);
+      return impl(static_cast<const float*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
     case DType::F16:
-      return impl(static_cast<const f16_t*>(x), packed, s, z, lut, static_cast<f16_t*>(y), m, n, k, group,
-                  x_stride, y_stride, num_threads);
+      return impl(static_cast<const f16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
     case DType::BF16:
-      return impl(static_cast<const bf16_t*>(x), packed, s, z, lut, static_cast<bf16_t*>(y), m, n, k, group,
-                  x_stride, y_stride, num_threads);
+      return impl(static_cast<const bf16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
   }
 }
 

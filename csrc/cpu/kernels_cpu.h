@@ -15,12 +15,10 @@
   void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx, \
                     void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, \
                     int64_t dx_stride, int x_dtype, int w_dtype, int num_threads);              \
-  void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,  \
-              int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,          \
-              int bias_dtype, int num_threads);                                               \
-  void int4_matmul(const void* x, const uint8_t* packed, const void* scales, const void* zeros,   \
-                   const float* lut, void* y, int64_t m, int64_t n, int64_t k, int group,         \
-                   int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);             \
+  void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride,  \
+              int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads);      \
+  void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, \
+                   int group, int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);  \
   void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache,  \
                              void* v_cache, const void* seqlens, bool seqlens_int64,              \
                              const float* cos, const float* sin, void* out, int64_t batch,         \
@@ -30,6 +28,23 @@
 
 namespace kernels {
 namespace cpu {
+
+// Several 4-bit weights that multiply the same x, each with its own output (y[p], same row
+// stride): part p has n[p] output features. One call converts x once and splits all the parts'
+// rows across threads together (a fused Q/K/V or gate/up projection without concatenating).
+struct Int4Parts {
+  std::vector<const uint8_t*> packed;
+  std::vector<const void*> scales, zeros;  // fp16; zeros[p] may be null (NF4)
+  std::vector<void*> y;
+  std::vector<int64_t> n;
+};
+
+// Several dense weights that multiply the same x (one weight and one bias dtype for all).
+struct LinearParts {
+  std::vector<const void*> w, bias;  // bias[p] may be null
+  std::vector<void*> y;
+  std::vector<int64_t> n;
+};
 
 namespace baseline { KERNELS_CPU_DECLARE_KERNELS }
 namespace avx2 { KERNELS_CPU_DECLARE_KERNELS }

@@ -118,43 +118,46 @@ void tile_pass(const float* xf, TX* y, const TW* w, const float* bias, int64_t m
 }
 
 template <typename TX, typename TW>
-void linear_impl(const TX* x, const TW* w, const void* bias, int bias_dtype, TX* y, int64_t m,
-                 int64_t n, int64_t k, int64_t x_stride, int64_t y_stride, int num_threads) {
-  // x rows and the bias in fp32, converted once.
+void linear_impl(const TX* x, const LinearParts& parts, int bias_dtype, int64_t m, int64_t k, int64_t x_stride,
+                 int64_t y_stride, int num_threads) {
+  // x rows and the biases in fp32, converted once.
   std::vector<float> xf(static_cast<size_t>(m) * k);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t c = 0; c < k; ++c) xf[i * k + c] = to_float(x[i * x_stride + c]);
-  std::vector<float> bf;
-  if (bias) {
-    bf.resize(n);
-    for (int64_t j = 0; j < n; ++j) {
+  std::vector<std::vector<float>> bf(parts.n.size());
+  for (size_t p = 0; p < parts.n.size(); ++p) {
+    const void* bias = parts.bias[p];
+    if (!bias) continue;
+    bf[p].resize(parts.n[p]);
+    for (int64_t j = 0; j < parts.n[p]; ++j) {
       switch (to_dtype(bias_dtype, "bias")) {
-        case DType::F32: bf[j] = static_cast<const float*>(bias)[j]; break;
-        case DType::F16: bf[j] = to_float(static_cast<const f16_t*>(bias)[j]); break;
-        case DType::BF16: bf[j] = to_float(static_cast<const bf16_t*>(bias)[j]); break;
+        case DType::F32: bf[p][j] = static_cast<const float*>(bias)[j]; break;
+        case DType::F16: bf[p][j] = to_float(static_cast<const f16_t*>(bias)[j]); break;
+        case DType::BF16: bf[p][j] = to_float(static_cast<const bf16_t*>(bias)[j]); break;
       }
     }
   }
-  const float* b = bias ? bf.data() : nullptr;
-  // Weight rows are split into contiguous, 4-row-aligned ranges, one per thread.
-  parallel_rows(n, kRowBlock, n * k, num_threads, [&](int64_t n0, int64_t n1) {
-    tile_pass(xf.data(), y, w, b, m, n0, n1, k, y_stride);
+  // The parts' weight rows, stacked, are split into contiguous 4-row-aligned ranges, one per thread.
+  parallel_parts(parts.n, kRowBlock, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
+    tile_pass(xf.data(), static_cast<TX*>(parts.y[p]), static_cast<const TW*>(parts.w[p]),
+              parts.bias[p] ? bf[p].data() : nullptr, m, n0, n1, k, y_stride);
   });
 }
 
 }  // namespace
 
-void linear(const void* x, const void* w, const void* bias, void* y, int64_t m, int64_t n,
-            int64_t k, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-            int bias_dtype, int num_threads) {
-  KERNELS_CHECK(m >= 0 && n > 0 && k > 0, "x, weight: expected positive sizes, got m=" << m << " n=" << n
-                                                                                        << " k=" << k);
+void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride, int64_t y_stride,
+            int x_dtype, int w_dtype, int bias_dtype, int num_threads) {
+  KERNELS_CHECK(m >= 0 && k > 0, "x, weight: expected positive sizes, got m=" << m << " k=" << k);
+  KERNELS_CHECK(!parts.n.empty() && parts.w.size() == parts.n.size() && parts.bias.size() == parts.n.size() &&
+                    parts.y.size() == parts.n.size(),
+                "weight: expected one or more weights, each with a bias (or none) and an output");
+  for (int64_t n : parts.n) KERNELS_CHECK(n > 0, "weight: expected positive out_features, got " << n);
   auto with_w = [&](auto* xt) {
     using TX = std::remove_pointer_t<decltype(xt)>;
     auto run = [&](auto* wt) {
       using TW = std::remove_pointer_t<decltype(wt)>;
-      linear_impl<TX, TW>(static_cast<const TX*>(x), static_cast<const TW*>(w), bias, bias_dtype,
-                          static_cast<TX*>(y), m, n, k, x_stride, y_stride, num_threads);
+      linear_impl<TX, TW>(static_cast<const TX*>(x), parts, bias_dtype, m, k, x_stride, y_stride, num_threads);
     };
     switch (to_dtype(w_dtype, "weight")) {
       case DType::F32: return run(static_cast<float*>(nullptr));

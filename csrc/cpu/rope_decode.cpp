@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -19,6 +21,43 @@ namespace kernels {
 namespace cpu {
 namespace KERNELS_ISA {
 namespace {
+
+// q . k over one head: 16 lanes at a time, then a tree sum (float keys; others convert).
+template <typename T>
+inline float dot(const float* r, const T* k, int64_t n) {
+  float total = 0.f;
+  int64_t d = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    vfloat acc{};
+    for (; d + kLanes <= n; d += kLanes) acc += loadf(r + d) * loadf(k + d);
+    total = hsum(acc);
+  }
+  for (; d < n; ++d) total += r[d] * to_float(k[d]);
+  return total;
+}
+
+// e^x for x <= 0 (softmax arguments), to about 2 ulp: x = k ln2 + f with |f| <= ln2 / 2, a
+// degree-6 polynomial for e^f, and 2^k put into the exponent bits. Below -87 the result is 0.
+inline vfloat exp_approx(vfloat x) {
+  typedef int32_t vint32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const vfloat lo = x < -87.f ? vfloat{} + 1.f : vfloat{};  // lanes that underflow to 0
+  x = x < -87.f ? vfloat{} - 87.f : x;
+  const vfloat kf = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (x < 0.f ? -0.5f : 0.5f),
+                                                                    vint32), vfloat);
+  const vfloat f = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  vint32 bits = (__builtin_convertvector(kf, vint32) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vfloat r = p * scale;
+  return lo != 0.f ? vfloat{} : r;
+}
 
 template <typename T>
 void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const void* seqlens,
@@ -81,21 +120,23 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       const T* kbase = k_cache + b * c_b + kh * c_h;
       for (int64_t n = 0; n < n_keys; ++n) {
         const T* kr = kbase + n * c_s;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* r = qr.data() + g * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += r[d] * to_float(kr[d]);
-          scores[g * n_keys + n] = dot;
-        }
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * n_keys + n] = dot(qr.data() + g * head_dim, kr, head_dim);
       }
-      // Softmax per head (unnormalised weights; divide at the end).
+      // Softmax per head (unnormalised weights; divide at the end), 16 scores at a time.
       for (int64_t g = 0; g < group; ++g) {
         float* sc = scores.data() + g * n_keys;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t n = 0; n < n_keys; ++n) mx = std::max(mx, sc[n]);
-        float sum = 0.f;
-        for (int64_t n = 0; n < n_keys; ++n) {
+        vfloat vsum{};
+        int64_t n = 0;
+        for (; n + kLanes <= n_keys; n += kLanes) {
+          const vfloat e = exp_approx(loadf(sc + n) - mx);
+          std::memcpy(sc + n, &e, sizeof(e));
+          vsum += e;
+        }
+        float sum = hsum(vsum);
+        for (; n < n_keys; ++n) {
           sc[n] = std::exp(sc[n] - mx);
           sum += sc[n];
         }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -65,6 +66,23 @@ inline void parallel_rows(int64_t n, int64_t align, int64_t elements, int reques
 #endif
     fn(std::min(n, blocks * t / count * align), std::min(n, blocks * (t + 1) / count * align));
   }
+}
+
+// Rows of several matrices stacked ([part 0 | part 1 | ...], part p with ns[p] rows of
+// `row_elements` values), split as one range like parallel_rows; calls fn(p, begin, end) with
+// part-local rows for each piece of a part that a thread owns.
+template <typename Fn>
+inline void parallel_parts(const std::vector<int64_t>& ns, int64_t align, int64_t row_elements, int requested,
+                           Fn&& fn) {
+  int64_t total = 0;
+  for (int64_t n : ns) total += n;
+  parallel_rows(total, align, total * row_elements, requested, [&](int64_t n0, int64_t n1) {
+    int64_t offset = 0;
+    for (size_t p = 0; p < ns.size(); offset += ns[p], ++p) {
+      const int64_t lo = std::max(n0, offset), hi = std::min(n1, offset + ns[p]);
+      if (lo < hi) fn(p, lo - offset, hi - offset);
+    }
+  });
 }
 
 }  // namespace KERNELS_ISA
