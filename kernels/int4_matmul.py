@@ -215,11 +215,16 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
 def _cpu_parts(x2, parts, lut, group_size, ys):
     """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
     zeros) writes ys[p] (all with one row stride)."""
+    packed, scales, zeros, outs, rows = [], [], [], [], []
+    for (p, s, z), y in zip(parts, ys):
+        packed.append(p.data_ptr())
+        scales.append(s.data_ptr())
+        zeros.append(0 if z is None else z.data_ptr())
+        outs.append(y.data_ptr())
+        rows.append(p.shape[0])
     _dispatch.ext().int4_matmul_cpu(
-        x2.data_ptr(), [p[0].data_ptr() for p in parts], [p[1].data_ptr() for p in parts],
-        [0 if p[2] is None else p[2].data_ptr() for p in parts], lut.data_ptr(), [y.data_ptr() for y in ys],
-        [p[0].shape[0] for p in parts], x2.shape[0], x2.shape[1], group_size, x2.stride(0), ys[0].stride(0),
-        _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
+        x2.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, rows, x2.shape[0], x2.shape[1], group_size,
+        x2.stride(0), ys[0].stride(0), _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
     )
 
 
@@ -309,7 +314,7 @@ def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
 _IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
-def _forward_parts(x, parts, lut, group_size):
+def _forward_parts(x, parts, lut, group_size, n=None):
     """x @ [W_0 | W_1 | ...]^T for parts[p] = (packed, scales, zeros), in one (..., sum N_p)
     output: the CPU kernel takes every part in one call; other backends run one part at a time."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -323,8 +328,9 @@ def _forward_parts(x, parts, lut, group_size):
     backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=_IMPLEMENTED)
     if len(parts) > 1 and backend != "cpu":
         return torch.cat([_forward_parts(x, [p], lut, group_size) for p in parts], dim=-1)
-    n = sum(p[0].shape[0] for p in parts)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if n is None:
+        n = sum(p[0].shape[0] for p in parts)
+    y = x.new_empty((*x.shape[:-1], n))
     if not x2.shape[0]:
         return y
     y2 = y if y.dim() == 2 else y.view(x2.shape[0], n)
@@ -388,9 +394,10 @@ def int4_matmul(
     then has sum N entries.
     """
     qws = _weights(qw)
+    n = 0
     for q in qws:
         check_inputs(x, q, None)
-    n = sum(q.shape[0] for q in qws)
+        n += q.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
@@ -402,7 +409,7 @@ def int4_matmul(
         ys = [_int4_matmul_op(x, q.packed, q.scales, q.zeros, q.lut, q.group_size) for q in qws]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     else:
-        y = _forward_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], lut, first.group_size)
+        y = _forward_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], lut, first.group_size, n)
     return y if bias is None else y + bias.to(y.dtype)
 
 

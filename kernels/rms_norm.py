@@ -48,7 +48,7 @@ def _code(t: torch.Tensor) -> int:
 
 def _cpu_fwd(x, w, eps, y, rstd):
     _dispatch.ext().rms_norm_fwd_cpu(
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if rstd is None else rstd.data_ptr(), x.shape[0], x.shape[1],
         x.stride(0), y.stride(0), _code(x), _code(w), eps, torch.get_num_threads(),
     )
 
@@ -151,11 +151,23 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     x2 = _rows(x)
     w = _kernel_weight(x2, weight.contiguous())
     backend = _choose(x2, w)
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    y = x2.new_empty(x2.shape)
+    rstd = x2.new_empty(x2.shape[0], dtype=torch.float32)
     if x2.numel():
         FORWARD[backend](x2, w, float(eps), y, rstd)
     return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The forward without autograd: the C++ kernel skips the 1/rms it would save for a backward."""
+    x2 = _rows(x)
+    w = _kernel_weight(x2, weight.contiguous())
+    backend = _choose(x2, w)
+    y = x2.new_empty(x2.shape)
+    rstd = None if backend == "cpu" else x2.new_empty(x2.shape[0], dtype=torch.float32)
+    if x2.numel():
+        FORWARD[backend](x2, w, float(eps), y, rstd)
+    return y.view(x.shape)
 
 
 @torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
@@ -219,4 +231,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     check_inputs(x, weight, eps)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return rms_norm_fwd(x, weight, float(eps))[0]
-    return _forward(x, weight, float(eps))[0]  # no autograd or tracing: skip the custom-op layer
+    return _inference(x, weight, float(eps))  # no autograd or tracing: skip the custom-op layer

@@ -426,7 +426,7 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     q, k_new, v_new = _last_contiguous(q), _last_contiguous(k_new), _last_contiguous(v_new)
     cos, sin = _tables(cos, sin)
     cache_seqlens = cache_seqlens.contiguous()  # the kernels index it as a plain array
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = q.new_empty(q.shape)
     if q.shape[0] == 0:
         return out
     if backend == "cpu":

@@ -177,16 +177,17 @@ class QuantLinear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         """The kernels' view of the buffers (no copy), rebuilt only when a buffer was replaced."""
         b = self._buffers
-        key = (b["packed"], b["scales"], b["zeros"], b.get("absmax_q"))
+        packed, scales, zeros, absmax_q = b["packed"], b["scales"], b["zeros"], b.get("absmax_q")
         cached = self.__dict__.get("_qweight")
-        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
-            return cached[1]
+        if (cached is not None and cached[0] is packed and cached[1] is scales and cached[2] is zeros
+                and cached[3] is absmax_q):
+            return cached[4]
         dq = None
         if self.config.double_quant:
             dq = {"absmax_q": self.absmax_q, "absmax_step": self.absmax_step, "absmax_mean": self.absmax_mean}
         qw = QuantizedWeight(self.config.format, self.packed, self.scales, self.zeros, self.config.group_size,
                              (self.out_features, self.in_features), double_quant=dq)
-        self.__dict__["_qweight"] = (key, qw)
+        self.__dict__["_qweight"] = (packed, scales, zeros, absmax_q, qw)
         return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,10 +198,12 @@ class QuantLinear(nn.Module):
         """The layers' outputs side by side from one int4_matmul call, or None when they differ in
         format or group size, or have biases (see llama.model.project)."""
         first = layers[0]
-        if any(layer.config != first.config or layer.in_features != first.in_features or layer.bias is not None
-               for layer in layers):
-            return None
-        return int4_matmul(x, [layer.qweight for layer in layers])
+        weights = []
+        for layer in layers:  # a plain loop: this runs for every projection of every decode step
+            if layer.bias is not None or (layer.config is not first.config and layer.config != first.config):
+                return None
+            weights.append(layer.qweight)
+        return int4_matmul(x, weights)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight the codes stand for."""

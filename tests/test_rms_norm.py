@@ -215,6 +215,18 @@ def test_automatic_fallback_is_logged_once(monkeypatch, caplog, request):
     assert messages == ["rms_norm: using torch instead of cpu (kernels._C is not importable (test))"]
 
 
+def test_cpu_kernel_without_rstd_gives_the_same_output():
+    """Inference passes no rstd buffer; the output must not change."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("kernels._C is not built")
+    x, w = torch.randn(5, 37), torch.randn(37)
+    y, y_none, rstd = poisoned((5, 37), torch.float32), poisoned((5, 37), torch.float32), torch.empty(5)
+    rms_mod._cpu_fwd(x, w, 1e-5, y, rstd)
+    rms_mod._cpu_fwd(x, w, 1e-5, y_none, None)
+    assert torch.equal(y, y_none)
+    assert_close(y_none, kernels.rms_norm_reference(x, w, 1e-5), torch.float32)
+
+
 def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
     if "cpu" not in BACKENDS:
         pytest.skip("kernels._C is not built")

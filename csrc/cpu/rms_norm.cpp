@@ -35,7 +35,7 @@ void fwd_impl(const TX* x, const TW* w, TX* y, float* rstd, int64_t rows, int64_
       ss += v * v;
     }
     float rs = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
-    rstd[r] = rs;
+    if (rstd) rstd[r] = rs;  // null: inference, no backward to feed
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) yr[c] = from_float<TX>(to_float(xr[c]) * rs * to_float(w[c]));
   }
