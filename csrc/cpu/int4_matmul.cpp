@@ -5,14 +5,14 @@
 // the row sums of x carry the zero term: sum_k x*(v*s + z) = s*sum x*v + z*sum x. The weights
 // stream once: a tile of rows at a time serves all rows of x.
 //
-// AVX-512 reads 128 codes (four chunks, 64 bytes) of a row as sixteen 32-bit lanes. Shifting
-// the whole vector right by 4s leaves, in the low nibble of each lane, one code per lane; the
-// 16-entry table lookup (vpermps) reads only those low four bits, so each run of 16 codes costs
-// one shift, one permute and one FMA, with no widening. x is permuted once per call into the
-// same order (lane L of step s holds the x element that code's position needs), and each lane
-// carries its own group's scale at the end of the block. Other ISAs, and the last K % 128
-// codes, go chunk by chunk: one 16-byte load, two runs of 16 codes widened to 32-bit lanes and
-// looked up.
+// The wide path: AVX-512 reads 128 codes (four chunks, 64 bytes) of a row as sixteen 32-bit
+// lanes, AVX2 64 codes (two chunks) as eight. Shifting the whole vector right by 4s leaves, in
+// the low nibble of each lane, one code per lane; the 16-entry table lookup reads only those low
+// bits (one vpermps on AVX-512; two 8-entry vpermps and a blend on AVX2), so there is no
+// widening. x is permuted once per call into the same order (lane L of step s holds the x
+// element that code's position needs), and each lane carries its own group's scale at the end
+// of the block. Other ISAs, and the codes past the last whole block, go chunk by chunk: one
+// 16-byte load, two runs of 16 codes widened to 32-bit lanes and looked up.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -72,57 +72,110 @@ inline vfloat lookup(vfloat lut, vbyte codes) {
 #endif
 }
 
-// Codes per wide block (see the top of the file); only AVX-512 has the wide path.
-constexpr int kWide = 128;
+// The wide path (see the top of the file): AVX-512 reads 128 codes as 16 lanes, AVX2 64 codes as
+// 8 lanes. Other ISAs go chunk by chunk only.
 #if defined(__AVX512F__)
-constexpr bool kHasWide = true;
+constexpr int kWideLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kWideLanes = 8;
 #else
-constexpr bool kHasWide = false;
+constexpr int kWideLanes = 0;
 #endif
+constexpr bool kHasWide = kWideLanes > 0;
+constexpr int kW = kHasWide ? kWideLanes : 16;  // lanes of the wide vector types below
+constexpr int kWide = 8 * kW;                    // codes per wide block: 8 shifts of 4 bits
+typedef float wfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef uint32_t wuint __attribute__((vector_size(kW * sizeof(uint32_t))));
+
+// Codes of a row that the wide path takes: whole blocks, ending on a group boundary.
+inline int64_t wide_codes(int64_t k, int group) {
+  if (!kHasWide) return 0;
+  const int64_t unit = std::max<int64_t>(kWide, group);
+  return k / unit * unit;
+}
 
 // Where x element `i` of a wide block goes in the permuted copy: the code in bits 4s..4s+3 of
 // lane L is code 4(L % 4) + s / 2 (+ 16 for odd s) of chunk L / 4.
 inline int wide_source(int i) {
-  const int s = i / 16, lane = i % 16;
+  const int s = i / kW, lane = i % kW;
   return (lane / 4) * 32 + (s % 2) * 16 + 4 * (lane % 4) + s / 2;
 }
 
-#if defined(__AVX512F__)
-typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+// Wide accumulators as 16-lane ones (zero-padded on AVX2), to join the chunk path's sums.
+inline vfloat widen(wfloat v) {
+  vfloat out{};
+  std::memcpy(&out, &v, sizeof(v));
+  return out;
+}
 
-// Each lane's group scale for wide block b: scale of chunk L / 4 (group 32), L / 8 (group 64)
-// or the block's one scale (group 128). `sf` is padded so the 4-float load stays inside.
+#if defined(__AVX512F__)
+struct WideTable {
+  __m512 t;
+  explicit WideTable(vfloat lut) : t(__m512(lut)) {}
+  // vpermps reads only the low 4 bits of each index lane.
+  wfloat lookup(wuint idx) const { return wfloat(_mm512_permutexvar_ps(__m512i(idx), t)); }
+};
+#elif defined(__AVX2__)
+struct WideTable {
+  __m256 lo, hi;
+  explicit WideTable(vfloat lut) {
+    std::memcpy(&lo, &lut, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&lut) + sizeof(lo), sizeof(hi));
+  }
+  // vpermps (8 entries) reads the low 3 bits; bit 3 of the code, shifted to the sign bit, picks
+  // the table half.
+  wfloat lookup(wuint idx) const {
+    const __m256i i = __m256i(idx);
+    const __m256 a = _mm256_permutevar8x32_ps(lo, i), b = _mm256_permutevar8x32_ps(hi, i);
+    return wfloat(_mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))));
+  }
+};
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Each lane's group scale for wide block b (lane L holds codes of chunk L / 4 of the block).
+// `sf` is padded so the 4-float load stays inside.
 template <int GROUP>
-inline vfloat wide_scales(const float* sf, int64_t b) {
-  if (GROUP == 128) return vfloat(_mm512_set1_ps(sf[b]));
-  const __m512i lanes = GROUP == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                                    : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  return vfloat(_mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(sf + b * (128 / GROUP)))));
+inline wfloat wide_scales(const float* sf, int64_t b) {
+  constexpr int chunks = kWide / 32, per_group = GROUP / 32;
+  if constexpr (GROUP >= kWide) {
+    return wfloat{} + sf[b * kWide / GROUP];
+  } else {
+#if defined(__AVX512F__)
+    const __m512i lanes = per_group == 1 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                         : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return wfloat(_mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(sf + b * (chunks / per_group)))));
+#else
+    const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // group 32: two chunks per block
+    return wfloat(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sf + b * chunks)), lanes));
+#endif
+  }
 }
 
 // Wide blocks [0, blocks) of RB weight rows against MB rows of permuted x, added into total.
 template <int RB, int MB, int GROUP>
 inline void wide_blocks(const float* const* xs, const uint8_t* packed, int64_t packed_stride,
-                        const float* scale_f, int64_t groups, int64_t blocks, vfloat lut,
-                        vfloat total[MB][RB]) {
-  const __m512 table = __m512(lut);
+                        const float* scale_f, int64_t groups, int64_t blocks, const WideTable& table,
+                        wfloat total[MB][RB]) {
   for (int64_t b = 0; b < blocks; ++b) {
-    vuint bits[RB];
-    for (int r = 0; r < RB; ++r) std::memcpy(&bits[r], packed + r * packed_stride + b * 64, sizeof(bits[r]));
-    vfloat acc[MB][RB];
+    wuint bits[RB];
+    for (int r = 0; r < RB; ++r)
+      std::memcpy(&bits[r], packed + r * packed_stride + b * (kWide / 2), sizeof(bits[r]));
+    wfloat acc[MB][RB];
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < RB; ++r) acc[m][r] = vfloat{};
+      for (int r = 0; r < RB; ++r) acc[m][r] = wfloat{};
 #pragma GCC unroll 8
     for (int s = 0; s < 8; ++s) {
-      vfloat w[RB];
-      for (int r = 0; r < RB; ++r) w[r] = vfloat(_mm512_permutexvar_ps(__m512i(bits[r] >> (4 * s)), table));
+      wfloat w[RB];
+      for (int r = 0; r < RB; ++r) w[r] = table.lookup(bits[r] >> (4 * s));
       for (int m = 0; m < MB; ++m) {
-        const vfloat xv = loadf(xs[m] + b * kWide + s * kLanes);
+        wfloat xv;
+        std::memcpy(&xv, xs[m] + b * kWide + s * kW, sizeof(xv));
         for (int r = 0; r < RB; ++r) acc[m][r] += w[r] * xv;
       }
     }
     for (int r = 0; r < RB; ++r) {
-      const vfloat sv = wide_scales<GROUP>(scale_f + r * groups, b);
+      const wfloat sv = wide_scales<GROUP>(scale_f + r * groups, b);
       for (int m = 0; m < MB; ++m) total[m][r] += acc[m][r] * sv;
     }
   }
@@ -163,12 +216,20 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) total[m][r] = vfloat{};
   const int chunks_per_group = group / 32;
-  const int64_t wide = kHasWide ? k / kWide : 0;  // wide blocks, then chunk by chunk
-#if defined(__AVX512F__)
-  const float* sf = scale_f.data();
-  if (group == 32) wide_blocks<RB, MB, 32>(xs, packed, packed_stride, sf, groups, wide, lut, total);
-  if (group == 64) wide_blocks<RB, MB, 64>(xs, packed, packed_stride, sf, groups, wide, lut, total);
-  if (group == 128) wide_blocks<RB, MB, 128>(xs, packed, packed_stride, sf, groups, wide, lut, total);
+  const int64_t wide = wide_codes(k, group) / kWide;  // wide blocks, then chunk by chunk
+  wfloat wide_total[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) wide_total[m][r] = wfloat{};
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (wide) {
+    const float* sf = scale_f.data();
+    const WideTable table(lut);
+    if (group == 32) wide_blocks<RB, MB, 32>(xs, packed, packed_stride, sf, groups, wide, table, wide_total);
+    if (group == 64) wide_blocks<RB, MB, 64>(xs, packed, packed_stride, sf, groups, wide, table, wide_total);
+    if (group == 128) wide_blocks<RB, MB, 128>(xs, packed, packed_stride, sf, groups, wide, table, wide_total);
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < RB; ++r) total[m][r] += widen(wide_total[m][r]);
+  }
 #endif
   for (int64_t g = wide * kWide / group; g < groups; ++g) {
     vfloat acc[MB][RB];
@@ -244,7 +305,7 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
   // x in fp32, wide blocks permuted (see wide_source), and its sum over each group: once for
   // every part.
   std::vector<float> xf(static_cast<size_t>(m) * k), xsum(static_cast<size_t>(m) * groups, 0.f);
-  const int64_t wide_end = kHasWide ? k / kWide * kWide : 0;
+  const int64_t wide_end = wide_codes(k, group);
   for (int64_t i = 0; i < m; ++i) {
     const TX* xi = x + i * x_stride;
     float* fi = xf.data() + i * k;
