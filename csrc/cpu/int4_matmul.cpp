@@ -204,13 +204,19 @@ inline void to_fp32_rows(const f16_t* src, int64_t groups, std::vector<float>& d
   for (; i < count; ++i) dst[i] = to_float(src[i]);
 }
 
+// Per-thread buffers for the fp32 scales and zeros of the current row block.
+struct Scratch {
+  std::vector<float> scales, zeros;
+};
+
 // RB weight rows against MB rows of x. xf: MB rows of fp32 x; xsum: per row of x, the sum of
 // each group (only used with zeros). Writes out[m][r].
 template <int RB, int MB>
 inline void block(const float* const* xs, const float* const* xsums, const uint8_t* packed,
                   int64_t packed_stride, const f16_t* scales, const f16_t* zeros, int64_t groups,
-                  int64_t k, int group, vfloat lut, float out[MB][RB]) {
-  thread_local std::vector<float> scale_f, zero_f;
+                  int64_t k, int group, vfloat lut, Scratch& scratch, float out[MB][RB]) {
+  std::vector<float>& scale_f = scratch.scales;
+  std::vector<float>& zero_f = scratch.zeros;
   to_fp32_rows<RB>(scales, groups, scale_f);
   vfloat total[MB][RB];
   for (int m = 0; m < MB; ++m)
@@ -282,18 +288,19 @@ void rows_pass(const float* const* xs, const float* const* xsums, TX* const* ys,
                const f16_t* scales, const f16_t* zeros, int64_t n0, int64_t n1, int64_t k, int group,
                vfloat lut) {
   const int64_t groups = k / group, ps = k / 2;
+  thread_local Scratch scratch;  // one TLS lookup per pass, not per row block
   int64_t n = n0;
   for (; n + kRowBlock <= n1; n += kRowBlock) {
     float out[MB][kRowBlock];
     block<kRowBlock, MB>(xs, xsums, packed + n * ps, ps, scales + n * groups,
-                         zeros ? zeros + n * groups : nullptr, groups, k, group, lut, out);
+                         zeros ? zeros + n * groups : nullptr, groups, k, group, lut, scratch, out);
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < kRowBlock; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
   }
   for (; n < n1; ++n) {
     float out[MB][1];
     block<1, MB>(xs, xsums, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr,
-                 groups, k, group, lut, out);
+                 groups, k, group, lut, scratch, out);
     for (int m = 0; m < MB; ++m) ys[m][n] = from_float<TX>(out[m][0]);
   }
 }
