@@ -215,16 +215,20 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
 def _cpu_parts(x2, parts, lut, group_size, ys):
     """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
     zeros) writes ys[p] (all with one row stride)."""
-    packed, scales, zeros, outs, rows = [], [], [], [], []
-    for (p, s, z), y in zip(parts, ys):
+    _cpu_call(x2, parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
+
+
+def _cpu_call(x2, parts, lut, group_size, outs, y_stride):
+    """The C++ kernel: outs[p] is the address of part p's first output, y_stride the row stride."""
+    packed, scales, zeros, rows = [], [], [], []
+    for p, s, z in parts:
         packed.append(p.data_ptr())
         scales.append(s.data_ptr())
         zeros.append(0 if z is None else z.data_ptr())
-        outs.append(y.data_ptr())
         rows.append(p.shape[0])
     _dispatch.ext().int4_matmul_cpu(
         x2.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, rows, x2.shape[0], x2.shape[1], group_size,
-        x2.stride(0), ys[0].stride(0), _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
+        x2.stride(0), y_stride, _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
     )
 
 
@@ -337,11 +341,12 @@ def _forward_parts(x, parts, lut, group_size, n=None):
     if len(parts) == 1:
         BACKENDS[backend](x2, packed, parts[0][1], parts[0][2], lut, group_size, y2)
         return y
-    ys, start = [], 0
+    # The parts' outputs sit side by side in each row of y: part p starts at column offset p.
+    outs, address, size = [], y2.data_ptr(), y2.element_size()
     for p in parts:
-        ys.append(y2[:, start:start + p[0].shape[0]])
-        start += p[0].shape[0]
-    _cpu_parts(x2, parts, lut, group_size, ys)
+        outs.append(address)
+        address += p[0].shape[0] * size
+    _cpu_call(x2, parts, lut, group_size, outs, n)
     return y
 
 

@@ -37,10 +37,17 @@ def _cpu_parts(x2, weights, biases, ys):
     + biases[p] (all ys with one row stride; biases entries may be None)."""
     codes = _dispatch.DTYPE_CODES
     bias_dtype = next((codes[b.dtype] for b in biases if b is not None), 0)
+    _cpu_call(x2, weights, [0 if b is None else b.data_ptr() for b in biases], bias_dtype,
+              [y.data_ptr() for y in ys], ys[0].stride(0))
+
+
+def _cpu_call(x2, weights, bias_ptrs, bias_dtype, outs, y_stride):
+    """The C++ kernel: outs[p] is the address of part p's first output, y_stride the row stride."""
+    codes = _dispatch.DTYPE_CODES
     _dispatch.ext().linear_cpu(
-        x2.data_ptr(), [w.data_ptr() for w in weights], [0 if b is None else b.data_ptr() for b in biases],
-        [y.data_ptr() for y in ys], [w.shape[0] for w in weights], x2.shape[0], x2.shape[1], x2.stride(0),
-        ys[0].stride(0), codes[x2.dtype], codes[weights[0].dtype], bias_dtype, torch.get_num_threads(),
+        x2.data_ptr(), [w.data_ptr() for w in weights], bias_ptrs, outs, [w.shape[0] for w in weights],
+        x2.shape[0], x2.shape[1], x2.stride(0), y_stride, codes[x2.dtype], codes[weights[0].dtype], bias_dtype,
+        torch.get_num_threads(),
     )
 
 
@@ -127,12 +134,13 @@ def linear(
     if len(weights) == 1:
         BACKENDS[backend](x2, weights[0], bias, y2)
     else:
-        ys, biases, start = [], [], 0
+        # The parts' outputs (and biases) sit side by side: part p starts at column offset p.
+        outs, bias_ptrs, offset, size = [], [], 0, y2.element_size()
         for w in weights:
-            ys.append(y2[:, start:start + w.shape[0]])
-            biases.append(None if bias is None else bias[start:start + w.shape[0]])
-            start += w.shape[0]
-        _cpu_parts(x2, weights, biases, ys)
+            outs.append(y2.data_ptr() + offset * size)
+            bias_ptrs.append(0 if bias is None else bias.data_ptr() + offset * bias.element_size())
+            offset += w.shape[0]
+        _cpu_call(x2, weights, bias_ptrs, 0 if bias is None else _dispatch.DTYPE_CODES[bias.dtype], outs, n)
     return y
 
 
