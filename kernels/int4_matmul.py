@@ -341,7 +341,7 @@ def _forward_parts(x, parts, lut, group_size, n=None):
     if len(parts) == 1:
         BACKENDS[backend](x2, packed, parts[0][1], parts[0][2], lut, group_size, y2)
         return y
-    # The parts' outputs sit side by side in each row of y: part p starts at column offset p.
+    # The parts' outputs sit side by side in each row of y, each after the columns of those before.
     outs, address, size = [], y2.data_ptr(), y2.element_size()
     for p in parts:
         outs.append(address)

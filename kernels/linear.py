@@ -134,7 +134,7 @@ def linear(
     if len(weights) == 1:
         BACKENDS[backend](x2, weights[0], bias, y2)
     else:
-        # The parts' outputs (and biases) sit side by side: part p starts at column offset p.
+        # The parts' outputs (and biases) sit side by side, each after the columns of those before.
         outs, bias_ptrs, offset, size = [], [], 0, y2.element_size()
         for w in weights:
             outs.append(y2.data_ptr() + offset * size)

@@ -131,8 +131,8 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
 
     On the CPU a decode step is dozens of small matrix-vector products, and each call's Python and
     thread start-up costs about as much as its arithmetic. Layers of one class that define
-    `fused_forward(x, layers)` (4-bit layers of one format) then run as one kernel call, whose
-    output is split into views. Everything else, and every layer on a GPU (where the step is a
+    `fused_forward(x, layers)` (our Linear; QuantLinear of one format) then run as one kernel
+    call, whose output is split into views. Everything else, and every layer on a GPU (where the step is a
     CUDA graph, so separate launches cost nothing extra), runs one layer at a time.
     """
     cls = type(layers[0])

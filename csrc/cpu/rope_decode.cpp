@@ -36,12 +36,13 @@ inline float dot(const float* r, const T* k, int64_t n) {
   return total;
 }
 
-// e^x for x <= 0 (softmax arguments), to about 2 ulp: x = k ln2 + f with |f| <= ln2 / 2, a
-// degree-6 polynomial for e^f, and 2^k put into the exponent bits. Below -87 the result is 0.
+// e^x for x <= 0 (softmax arguments), to a few ulp: x = k ln2 + f with |f| <= ln2 / 2, a
+// degree-6 polynomial for e^f (Cephes' coefficients), and 2^k put into the exponent bits. Below
+// -87 the result is 0.
 inline vfloat exp_approx(vfloat x) {
   typedef int32_t vint32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  const vfloat lo = x < -87.f ? vfloat{} + 1.f : vfloat{};  // lanes that underflow to 0
-  x = x < -87.f ? vfloat{} - 87.f : x;
+  const auto underflow = x < -87.f;  // lanes whose result is 0 (a lane mask)
+  x = underflow ? vfloat{} - 87.f : x;
   const vfloat kf = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (x < 0.f ? -0.5f : 0.5f),
                                                                     vint32), vfloat);
   const vfloat f = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;
@@ -55,8 +56,7 @@ inline vfloat exp_approx(vfloat x) {
   vint32 bits = (__builtin_convertvector(kf, vint32) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const vfloat r = p * scale;
-  return lo != 0.f ? vfloat{} : r;
+  return underflow ? vfloat{} : p * scale;
 }
 
 template <typename T>
