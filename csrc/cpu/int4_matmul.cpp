@@ -8,8 +8,8 @@
 // The wide path: AVX-512 reads 128 codes (four chunks, 64 bytes) of a row as sixteen 32-bit
 // lanes, AVX2 64 codes (two chunks) as eight. Shifting the whole vector right by 4s leaves, in
 // the low nibble of each lane, one code per lane; the 16-entry table lookup reads only those low
-// bits (one vpermps on AVX-512; two 8-entry vpermps and a blend on AVX2), so there is no
-// widening. x is permuted once per call into the same order (lane L of step s holds the x
+// bits (one vpermps on AVX-512; two 8-entry vpermps and a blend on AVX2; other ISAs convert
+// int4 codes to float directly and leave NF4 to the chunk path), so there is no widening. x is permuted once per call into the same order (lane L of step s holds the x
 // element that code's position needs), and each lane carries its own group's scale at the end
 // of the block. Other ISAs, and the codes past the last whole block, go chunk by chunk: one
 // 16-byte load, two runs of 16 codes widened to 32-bit lanes and looked up.
@@ -73,23 +73,34 @@ inline vfloat lookup(vfloat lut, vbyte codes) {
 }
 
 // The wide path (see the top of the file): AVX-512 reads 128 codes as 16 lanes, AVX2 64 codes as
-// 8 lanes. Other ISAs go chunk by chunk only.
-#if defined(__AVX512F__)
-constexpr int kWideLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kWideLanes = 8;
+// 8 lanes. Other ISAs (SSE2, NEON through the compiler's generic vectors) take it only for the
+// int4 table, whose entries are q - 8: a code converts to float with no table (see WideTable).
+#if defined(__AVX512F__) || !defined(__AVX2__)
+constexpr int kW = 16;  // lanes of the wide vector types
 #else
-constexpr int kWideLanes = 0;
+constexpr int kW = 8;
 #endif
-constexpr bool kHasWide = kWideLanes > 0;
-constexpr int kW = kHasWide ? kWideLanes : 16;  // lanes of the wide vector types below
-constexpr int kWide = 8 * kW;                    // codes per wide block: 8 shifts of 4 bits
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr bool kWideAnyTable = true;
+#else
+constexpr bool kWideAnyTable = false;
+#endif
+constexpr int kWide = 8 * kW;  // codes per wide block: 8 shifts of 4 bits
 typedef float wfloat __attribute__((vector_size(kW * sizeof(float))));
 typedef uint32_t wuint __attribute__((vector_size(kW * sizeof(uint32_t))));
 
+// Whether the 16-entry table is lut[0] + q (the int4 table is q - 8), exactly.
+inline bool consecutive_table(const float* lut) {
+  for (int q = 1; q < 16; ++q)
+    if (lut[q] != lut[0] + static_cast<float>(q)) return false;
+  return true;
+}
+
+// Whether this build's wide path can decode codes of this table.
+inline bool wide_usable(const float* lut) { return kWideAnyTable || consecutive_table(lut); }
+
 // Codes of a row that the wide path takes: whole blocks, ending on a group boundary.
 inline int64_t wide_codes(int64_t k, int group) {
-  if (!kHasWide) return 0;
   const int64_t unit = std::max<int64_t>(kWide, group);
   return k / unit * unit;
 }
@@ -108,7 +119,14 @@ inline vfloat widen(wfloat v) {
   return out;
 }
 
-#if defined(__AVX512F__)
+#if !defined(__AVX512F__) && !defined(__AVX2__)
+struct WideTable {
+  float base;
+  explicit WideTable(vfloat lut) : base(lut[0]) {}
+  // Only for consecutive tables (wide_usable): lut[q] = lut[0] + q, exact in fp32.
+  wfloat lookup(wuint idx) const { return __builtin_convertvector(idx & 15u, wfloat) + base; }
+};
+#elif defined(__AVX512F__)
 struct WideTable {
   __m512 t;
   explicit WideTable(vfloat lut) : t(__m512(lut)) {}
@@ -132,7 +150,6 @@ struct WideTable {
 };
 #endif
 
-#if defined(__AVX512F__) || defined(__AVX2__)
 // Each lane's group scale for wide block b (lane L holds codes of chunk L / 4 of the block).
 // `sf` is padded so the 4-float load stays inside.
 template <int GROUP>
@@ -145,9 +162,15 @@ inline wfloat wide_scales(const float* sf, int64_t b) {
     const __m512i lanes = per_group == 1 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                          : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     return wfloat(_mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(sf + b * (chunks / per_group)))));
-#else
+#elif defined(__AVX2__)
     const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // group 32: two chunks per block
     return wfloat(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sf + b * chunks)), lanes));
+#else
+    typedef int32_t wint __attribute__((vector_size(kW * sizeof(int32_t))));
+    wfloat four{};
+    std::memcpy(&four, sf + b * (chunks / per_group), 4 * sizeof(float));
+    return per_group == 1 ? __builtin_shuffle(four, wint{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3})
+                          : __builtin_shuffle(four, wint{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1});
 #endif
   }
 }
@@ -180,7 +203,6 @@ inline void wide_blocks(const float* const* xs, const uint8_t* packed, int64_t p
     }
   }
 }
-#endif
 
 template <typename T>
 inline float scalar(const T* p, int64_t i) {
@@ -214,7 +236,7 @@ struct Scratch {
 template <int RB, int MB>
 inline void block(const float* const* xs, const float* const* xsums, const uint8_t* packed,
                   int64_t packed_stride, const f16_t* scales, const f16_t* zeros, int64_t groups,
-                  int64_t k, int group, vfloat lut, Scratch& scratch, float out[MB][RB]) {
+                  int64_t k, int group, vfloat lut, bool wide_ok, Scratch& scratch, float out[MB][RB]) {
   std::vector<float>& scale_f = scratch.scales;
   std::vector<float>& zero_f = scratch.zeros;
   to_fp32_rows<RB>(scales, groups, scale_f);
@@ -222,12 +244,11 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) total[m][r] = vfloat{};
   const int chunks_per_group = group / 32;
-  const int64_t wide = wide_codes(k, group) / kWide;  // wide blocks, then chunk by chunk
-  wfloat wide_total[MB][RB];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) wide_total[m][r] = wfloat{};
-#if defined(__AVX512F__) || defined(__AVX2__)
+  const int64_t wide = wide_ok ? wide_codes(k, group) / kWide : 0;  // wide blocks, then chunk by chunk
   if (wide) {
+    wfloat wide_total[MB][RB];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < RB; ++r) wide_total[m][r] = wfloat{};
     const float* sf = scale_f.data();
     const WideTable table(lut);
     if (group == 32) wide_blocks<RB, MB, 32>(xs, packed, packed_stride, sf, groups, wide, table, wide_total);
@@ -236,7 +257,6 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < RB; ++r) total[m][r] += widen(wide_total[m][r]);
   }
-#endif
   for (int64_t g = wide * kWide / group; g < groups; ++g) {
     vfloat acc[MB][RB];
     for (int m = 0; m < MB; ++m)
@@ -286,21 +306,21 @@ inline void block(const float* const* xs, const float* const* xsums, const uint8
 template <int MB, typename TX>
 void rows_pass(const float* const* xs, const float* const* xsums, TX* const* ys, const uint8_t* packed,
                const f16_t* scales, const f16_t* zeros, int64_t n0, int64_t n1, int64_t k, int group,
-               vfloat lut) {
+               vfloat lut, bool wide_ok) {
   const int64_t groups = k / group, ps = k / 2;
   thread_local Scratch scratch;  // one TLS lookup per pass, not per row block
   int64_t n = n0;
   for (; n + kRowBlock <= n1; n += kRowBlock) {
     float out[MB][kRowBlock];
     block<kRowBlock, MB>(xs, xsums, packed + n * ps, ps, scales + n * groups,
-                         zeros ? zeros + n * groups : nullptr, groups, k, group, lut, scratch, out);
+                         zeros ? zeros + n * groups : nullptr, groups, k, group, lut, wide_ok, scratch, out);
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < kRowBlock; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
   }
   for (; n < n1; ++n) {
     float out[MB][1];
     block<1, MB>(xs, xsums, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr,
-                 groups, k, group, lut, scratch, out);
+                 groups, k, group, lut, wide_ok, scratch, out);
     for (int m = 0; m < MB; ++m) ys[m][n] = from_float<TX>(out[m][0]);
   }
 }
@@ -312,7 +332,8 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
   // x in fp32, wide blocks permuted (see wide_source), and its sum over each group: once for
   // every part.
   std::vector<float> xf(static_cast<size_t>(m) * k), xsum(static_cast<size_t>(m) * groups, 0.f);
-  const int64_t wide_end = wide_codes(k, group);
+  const bool wide_ok = wide_usable(lut_p);
+  const int64_t wide_end = wide_ok ? wide_codes(k, group) : 0;
   for (int64_t i = 0; i < m; ++i) {
     const TX* xi = x + i * x_stride;
     float* fi = xf.data() + i * k;
@@ -342,10 +363,10 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
           ys[j] = y + (i + j) * y_stride;
         }
         switch (mb) {
-          case 1: rows_pass<1>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut); break;
-          case 2: rows_pass<2>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut); break;
-          case 3: rows_pass<3>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut); break;
-          default: rows_pass<4>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut); break;
+          case 1: rows_pass<1>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut, wide_ok); break;
+          case 2: rows_pass<2>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut, wide_ok); break;
+          case 3: rows_pass<3>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut, wide_ok); break;
+          default: rows_pass<4>(xs, xsums, ys, packed, scales, zeros, t0, t1, k, group, lut, wide_ok); break;
         }
       }
     }
