@@ -215,20 +215,21 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
 def _cpu_parts(x2, parts, lut, group_size, ys):
     """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
     zeros) writes ys[p] (all with one row stride)."""
-    _cpu_call(x2, parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
+    _cpu_call(x2, x2.shape[0], x2.stride(0), parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
 
 
-def _cpu_call(x2, parts, lut, group_size, outs, y_stride):
-    """The C++ kernel: outs[p] is the address of part p's first output, y_stride the row stride."""
-    packed, scales, zeros, rows = [], [], [], []
+def _cpu_call(x, rows, x_stride, parts, lut, group_size, outs, y_stride):
+    """The C++ kernel over `rows` rows of x (row stride x_stride, last dim contiguous): outs[p] is
+    the address of part p's first output, y_stride the output row stride."""
+    packed, scales, zeros, n = [], [], [], []
     for p, s, z in parts:
         packed.append(p.data_ptr())
         scales.append(s.data_ptr())
         zeros.append(0 if z is None else z.data_ptr())
-        rows.append(p.shape[0])
+        n.append(p.shape[0])
     _dispatch.ext().int4_matmul_cpu(
-        x2.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, rows, x2.shape[0], x2.shape[1], group_size,
-        x2.stride(0), y_stride, _dispatch.DTYPE_CODES[x2.dtype], torch.get_num_threads(),
+        x.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, n, rows, x.shape[-1], group_size, x_stride,
+        y_stride, _dispatch.DTYPE_CODES[x.dtype], torch.get_num_threads(),
     )
 
 
@@ -300,8 +301,8 @@ def _cuda(x2, packed, scales, zeros, lut, group_size, y):
 BACKENDS = {"torch": _torch, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
 
 
-def _cpu_unsupported(x2: torch.Tensor) -> Optional[str]:
-    return None if x2.shape[0] <= MAX_CPU_ROWS else f"more than {MAX_CPU_ROWS} rows (dequantize + GEMM is faster)"
+def _cpu_unsupported(rows: int) -> Optional[str]:
+    return None if rows <= MAX_CPU_ROWS else f"more than {MAX_CPU_ROWS} rows (dequantize + GEMM is faster)"
 
 
 def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
@@ -321,33 +322,44 @@ _IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 def _forward_parts(x, parts, lut, group_size, n=None):
     """x @ [W_0 | W_1 | ...]^T for parts[p] = (packed, scales, zeros), in one (..., sum N_p)
     output: the CPU kernel takes every part in one call; other backends run one part at a time."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if n is None:
+        n = sum(p[0].shape[0] for p in parts)
     packed = parts[0][0]
-    if x2.is_cpu:
-        checks = {"cpu": lambda: _cpu_unsupported(x2)}
+    x2 = None if x.is_cpu else _rows(x)
+    if x2 is None:
+        checks = {"cpu": lambda: _cpu_unsupported(rows)}
     else:
         checks = {"cuda": lambda: _cuda_unsupported(x2, packed)}
     backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=_IMPLEMENTED)
     if len(parts) > 1 and backend != "cpu":
         return torch.cat([_forward_parts(x, [p], lut, group_size) for p in parts], dim=-1)
-    if n is None:
-        n = sum(p[0].shape[0] for p in parts)
     y = x.new_empty((*x.shape[:-1], n))
-    if not x2.shape[0]:
+    if not rows:
         return y
-    y2 = y if y.dim() == 2 else y.view(x2.shape[0], n)
-    if len(parts) == 1:
-        BACKENDS[backend](x2, packed, parts[0][1], parts[0][2], lut, group_size, y2)
+    if backend != "cpu":
+        BACKENDS[backend](x2 if x2 is not None else _rows(x), *parts[0], lut, group_size, y.view(rows, n))
         return y
+    # A contiguous x needs no 2-D view: the kernel takes its address, row count and row stride K.
+    if x.is_contiguous():
+        x2, x_stride = x, k
+    else:
+        x2 = _rows(x)
+        x_stride = x2.stride(0)
     # The parts' outputs sit side by side in each row of y, each after the columns of those before.
-    outs, address, size = [], y2.data_ptr(), y2.element_size()
+    outs, address, size = [], y.data_ptr(), y.element_size()
     for p in parts:
         outs.append(address)
         address += p[0].shape[0] * size
-    _cpu_call(x2, parts, lut, group_size, outs, n)
+    _cpu_call(x2, rows, x_stride, parts, lut, group_size, outs, n)
     return y
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, K) with a contiguous last dim."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _forward(x, packed, scales, zeros, lut, group_size):

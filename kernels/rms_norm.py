@@ -47,9 +47,14 @@ def _code(t: torch.Tensor) -> int:
 
 
 def _cpu_fwd(x, w, eps, y, rstd):
+    _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd)
+
+
+def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd):
+    """The C++ forward over `rows` rows of x and y (row strides given, last dims contiguous)."""
     _dispatch.ext().rms_norm_fwd_cpu(
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if rstd is None else rstd.data_ptr(), x.shape[0], x.shape[1],
-        x.stride(0), y.stride(0), _code(x), _code(w), eps, torch.get_num_threads(),
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if rstd is None else rstd.data_ptr(), rows, x.shape[-1],
+        x_stride, y_stride, _code(x), _code(w), eps, torch.get_num_threads(),
     )
 
 
@@ -160,6 +165,15 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The forward without autograd: the C++ kernel skips the 1/rms it would save for a backward."""
+    if x.is_cpu and x.is_contiguous():
+        # Decode's case: no 2-D views, the kernel takes the address, row count and row stride.
+        w = _kernel_weight(x, weight.contiguous())
+        if _dispatch.choose("rms_norm", x.device) == "cpu":
+            y = torch.empty_like(x)
+            cols = x.shape[-1]
+            if x.numel():
+                _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None)
+            return y
     x2 = _rows(x)
     w = _kernel_weight(x2, weight.contiguous())
     backend = _choose(x2, w)

@@ -148,6 +148,22 @@ def test_public_op_forward_backward_and_bias(backend, fmt):
     torch.testing.assert_close(dx, dy @ dequantize(qw), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make_x", [
+    lambda: torch.randn(3, 5, 160)[:, :, :128],  # rows 160 apart
+    lambda: torch.randn(4, 3, 128)[:, 1:2, :],   # (4, 1, 128) with rows 384 apart
+    lambda: torch.randn(128, 2).t(),             # last dim strided: copied first
+    lambda: torch.randn(2, 1, 128),
+], ids=["row-stride", "size-1-dim", "column-major", "contiguous"])
+def test_strided_inputs(make_x):
+    x = make_x()
+    qws = [quantize_int4(torch.randn(n, 128), 32) for n in (7, 12)]
+    with torch.no_grad():
+        y = int4_matmul(x, qws)
+    ref = torch.cat([int4_matmul_reference(x, q) for q in qws], dim=-1)
+    assert y.shape == (*x.shape[:-1], 19)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_large_m_dispatches_to_the_reference(monkeypatch):
     calls = []
     monkeypatch.setitem(im.BACKENDS, "torch", lambda *a: calls.append("torch") or im._torch(*a))

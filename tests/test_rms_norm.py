@@ -144,6 +144,19 @@ def test_non_contiguous_and_mixed_weight_dtype(backend):
     assert_close(y, kernels.rms_norm_reference(x, w), torch.float32)
 
 
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16)],
+                         ids=str)
+def test_inference_path(dtype, w_dtype):
+    """Without autograd a contiguous CPU input goes straight to the kernel (no 2-D views)."""
+    x = torch.randn(2, 3, 40).to(dtype)
+    w = torch.randn(40).to(w_dtype)
+    with torch.no_grad():
+        y = kernels.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, kernels.rms_norm_reference(x, w, 1e-5), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x = torch.randn(0, 3, 32, requires_grad=True)
@@ -230,10 +243,11 @@ def test_cpu_kernel_without_rstd_gives_the_same_output():
 def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
     if "cpu" not in BACKENDS:
         pytest.skip("kernels._C is not built")
-    calls = []
-    monkeypatch.setitem(rms_mod.FORWARD, "cpu", lambda *a: calls.append("cpu") or rms_mod._cpu_fwd(*a))
-    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
-    assert calls == ["cpu"]
+    calls, real = [], rms_mod._cpu_fwd_rows
+    monkeypatch.setattr(rms_mod, "_cpu_fwd_rows", lambda *a: calls.append("cpu") or real(*a))
+    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))  # contiguous: straight to the kernel
+    kernels.rms_norm(torch.randn(2, 12)[:, :8], torch.randn(8))  # strided rows: through FORWARD
+    assert calls == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
