@@ -9,10 +9,11 @@
 // lanes, AVX2 64 codes (two chunks) as eight. Shifting the whole vector right by 4s leaves, in
 // the low nibble of each lane, one code per lane; the 16-entry table lookup reads only those low
 // bits (one vpermps on AVX-512; two 8-entry vpermps and a blend on AVX2; other ISAs convert
-// int4 codes to float directly and leave NF4 to the chunk path), so there is no widening. x is permuted once per call into the same order (lane L of step s holds the x
-// element that code's position needs), and each lane carries its own group's scale at the end
-// of the block. Other ISAs, and the codes past the last whole block, go chunk by chunk: one
-// 16-byte load, two runs of 16 codes widened to 32-bit lanes and looked up.
+// int4 codes to float directly and leave NF4 to the chunk path), so there is no widening. x is
+// permuted once per call into the same order (lane L of step s holds the x element that code's
+// position needs), and each lane carries its own group's scale at the end of the block. The
+// codes past the last whole block go chunk by chunk: one 16-byte load, two runs of 16 codes
+// widened to 32-bit lanes and looked up.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
