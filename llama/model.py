@@ -126,6 +126,11 @@ class Linear(nn.Linear):
         return kernels.linear(x, [layer.weight for layer in layers])
 
 
+# Inputs up to this many rows (decode steps) run projections that share them as one call; larger
+# ones (prefill) are GEMMs of their own, where joining the outputs would only add a copy.
+FUSED_PROJECTION_MAX_ROWS = 16
+
+
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """x through several layers that read it (Q, K and V; gate and up): a list of their outputs.
 
@@ -133,11 +138,13 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
     thread start-up costs about as much as its arithmetic. Layers of one class that define
     `fused_forward(x, layers)` (our Linear; QuantLinear of one format) then run as one kernel
     call, whose output is split into views. Everything else, and every layer on a GPU (where the step is a
-    CUDA graph, so separate launches cost nothing extra), runs one layer at a time.
+    CUDA graph, so separate launches cost nothing extra) or with more than
+    FUSED_PROJECTION_MAX_ROWS rows, runs one layer at a time.
     """
     cls = type(layers[0])
     fused = getattr(cls, "fused_forward", None)
-    if fused is not None and x.is_cpu and all(type(layer) is cls for layer in layers):
+    decode_sized = x.numel() <= FUSED_PROJECTION_MAX_ROWS * x.shape[-1]
+    if fused is not None and x.is_cpu and decode_sized and all(type(layer) is cls for layer in layers):
         y = fused(x, layers)
         if y is not None:
             return list(y.split([layer.out_features for layer in layers], dim=-1))
