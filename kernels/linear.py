@@ -37,26 +37,24 @@ def _cpu_parts(x2, weights, biases, ys):
     + biases[p] (all ys with one row stride; biases entries may be None)."""
     codes = _dispatch.DTYPE_CODES
     bias_dtype = next((codes[b.dtype] for b in biases if b is not None), 0)
-    _cpu_call(x2, weights, [0 if b is None else b.data_ptr() for b in biases], bias_dtype,
+    _cpu_call(x2, x2.shape[0], x2.stride(0), weights, [0 if b is None else b.data_ptr() for b in biases], bias_dtype,
               [y.data_ptr() for y in ys], ys[0].stride(0))
 
 
-def _cpu_call(x2, weights, bias_ptrs, bias_dtype, outs, y_stride):
-    """The C++ kernel: outs[p] is the address of part p's first output, y_stride the row stride."""
+def _cpu_call(x, rows, x_stride, weights, bias_ptrs, bias_dtype, outs, y_stride):
+    """The C++ kernel over `rows` rows of x (row stride x_stride, last dim contiguous): outs[p] is
+    the address of part p's first output, y_stride the output row stride."""
     codes = _dispatch.DTYPE_CODES
     _dispatch.ext().linear_cpu(
-        x2.data_ptr(), [w.data_ptr() for w in weights], bias_ptrs, outs, [w.shape[0] for w in weights],
-        x2.shape[0], x2.shape[1], x2.stride(0), y_stride, codes[x2.dtype], codes[weights[0].dtype], bias_dtype,
+        x.data_ptr(), [w.data_ptr() for w in weights], bias_ptrs, outs, [w.shape[0] for w in weights],
+        rows, x.shape[-1], x_stride, y_stride, codes[x.dtype], codes[weights[0].dtype], bias_dtype,
         torch.get_num_threads(),
     )
 
 
 def _cpu(x2, weight, bias, y):
+    """The kernel for one weight into a caller-allocated y (tests poison it first)."""
     _cpu_parts(x2, (weight,), (bias,), (y,))
-
-
-# Compiled backends write into a caller-allocated y (tests poison it first).
-BACKENDS = {"cpu": _cpu}
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -85,15 +83,16 @@ def _check_bias(x: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
         raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
 
 
-def _cpu_unsupported(x2: torch.Tensor, weight: torch.Tensor) -> str | None:
-    if weight.dtype != torch.float32:
+def _cpu_unsupported(rows: int, weights: Sequence[torch.Tensor]) -> str | None:
+    if weights[0].dtype != torch.float32:  # one dtype for all (see _weights)
         # Measured on AVX-512: oneDNN's bf16/fp16 GEMV is as fast or faster; the kernel's 16-bit
         # paths exist (and are tested) for the 4-bit work to build on.
         return "16-bit weights (F.linear is as fast)"
-    if x2.shape[0] > MAX_ROWS:
+    if rows > MAX_ROWS:
         return f"more than {MAX_ROWS} rows (a blocked GEMM is faster)"
-    if not weight.is_contiguous():
-        return "a non-contiguous weight"
+    for w in weights:
+        if not w.is_contiguous():
+            return "a non-contiguous weight"
     return None
 
 
@@ -107,40 +106,43 @@ def linear(
     `bias` has sum N entries. On the CPU one kernel call converts x once for all of them.
     """
     weights = _weights(weight)
-    for w in weights:
+    n, grad = 0, torch.is_grad_enabled() and x.requires_grad
+    for w in weights:  # a plain loop: this runs for every projection of every decode step
         check_inputs(x, w, None)
-    n = sum(w.shape[0] for w in weights)
+        n += w.shape[0]
+        grad = grad or (w.requires_grad and torch.is_grad_enabled())
     if bias is not None:
         _check_bias(x, bias, n)
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or grad:
+        grad = grad or (bias.requires_grad and torch.is_grad_enabled())
+    if grad or torch.compiler.is_compiling():
         return _torch_parts(x, weights, bias)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    backend = _dispatch.choose(
-        "linear", x.device, {"cpu": lambda: next(filter(None, (_cpu_unsupported(x2, w) for w in weights)), None)},
-        implemented=("cpu", "torch"),
-    )
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    backend = _dispatch.choose("linear", x.device, {"cpu": lambda: _cpu_unsupported(rows, weights)},
+                               implemented=("cpu", "torch"))
     if backend == "torch":
         return _torch_parts(x, weights, bias)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if not x2.shape[0]:
+    y = x.new_empty((*x.shape[:-1], n))
+    if not rows:
         return y
-    y2 = y if y.dim() == 2 else y.view(x2.shape[0], n)
+    # A contiguous x needs no 2-D view: the kernel takes its address, row count and row stride K.
+    if x.is_contiguous():
+        x2, x_stride = x, k
+    else:
+        x2 = x.reshape(rows, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        x_stride = x2.stride(0)
     if bias is not None:
         bias = bias.contiguous()
-    if len(weights) == 1:
-        BACKENDS[backend](x2, weights[0], bias, y2)
-    else:
-        # The parts' outputs (and biases) sit side by side, each after the columns of those before.
-        outs, bias_ptrs, offset, size = [], [], 0, y2.element_size()
-        for w in weights:
-            outs.append(y2.data_ptr() + offset * size)
-            bias_ptrs.append(0 if bias is None else bias.data_ptr() + offset * bias.element_size())
-            offset += w.shape[0]
-        _cpu_call(x2, weights, bias_ptrs, 0 if bias is None else _dispatch.DTYPE_CODES[bias.dtype], outs, n)
+    # The parts' outputs (and biases) sit side by side, each after the columns of those before.
+    outs, bias_ptrs, offset, size = [], [], 0, y.element_size()
+    for w in weights:
+        outs.append(y.data_ptr() + offset * size)
+        bias_ptrs.append(0 if bias is None else bias.data_ptr() + offset * bias.element_size())
+        offset += w.shape[0]
+    _cpu_call(x2, rows, x_stride, weights, bias_ptrs, 0 if bias is None else _dispatch.DTYPE_CODES[bias.dtype],
+              outs, n)
     return y
 
 

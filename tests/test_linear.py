@@ -92,9 +92,23 @@ def test_strided_rows_and_leading_dims():
     _close(y, lin.linear_reference(x, w), torch.float32, 33)
 
 
+@pytest.mark.parametrize("make_x", [
+    lambda: torch.randn(4, 3, 1, 40)[:, :, 0, :33],  # rows 40 apart
+    lambda: torch.randn(4, 3, 33)[:, 1:2, :],        # (4, 1, 33) with rows 99 apart
+    lambda: torch.randn(33, 2).t(),                  # last dim strided: copied first
+], ids=["row-stride", "size-1-dim", "column-major"])
+def test_strided_inputs(make_x):
+    x = make_x()
+    ws, bias = [torch.randn(5, 33), torch.randn(6, 33)], torch.randn(11)
+    with torch.no_grad():
+        y = kernels.linear(x, ws, bias)
+    _close(y, lin.linear_reference(x, torch.cat(ws), bias), torch.float32, 33)
+
+
 def test_dispatch_uses_the_kernel_for_few_rows(monkeypatch, caplog):
     calls = []
-    monkeypatch.setitem(lin.BACKENDS, "cpu", lambda *a: calls.append(a[0].shape[0]) or lin._cpu(*a))
+    real = lin._cpu_call
+    monkeypatch.setattr(lin, "_cpu_call", lambda *a: calls.append(a[1]) or real(*a))
     monkeypatch.setattr(_dispatch, "_logged", set())
     w = torch.randn(8, 32)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="kernels"):
