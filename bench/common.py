@@ -149,6 +149,13 @@ def _cycle(calls: Sequence[Call]) -> Call:
 def time_cpu(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
              min_reps: int = 5, max_reps: int = 10_000) -> Timing:
     """Wall-clock per call: warm up, then time single calls until the budget is spent."""
+    return Timing.from_samples(cpu_samples(calls, budget_s=budget_s, warmup_s=warmup_s, min_reps=min_reps,
+                                           max_reps=max_reps))
+
+
+def cpu_samples(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
+                min_reps: int = 5, max_reps: int = 10_000) -> list[float]:
+    """The per-call wall-clock samples (ms) behind :func:`time_cpu`."""
     fn = _cycle(calls)
     deadline = time.perf_counter() + warmup_s
     for i in itertools.count():
@@ -161,7 +168,7 @@ def time_cpu(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return Timing.from_samples(samples)
+    return samples
 
 
 def time_gpu(calls: Sequence[Call], *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -31,7 +32,8 @@ from tqdm import tqdm  # noqa: E402
 
 import bench.suites  # noqa: E402
 from bench.common import (  # noqa: E402
-    SUITES, Bench, Item, SuiteContext, steady_cpu_allocator, time_cpu, time_cuda_graph, time_gpu,
+    SUITES, Bench, Item, SuiteContext, Timing, cpu_samples, steady_cpu_allocator, time_cpu, time_cuda_graph,
+    time_gpu,
 )
 
 RECORD_FIELDS = (
@@ -123,6 +125,10 @@ def measure(item: Bench, ctx: SuiteContext) -> dict:
     else:
         timer, timing = "do_bench", time_gpu(calls, **GPU_TIMER[ctx.quick])
     peak = _cuda_peak_bytes(calls[0]) if ctx.is_cuda else None
+    return _fields(item, timer, timing, peak)
+
+
+def _fields(item: Bench, timer: str, timing: Timing, peak: int | None) -> dict:
     seconds = timing.median_ms * 1e-3
     return {
         "timer": timer,
@@ -148,24 +154,70 @@ def _cuda_peak_bytes(call) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_item(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
-    """Measure one item into a full record; failures become status "error"."""
+def _record(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
+    """A record with the item's description and no measurement yet."""
     record = dict.fromkeys(RECORD_FIELDS)
     record.update(suite=suite, impl=item.impl, device=ctx.device.type, env=env)
     if not isinstance(item, Bench):
         record.update(status=item.status, reason=item.reason)
+    else:
+        record.update({"case": item.case, "dtype": item.dtype, "pass": item.pass_,
+                       "bytes": item.bytes, "flops": item.flops, "tokens": item.tokens})
+    return record
+
+
+def _error(exc: Exception) -> dict:
+    return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def run_item(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
+    """Measure one item into a full record; failures become status "error"."""
+    record = _record(suite, item, ctx, env)
+    if not isinstance(item, Bench):
         return record
-    record.update({"case": item.case, "dtype": item.dtype, "pass": item.pass_,
-                   "bytes": item.bytes, "flops": item.flops, "tokens": item.tokens})
     try:
         record.update(measure(item, ctx), status="ok")
     except Exception as exc:
-        record.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:2000])
+        record.update(_error(exc))
     finally:
         if ctx.is_cuda:
             with contextlib.suppress(RuntimeError):  # a sticky CUDA error is recorded already
                 torch.cuda.empty_cache()
     return record
+
+
+def run_rounds(suite: str, items: list[Item], ctx: SuiteContext, env: dict, rounds: int,
+               show: Callable[[Item], object], done: Callable[[], object]) -> list[dict]:
+    """CPU timing in `rounds` passes over all the items, each pass with 1/rounds of the time
+    budget; each record pools its item's samples from every pass. A busy spell of the host
+    then touches every impl of a case alike, instead of whichever happened to run in it.
+    Every item's inputs stay allocated until the last pass."""
+    settings = dict(CPU_TIMER[ctx.quick])
+    settings["budget_s"] /= rounds
+    calls: dict[int, Sequence] = {}
+    samples: dict[int, list[float]] = {i: [] for i in range(len(items))}
+    errors: dict[int, Exception] = {}
+    for _ in range(rounds):
+        for i, item in enumerate(items):
+            show(item)
+            if isinstance(item, Bench) and i not in errors:
+                try:
+                    if i not in calls:
+                        calls[i] = item.setup()
+                    samples[i] += cpu_samples(calls[i], min_reps=max(1, -(-5 // rounds)), **settings)
+                except Exception as exc:
+                    errors[i] = exc
+            done()
+    records = []
+    for i, item in enumerate(items):
+        record = _record(suite, item, ctx, env)
+        if isinstance(item, Bench):
+            if i in errors:
+                record.update(_error(errors[i]))
+            else:
+                record.update(_fields(item, "perf_counter", Timing.from_samples(samples[i]), None), status="ok")
+        records.append(record)
+    return records
 
 
 def _describe(item: Item) -> str:
@@ -181,6 +233,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: bench/out)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="CPU: time every item of a suite in this many passes, pooling the samples "
+                             "(steadier ratios on a shared host)")
     parser.add_argument("--no-plot", action="store_true", help="skip charts and summary.md")
     parser.add_argument("--list", action="store_true", help="list suites and exit")
     args = parser.parse_args(argv)
@@ -188,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.suite or ()) - SUITES.keys())
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(sorted(SUITES))}")
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive count, got {args.rounds}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -213,18 +270,28 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    with tqdm(total=sum(map(len, plans.values())), unit="bench", dynamic_ncols=True) as bar:
+    rounds = 1 if ctx.is_cuda else args.rounds
+    with tqdm(total=rounds * sum(map(len, plans.values())), unit="bench", dynamic_ncols=True) as bar:
         for name, items in plans.items():
             path = args.out / f"{name}_{args.device}_{now:%Y%m%dT%H%M%SZ}.jsonl"
             statuses = []
             with path.open("w") as f:
-                for item in items:
-                    bar.set_postfix_str(f"{name}: {_describe(item)}")
-                    record = run_item(name, item, ctx, env)
+                def write(record):
                     f.write(json.dumps(record, default=str) + "\n")
-                    f.flush()
+                    f.flush()  # a record per item as it comes, so an interrupted run keeps what it measured
                     statuses.append(record["status"])
-                    bar.update()
+
+                def show(item, name=name):
+                    bar.set_postfix_str(f"{name}: {_describe(item)}")
+
+                if rounds > 1:
+                    for record in run_rounds(name, items, ctx, env, rounds, show, bar.update):
+                        write(record)
+                else:
+                    for item in items:
+                        show(item)
+                        write(run_item(name, item, ctx, env))
+                        bar.update()
             counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
             bar.write(f"{path} ({counts})")
             written.append(path)
