@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     rounds = 1 if ctx.is_cuda else args.rounds
+    env["rounds"] = rounds  # passes per item whose samples each record pools (see run_rounds)
     with tqdm(total=rounds * sum(map(len, plans.values())), unit="bench", dynamic_ncols=True) as bar:
         for name, items in plans.items():
             path = args.out / f"{name}_{args.device}_{now:%Y%m%dT%H%M%SZ}.jsonl"

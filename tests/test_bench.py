@@ -61,3 +61,4 @@ def test_rounds_pool_every_pass(monkeypatch, tmp_path):
     (path,) = tmp_path.glob("tiny_cpu_*.jsonl")
     slow = next(r for r in map(json.loads, path.read_text().splitlines()) if r["impl"] == "slow")
     assert (slow["reps"], slow["min_ms"], slow["time_ms"]) == (3, 0.0, 1.0)
+    assert slow["env"]["rounds"] == 3
