@@ -206,10 +206,14 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
     if x.device != qw.device:
         raise ValueError(f"qw: is on {qw.device} but x is on {x.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qw.shape[0],):
-            raise ValueError(f"bias: expected shape ({qw.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
+        _check_bias(x, bias, qw.shape[0])
+
+
+def _check_bias(x: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias: expected shape ({out_features},), got {tuple(getattr(bias, 'shape', ()))}")
+    if bias.device != x.device:
+        raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
 
 
 def _cpu_parts(x2, parts, lut, group_size, ys):
@@ -416,10 +420,7 @@ def int4_matmul(
         check_inputs(x, q, None)
         n += q.shape[0]
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
-            raise ValueError(f"bias: expected shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: is on {bias.device} but x is on {x.device}")
+        _check_bias(x, bias, n)
     first = qws[0]
     lut = first.lut
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):

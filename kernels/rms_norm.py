@@ -165,18 +165,20 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The forward without autograd: the C++ kernel skips the 1/rms it would save for a backward."""
-    if x.is_cpu and x.is_contiguous():
-        # Decode's case: no 2-D views, the kernel takes the address, row count and row stride.
-        w = _kernel_weight(x, weight.contiguous())
-        if _dispatch.choose("rms_norm", x.device) == "cpu":
-            y = torch.empty_like(x)
-            cols = x.shape[-1]
-            if x.numel():
-                _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None)
-            return y
-    x2 = _rows(x)
+    # Decode's case, a contiguous CPU x, needs no 2-D view: the C++ kernel takes its address,
+    # row count and row stride.
+    direct = x.is_cpu and x.is_contiguous()
+    x2 = x if direct else _rows(x)
     w = _kernel_weight(x2, weight.contiguous())
     backend = _choose(x2, w)
+    if direct and backend == "cpu":
+        y = torch.empty_like(x)
+        cols = x.shape[-1]
+        if x.numel():
+            _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None)
+        return y
+    if direct:
+        x2 = _rows(x)
     y = x2.new_empty(x2.shape)
     rstd = None if backend == "cpu" else x2.new_empty(x2.shape[0], dtype=torch.float32)
     if x2.numel():
