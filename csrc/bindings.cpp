@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "common.h"
@@ -69,11 +70,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "rms_norm_fwd_cpu",
-      [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t cols,
-         int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, float eps, int threads) {
-        kernels::cpu::rms_norm_fwd(ptr<const void>(x), ptr<const void>(w), ptr<void>(y),
-                                   ptr<float>(rstd), rows, cols, x_stride, y_stride, x_dtype,
-                                   w_dtype, eps, threads);
+      [](uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uintptr_t s, uintptr_t rstd,
+         int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
+         int64_t s_stride, int x_dtype, int w_dtype, float eps, int threads) {
+        if (h != 0 && s == 0) throw std::invalid_argument("s: the sum x + h needs an output");
+        kernels::cpu::rms_norm_fwd(ptr<const void>(x), ptr<const void>(h), ptr<const void>(w),
+                                   ptr<void>(y), ptr<void>(s), ptr<float>(rstd), rows, cols,
+                                   x_stride, h_stride, y_stride, s_stride, x_dtype, w_dtype, eps,
+                                   threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -20,7 +20,7 @@ from .int4_matmul import (
     quantize_nf4,
 )
 from .linear import linear, linear_reference
-from .rms_norm import rms_norm, rms_norm_reference
+from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rope_attention import (
     rope_attention,
     rope_attention_reference,
@@ -32,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "QuantizedWeight",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "available_backends",
     "build_info",
     "dequantize",

@@ -1,5 +1,9 @@
 """RMSNorm: y = x * rsqrt(mean(x^2, -1) + eps) * weight, computed in fp32 for every dtype.
 
+`add_rms_norm(x, h, weight)` is the same op on the residual stream: it adds a branch output h to
+x and normalises the sum in one pass, returning both (one read of each input, no extra launch).
+The sum is rounded to x's dtype before it is normalised, so the result equals adding first.
+
 The pattern every op follows: a PyTorch reference, input checks that name the argument, one
 custom op per pass (forward, backward) whose implementation picks a backend, and autograd
 registered on the forward op. Each backend writes into outputs allocated here, so tests can
@@ -25,10 +29,22 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return (xf * rstd * weight.to(compute)).to(x.dtype)
 
 
-def _torch_fwd(x, w, eps, y, rstd):
+def add_rms_norm_reference(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle for the fused residual add: (rms_norm(x + h), x + h), the sum in x's dtype."""
+    s = x + h
+    return rms_norm_reference(s, weight, eps), s
+
+
+# Every forward backend: fwd(x, w, eps, y, rstd, h=None, s=None) writes y = norm(x) (and rstd
+# unless it is None); with h it normalises s = x + h (rounded to x's dtype) and writes s too.
+def _torch_fwd(x, w, eps, y, rstd, h=None, s=None):
+    if h is not None:
+        x = torch.add(x, h, out=s)
     xf = x.float()
     r = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
-    rstd.copy_(r)
+    if rstd is not None:
+        rstd.copy_(r)
     y.copy_(xf * r[:, None] * w.float())
 
 
@@ -46,15 +62,20 @@ def _code(t: torch.Tensor) -> int:
     return _dispatch.DTYPE_CODES[t.dtype]
 
 
-def _cpu_fwd(x, w, eps, y, rstd):
-    _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd)
+def _cpu_fwd(x, w, eps, y, rstd, h=None, s=None):
+    if h is None:
+        _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd)
+    else:
+        _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd, h, h.stride(0), s, s.stride(0))
 
 
-def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd):
-    """The C++ forward over `rows` rows of x and y (row strides given, last dims contiguous)."""
+def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd, h=None, h_stride=0, s=None, s_stride=0):
+    """The C++ forward over `rows` rows of x and y (row strides given, last dims contiguous); with
+    h and s, over the sum s = x + h."""
     _dispatch.ext().rms_norm_fwd_cpu(
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if rstd is None else rstd.data_ptr(), rows, x.shape[-1],
-        x_stride, y_stride, _code(x), _code(w), eps, torch.get_num_threads(),
+        x.data_ptr(), 0 if h is None else h.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if s is None else s.data_ptr(),
+        0 if rstd is None else rstd.data_ptr(), rows, x.shape[-1], x_stride, h_stride, y_stride, s_stride,
+        _code(x), _code(w), eps, torch.get_num_threads(),
     )
 
 
@@ -66,11 +87,13 @@ def _cpu_bwd(dy, x, w, rstd, dx, dw):
     )
 
 
-def _cuda_fwd(x, w, eps, y, rstd):
+def _cuda_fwd(x, w, eps, y, rstd, h=None, s=None):
+    has_h = h is not None
     _dispatch.cuda_call(
         _dispatch.ext().rms_norm_fwd_cuda,
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1],
-        x.stride(0), y.stride(0), _code(x), _code(w), eps, x.device.index, _dispatch.cuda_stream(x),
+        x.data_ptr(), h.data_ptr() if has_h else 0, w.data_ptr(), y.data_ptr(), s.data_ptr() if has_h else 0,
+        0 if rstd is None else rstd.data_ptr(), x.shape[0], x.shape[1], x.stride(0), h.stride(0) if has_h else 0,
+        y.stride(0), s.stride(0) if has_h else 0, _code(x), _code(w), eps, x.device.index, _dispatch.cuda_stream(x),
     )
 
 
@@ -94,10 +117,10 @@ def _cuda_unsupported(x: torch.Tensor, *others: torch.Tensor) -> Optional[str]:
     return None if n <= limit else f"rows of {n} elements exceed the CUDA kernel's {limit}"
 
 
-def _triton_fwd(x, w, eps, y, rstd):
+def _triton_fwd(x, w, eps, y, rstd, h=None, s=None):
     from .triton import rms_norm as tri
 
-    tri.rms_norm_fwd(x, w, eps, y, rstd)
+    tri.rms_norm_fwd(x, w, eps, y, rstd, h=h, s=s)
 
 
 def _triton_bwd(dy, x, w, rstd, dx, dw):
@@ -141,6 +164,17 @@ def _kernel_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w if w.dtype in (x.dtype, torch.float32) else w.float()
 
 
+def check_residual(x: torch.Tensor, h: torch.Tensor) -> None:
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
+    if h.shape != x.shape:
+        raise ValueError(f"h: expected the shape of x {tuple(x.shape)}, got {tuple(h.shape)}")
+    if h.dtype != x.dtype:
+        raise TypeError(f"h: expected x's dtype {x.dtype}, got {h.dtype}")
+    if h.device != x.device:
+        raise ValueError(f"h: is on {h.device} but x is on {x.device}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -152,44 +186,44 @@ def _choose(x2: torch.Tensor, w: torch.Tensor, *others: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, h: Optional[torch.Tensor] = None,
+             rstd: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(y, s, rstd): s = x + h when h is given, rstd when asked for (the backward needs it)."""
     x2 = _rows(x)
+    h2 = None if h is None else _rows(h)
     w = _kernel_weight(x2, weight.contiguous())
-    backend = _choose(x2, w)
+    backend = _choose(x2, w) if h2 is None else _choose(x2, w, h2)
     y = x2.new_empty(x2.shape)
-    rstd = x2.new_empty(x2.shape[0], dtype=torch.float32)
+    s = None if h2 is None else x2.new_empty(x2.shape)
+    r = x2.new_empty(x2.shape[0], dtype=torch.float32) if rstd else None
     if x2.numel():
-        FORWARD[backend](x2, w, float(eps), y, rstd)
-    return y.view(x.shape), rstd.view(x.shape[:-1])
+        FORWARD[backend](x2, w, float(eps), y, r, h2, s)
+    return y.view(x.shape), None if s is None else s.view(x.shape), None if r is None else r.view(x.shape[:-1])
 
 
-def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The forward without autograd: the C++ kernel skips the 1/rms it would save for a backward."""
-    # Decode's case, a contiguous CPU x, needs no 2-D view: the C++ kernel takes its address,
-    # row count and row stride.
-    direct = x.is_cpu and x.is_contiguous()
-    x2 = x if direct else _rows(x)
-    w = _kernel_weight(x2, weight.contiguous())
-    backend = _choose(x2, w)
-    if direct and backend == "cpu":
-        y = torch.empty_like(x)
-        cols = x.shape[-1]
-        if x.numel():
-            _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None)
-        return y
-    if direct:
-        x2 = _rows(x)
-    y = x2.new_empty(x2.shape)
-    rstd = None if backend == "cpu" else x2.new_empty(x2.shape[0], dtype=torch.float32)
-    if x2.numel():
-        FORWARD[backend](x2, w, float(eps), y, rstd)
-    return y.view(x.shape)
+def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+               h: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The forward without autograd, (y, s): no 1/rms is written for a backward."""
+    # Decode's case, contiguous CPU tensors, needs no 2-D views: the C++ kernel takes their
+    # addresses, the row count and the row stride.
+    if x.is_cpu and x.is_contiguous() and (h is None or h.is_contiguous()):
+        w = _kernel_weight(x, weight.contiguous())
+        if _choose(x, w) == "cpu":
+            y = torch.empty_like(x)
+            s = None if h is None else torch.empty_like(x)
+            cols = x.shape[-1]
+            if x.numel():
+                _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None, h, cols, s, cols)
+            return y, s
+    y, s, _ = _forward(x, weight, eps, h, rstd=False)
+    return y, s
 
 
 @torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, rstd): y like x, rstd = 1/rms per row in fp32 with shape x.shape[:-1]."""
-    return _forward(x, weight, eps)
+    y, _, rstd = _forward(x, weight, eps)
+    return y, rstd
 
 
 @rms_norm_fwd.register_fake
@@ -237,6 +271,41 @@ def _backward(ctx, grad_y, _grad_rstd):
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("kernels::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, s, rstd): s = x + h in x's dtype, y its RMSNorm, rstd = 1/rms of s per row."""
+    return _forward(x, weight, eps, h)
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, h, weight, eps):
+    like = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return like, torch.empty_like(like), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _add_setup_context(ctx, inputs, output):
+    _x, _h, weight, _eps = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.forced_backend = _dispatch.forced_backend()
+
+
+def _add_backward(ctx, grad_y, grad_s, _grad_rstd):
+    """The sum's gradient is the norm's input gradient plus what reached s directly; x and h
+    both receive it."""
+    s, weight, rstd = ctx.saved_tensors
+    ds, dw = grad_s, None
+    if grad_y is not None:
+        with _dispatch.use_backend(ctx.forced_backend):
+            dn, dw = rms_norm_bwd(grad_y, s, weight, rstd)
+        ds = dn if ds is None else dn + ds.to(dn.dtype)
+    return ds, ds, dw, None
+
+
+add_rms_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+
 # ----------------------------------------------------------------------------- public API
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim of x (any leading dims), differentiable in x and weight.
@@ -247,4 +316,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     check_inputs(x, weight, eps)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return rms_norm_fwd(x, weight, float(eps))[0]
-    return _inference(x, weight, float(eps))  # no autograd or tracing: skip the custom-op layer
+    return _inference(x, weight, float(eps))[0]  # no autograd or tracing: skip the custom-op layer
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + h, weight, eps), x + h) in one pass: the residual add before a norm.
+
+    A transformer block adds each branch's output h to the residual stream x and normalises the
+    result for the next branch; fused, the sum is written once and never read back. h must have
+    x's shape, dtype and device. The sum is rounded to x's dtype first, as `x + h` would be.
+    Differentiable in x, h and weight.
+    """
+    check_inputs(x, weight, eps)
+    check_residual(x, h)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or weight.requires_grad)
+    ):
+        y, s, _ = add_rms_norm_fwd(x, h, weight, float(eps))
+        return y, s
+    return _inference(x, weight, float(eps), h)

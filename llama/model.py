@@ -157,6 +157,17 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
+def add_norm(norm: nn.Module, x: torch.Tensor, h: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + h), x + h): a branch output h joins the residual stream x, which is normalised
+    for the next branch. RMSNorm does both in one kernel (kernels.add_rms_norm); h None adds nothing."""
+    if h is None:
+        return norm(x), x
+    if isinstance(norm, RMSNorm) and h.dtype == x.dtype and h.shape == x.shape:
+        return kernels.add_rms_norm(x, h, norm.weight, norm.eps)
+    x = x + h
+    return norm(x), x
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -242,13 +253,17 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
-        h = self.attention(self.attention_norm(x), cos, sin, cache_kv, positions, seqlens)
+    def forward(self, x, h, cos, sin, cache_kv=None, positions=None, seqlens=None):
+        """(x, h) -> (x, h): the residual stream and the last branch output not yet added to it
+        (None before the first block). Each add happens inside the next norm (add_norm), so the
+        stream is read and written once per branch; the model's final norm adds the last h."""
+        normed, x = add_norm(self.attention_norm, x, h)
+        h = self.attention(normed, cos, sin, cache_kv, positions, seqlens)
         if self.training:  # dropout is the identity in eval mode: skip the module calls
             h = self.dropout(h)
-        x = x + h
-        h = self.feed_forward(self.ffn_norm(x))
-        return x + (self.dropout(h) if self.training else h)
+        normed, x = add_norm(self.ffn_norm, x, h)
+        h = self.feed_forward(normed)
+        return x, (self.dropout(h) if self.training else h)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -392,13 +407,14 @@ class Transformer(nn.Module):
                 positions = cache.seqlens[:, None] + torch.arange(s, device=tokens.device)[None, :]
                 cos, sin, seqlens = self.rope_cos[positions], self.rope_sin[positions], None
 
+        branch = None  # the last block's FFN output, added to h inside the final norm
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.gradient_checkpointing and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h, branch = torch.utils.checkpoint.checkpoint(layer, h, branch, cos, sin, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache_kv, positions, seqlens)
-        h = self.norm(h)
+                h, branch = layer(h, branch, cos, sin, cache_kv, positions, seqlens)
+        h = add_norm(self.norm, h, branch)[0]
 
         if cache is not None:
             cache.seqlens += s if lengths is None else lengths.to(cache.seqlens.dtype)

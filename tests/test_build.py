@@ -33,7 +33,9 @@ def test_cpu_entry_points_check_their_arguments():
     ext = kernels.capabilities().ext
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="x: unknown dtype code 7"):
-        ext.rms_norm_fwd_cpu(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), 2, 4, 4, 4, 7, 0, 1e-6, 1)
+        ext.rms_norm_fwd_cpu(x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 2, 4, 4, 0, 4, 0, 7, 0, 1e-6, 1)
+    with pytest.raises(ValueError, match="s: the sum x . h needs an output"):
+        ext.rms_norm_fwd_cpu(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), 0, 0, 2, 4, 4, 4, 4, 0, 0, 0, 1e-6, 1)
     with pytest.raises(ValueError, match="isa: unknown instruction set 'sse9'"):
         ext.set_cpu_isa("sse9")
 
@@ -43,7 +45,7 @@ def test_cuda_entry_point_without_a_device_raises():
     ext = kernels.capabilities().ext
     match = "CUDA error" if ext.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=match):
-        kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 2, 4, 4, 4, 0, 0, 1e-6, 0, 0)
+        kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
 
 
 @pytest.mark.slow

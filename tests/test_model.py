@@ -259,6 +259,29 @@ def test_training_steps_lower_the_loss_and_return_hidden():
     assert hidden.shape == (8, 32, cfg.dim)
 
 
+def test_residual_adds_run_inside_the_norms(monkeypatch):
+    """Every residual add runs inside the norm after it (two per block, the last block's second in
+    the final norm), and gradients are the same with gradient checkpointing."""
+    import kernels
+
+    calls, real = [], kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny(n_layers=3)
+    model = randomized(cfg).train()
+    data = torch.randint(0, cfg.vocab_size, (2, 17))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        loss = model(data[:, :-1], data[:, 1:])
+        assert len(calls) == 2 * cfg.n_layers  # checkpointing runs the blocks again in backward
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
 def test_a_model_that_generated_still_copies_without_its_decoders():
     import copy
 

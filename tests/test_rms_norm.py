@@ -295,3 +295,148 @@ def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch):
     thread.start()
     thread.join()
     assert seen == ["torch"] and len(result) == 1
+
+
+# ----------------------------------------------------------------------------- add_rms_norm
+def _add_inputs(shape, dtype, w_dtype):
+    x, w = _inputs(shape, dtype, w_dtype)
+    h = torch.randn(shape).mul_(2).to(dtype)
+    return x, h, w
+
+
+@pytest.mark.parametrize("backend,dtype,w_dtype", CASES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_rstd", [True, False], ids=["rstd", "no_rstd"])
+def test_add_forward_backend_matches_reference(backend, dtype, w_dtype, shape, with_rstd):
+    x, h, w = _add_inputs(shape, dtype, w_dtype)
+    x2, h2 = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
+    y, s = poisoned(x2.shape, dtype), poisoned(x2.shape, dtype)
+    rstd = poisoned(x2.shape[:1], torch.float32) if with_rstd else None
+    with _backend_variant(backend) as b:
+        rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd, h2, s)
+
+    ref_y, ref_s = kernels.add_rms_norm_reference(x2, h2, w, 1e-5)
+    assert torch.equal(s, ref_s)  # one rounding of the fp32 sum, as `x + h` does
+    assert_close(y, ref_y, dtype)
+    if with_rstd:
+        torch.testing.assert_close(rstd, torch.rsqrt(ref_s.float().pow(2).mean(-1) + 1e-5), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+def test_add_triton_chunked_rows():
+    from kernels.triton import rms_norm as tri
+
+    x, h, w = _add_inputs((3, 1000), torch.float16, torch.float16)
+    y, s, rstd = poisoned(x.shape, x.dtype), poisoned(x.shape, x.dtype), poisoned((3,), torch.float32)
+    tri.rms_norm_fwd(x, w, 1e-5, y, rstd, max_block=256, h=h, s=s)
+    ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
+    assert torch.equal(s, ref_s)
+    assert_close(y, ref_y, x.dtype)
+
+
+def _add_reference_grads(x, h, w, gy, gs, eps):
+    x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
+    y, s = kernels.add_rms_norm_reference(x64, h64, w64, eps)
+    return torch.autograd.grad((y * gy.double()).sum() + (s * gs.double()).sum(), (x64, h64, w64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_public_op_autograd(backend, dtype):
+    """Both outputs feed the loss, so the sum's gradient has a direct part and the norm's part."""
+    x, h, w = _add_inputs((2, 5, 300), dtype, dtype)
+    for t in (x, h, w):
+        t.requires_grad_()
+    gy, gs = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
+    with kernels.use_backend(backend):
+        y, s = kernels.add_rms_norm(x, h, w, eps=1e-6)
+        dx, dh, dw = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), (x, h, w))
+    ref_y, ref_s = kernels.add_rms_norm_reference(x.detach(), h.detach(), w.detach(), 1e-6)
+    assert torch.equal(s, ref_s)
+    assert_close(y, ref_y, dtype)
+    ref_dx, ref_dh, ref_dw = _add_reference_grads(x, h, w, gy, gs, 1e-6)
+    assert_close(dx, ref_dx, dtype, scale=2.0)
+    assert_close(dh, ref_dh, dtype, scale=2.0)
+    assert_close(dw, ref_dw, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_gradient_through_the_norm_only(backend):
+    """When only the normalised output reaches the loss, the sum's gradient is the norm's alone."""
+    x, h, w = _add_inputs((3, 64), torch.float32, torch.float32)
+    x.requires_grad_()
+    gy = torch.randn(3, 64)
+    with kernels.use_backend(backend):
+        y, _ = kernels.add_rms_norm(x, h, w)
+        (dx,) = torch.autograd.grad((y * gy).sum(), (x,))
+    ref_dx, _, _ = _add_reference_grads(x, h, w, gy, torch.zeros(3, 64), 1e-6)
+    assert_close(dx, ref_dx, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_add_inference_path(dtype, contiguous):
+    x, h, w = _add_inputs((2, 3, 40), dtype, torch.float32)
+    if not contiguous:
+        h = torch.randn(2, 3, 80).to(dtype)[..., ::2]
+    with torch.no_grad():
+        y, s = kernels.add_rms_norm(x, h, w, 1e-5)
+    ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
+    assert s.shape == y.shape == x.shape and y.dtype == s.dtype == dtype
+    assert torch.equal(s, ref_s)
+    assert_close(y, ref_y, dtype)
+
+
+def test_add_matches_the_unfused_ops_exactly_in_fp32():
+    """The model swaps `x + h` then rms_norm for the fused op; on the CPU kernel nothing moves."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("kernels._C is not built")
+    x, h, w = _add_inputs((4, 7, 96), torch.float32, torch.float32)
+    with torch.no_grad():
+        y, s = kernels.add_rms_norm(x, h, w)
+        assert torch.equal(s, x + h)
+        assert torch.equal(y, kernels.rms_norm(x + h, w))
+
+
+@pytest.mark.parametrize(
+    "h,exc,match",
+    [
+        (torch.randn(4, 9), ValueError, r"h: expected the shape of x \(4, 8\)"),
+        (torch.randn(8), ValueError, "h: expected the shape of x"),
+        (torch.randn(4, 8).half(), TypeError, "h: expected x's dtype torch.float32"),
+        (torch.randn(4, 8, device="meta"), ValueError, "h: is on meta"),
+        ([[1.0] * 8] * 4, TypeError, "h: expected a torch.Tensor"),
+    ],
+)
+def test_add_bad_inputs_name_the_argument(h, exc, match):
+    with pytest.raises(exc, match=match):
+        kernels.add_rms_norm(torch.randn(4, 8), h, torch.randn(8))
+    with pytest.raises(ValueError, match="weight: has 7 elements"):
+        kernels.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8), torch.randn(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_opcheck(dtype):
+    x, h, w = _add_inputs((3, 40), dtype, dtype)
+    for t in (x, h, w):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.kernels.add_rms_norm_fwd.default, (x, h, w, 1e-6))
+
+
+@pytest.mark.slow
+def test_add_torch_compile_on_cpu():
+    torch._dynamo.reset()
+
+    def block(x, h, w):
+        y, s = kernels.add_rms_norm(x, h * 2, w, 1e-6)
+        return y.sum(dim=-1) + s.mean(dim=-1)
+
+    x, h, w = (torch.randn(*shape, requires_grad=True) for shape in ((4, 7, 96), (4, 7, 96), (96,)))
+    out = torch.compile(block, fullgraph=True)(x, h, w)
+    grads = torch.autograd.grad(out.sum(), (x, h, w))
+    x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
+    y64, s64 = kernels.add_rms_norm_reference(x64, h64 * 2, w64, 1e-6)
+    ref = y64.sum(dim=-1) + s64.mean(dim=-1)
+    assert_close(out, ref, torch.float32)
+    for got, expected in zip(grads, torch.autograd.grad(ref.sum(), (x64, h64, w64))):
+        assert_close(got, expected, torch.float32, scale=10)

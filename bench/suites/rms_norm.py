@@ -1,10 +1,17 @@
-"""RMSNorm forward and forward+backward: ours (``kernels.rms_norm``) against peers.
+"""RMSNorm forward and forward+backward: ours (``kernels.rms_norm``) against peers; and the
+residual add before it (``kernels.add_rms_norm``: y, s = norm(x + h), x + h).
 
 GB/s counts the minimum traffic of an (M, N) input with an (N,) weight, element
 size s (the weight shares x's dtype):
 
-* fwd:      read x, read w, write y                                   = 2*M*N*s + N*s
-* fwd+bwd:  fwd, then read dy, read x, read w, write dx, write dw     = 5*M*N*s + 3*N*s
+* fwd:          read x, read w, write y                                   = 2*M*N*s + N*s
+* fwd+bwd:      fwd, then read dy, read x, read w, write dx, write dw     = 5*M*N*s + 3*N*s
+* add+fwd:      read x, read h, read w, write s, write y                  = 4*M*N*s + N*s
+* add+fwd+bwd:  add+fwd, then read dy, ds, s, w, write the one gradient
+                of x and h, write dw                                      = 8*M*N*s + 3*N*s
+
+The add's peers are eager `x + h` then the norm, the same compiled (Inductor fuses the add
+into its norm kernel), `x + h` then `F.rms_norm`, and Liger's fused add + RMSNorm.
 
 Per-row statistics saved for backward (rstd) are not counted.
 """
@@ -61,6 +68,46 @@ def _torch_functional(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _ours(kernels, backend: str) -> Impl:
     return Impl(lambda: lambda w: partial(kernels.rms_norm, weight=w, eps=EPS),
                 context=partial(kernels.use_backend, backend))
+
+
+def eager_add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + h
+    return llama_rms_norm(s, weight), s
+
+
+def _functional_add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + h
+    return F.rms_norm(s, (s.shape[-1],), weight, EPS), s
+
+
+def _compile_add_prepare() -> Callable:
+    torch.compiler.reset()
+    compiled = torch.compile(eager_add_rms_norm)
+    return lambda w: partial(compiled, weight=w)
+
+
+def _add_impls(ctx: SuiteContext, impls: dict[str, Impl]) -> dict[str, Impl]:
+    """The fused-add counterpart of each impl in `impls` (bind(w) -> fn(x, h) -> (y, s))."""
+    import kernels
+
+    add: dict[str, Impl] = {}
+    for name, impl in impls.items():
+        if name.startswith("kernels-"):
+            add[name] = Impl(lambda: lambda w: partial(kernels.add_rms_norm, weight=w, eps=EPS), context=impl.context)
+    add["torch-eager"] = _functional(eager_add_rms_norm)
+    add["torch-compile"] = Impl(_compile_add_prepare)
+    if "torch-F.rms_norm" in impls:
+        add["torch-F.rms_norm"] = _functional(_functional_add_rms_norm)
+    if "liger" in impls:
+        from liger_kernel.transformers import LigerFusedAddRMSNorm
+
+        def bind(w: torch.nn.Parameter):
+            module = LigerFusedAddRMSNorm(w.numel(), eps=EPS, casting_mode="llama", in_place=False)
+            module.weight = w
+            return module
+
+        add["liger"] = Impl(lambda: bind)
+    return add
 
 
 def _liger(module_cls) -> Impl:
@@ -128,37 +175,48 @@ def _cases(ctx: SuiteContext) -> list[tuple[int, int, torch.dtype, bool]]:
         [(m, n, dt, True) for dt in dtypes for m, n in decode]
 
 
-def _setup(ctx: SuiteContext, impl: Impl, m: int, n: int, dtype: torch.dtype, backward: bool) -> list[Callable]:
+def _setup(ctx: SuiteContext, impl: Impl, m: int, n: int, dtype: torch.dtype, backward: bool,
+           add: bool = False) -> list[Callable]:
+    """Calls over rotating inputs: norm(x), or with `add` norm(x, h) -> (y, s)."""
     def make_inputs():
-        x = torch.randn(m, n, device=ctx.device, dtype=dtype, requires_grad=backward)
+        def activation():
+            return torch.randn(m, n, device=ctx.device, dtype=dtype, requires_grad=backward)
+
+        xs = (activation(), activation()) if add else (activation(),)
         w = torch.nn.Parameter(1 + 0.1 * torch.randn(n, device=ctx.device, dtype=dtype), requires_grad=backward)
-        dy = torch.randn_like(x) if backward else None
-        return x, w, dy
+        grads = tuple(torch.randn_like(xs[0]) for _ in xs) if backward else None
+        return xs, w, grads
 
     size = dtype.itemsize
-    copies = ctx.rotating(make_inputs, (2 if backward else 1) * m * n * size + n * size)
+    copies = ctx.rotating(make_inputs, (2 if backward else 1) * (2 if add else 1) * m * n * size + n * size)
     bind = impl.prepare()
     calls = []
-    for x, w, dy in copies:
-        forward = partial(bind(w), x)
-        calls.append(within(impl.context, with_backward(forward, (x, w), dy) if backward else forward))
+    for xs, w, grads in copies:
+        forward = partial(bind(w), *xs)
+        if backward:  # the add's outputs (y, s) each get a gradient, as in a transformer block
+            forward = with_backward(forward, (*xs, w), grads if add else grads[0])
+        calls.append(within(impl.context, forward))
     return calls
 
 
 @suite("rms_norm")
 def rms_norm(ctx: SuiteContext) -> list[Item]:
     impls, items = _impls(ctx)
+    add_impls = _add_impls(ctx, impls) if any(name.startswith("kernels-") for name in impls) else {}
     for m, n, dtype, decode in _cases(ctx):
         size = dtype.itemsize
-        for pass_, backward, nbytes in (("fwd", False, 2 * m * n * size + n * size),
-                                        ("fwd+bwd", True, 5 * m * n * size + 3 * n * size)):
-            for name, impl in impls.items():
+        passes = (("fwd", False, False, 2 * m * n * size + n * size, impls),
+                  ("fwd+bwd", True, False, 5 * m * n * size + 3 * n * size, impls),
+                  ("add+fwd", False, True, 4 * m * n * size + n * size, add_impls),
+                  ("add+fwd+bwd", True, True, 8 * m * n * size + 3 * n * size, add_impls))
+        for pass_, backward, add, nbytes, pass_impls in passes:
+            for name, impl in pass_impls.items():
                 items.append(Bench(
                     impl=name,
                     case={"tokens": m, "hidden": n},
                     dtype=dtype_name(dtype),
                     pass_=pass_,
-                    setup=partial(_setup, ctx, impl, m, n, dtype, backward),
+                    setup=partial(_setup, ctx, impl, m, n, dtype, backward, add),
                     bytes=nbytes,
                     cuda_graph=decode,
                 ))

@@ -109,11 +109,11 @@ void set_isa(const std::string& name) {
     default: return baseline::call;                                  \
   }
 
-void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t cols,
-                  int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, float eps,
-                  int num_threads) {
-  KERNELS_CPU_DISPATCH(rms_norm_fwd(x, w, y, rstd, rows, cols, x_stride, y_stride, x_dtype,
-                                    w_dtype, eps, num_threads))
+void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd,
+                  int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
+                  int64_t s_stride, int x_dtype, int w_dtype, float eps, int num_threads) {
+  KERNELS_CPU_DISPATCH(rms_norm_fwd(x, h, w, y, s, rstd, rows, cols, x_stride, h_stride, y_stride,
+                                    s_stride, x_dtype, w_dtype, eps, num_threads))
 }
 
 void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,

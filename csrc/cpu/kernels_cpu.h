@@ -9,9 +9,10 @@
 // rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
 // (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride.
 #define KERNELS_CPU_DECLARE_KERNELS                                                          \
-  void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows,         \
-                    int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, \
-                    float eps, int num_threads);                                              \
+  void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd, \
+                    int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,             \
+                    int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,    \
+                    int num_threads);                                                         \
   void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx, \
                     void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, \
                     int64_t dx_stride, int x_dtype, int w_dtype, int num_threads);              \

@@ -19,15 +19,24 @@ namespace cpu {
 namespace KERNELS_ISA {
 namespace {
 
+// With h, s = x + h is rounded to TX, written, and normalised: the same numbers as adding first.
 template <typename TX, typename TW>
-void fwd_impl(const TX* x, const TW* w, TX* y, float* rstd, int64_t rows, int64_t cols,
-              int64_t x_stride, int64_t y_stride, float eps, int num_threads) {
+void fwd_impl(const TX* x, const TX* h, const TW* w, TX* y, TX* s, float* rstd, int64_t rows,
+              int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
+              int64_t s_stride, float eps, int num_threads) {
   const int nt = threads_for(rows * cols, rows, num_threads);
   (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const TX* xr = x + r * x_stride;
     TX* yr = y + r * y_stride;
+    if (h) {  // the sum replaces x as the row to normalise
+      const TX* hr = h + r * h_stride;
+      TX* sr = s + r * s_stride;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) sr[c] = from_float<TX>(to_float(xr[c]) + to_float(hr[c]));
+      xr = sr;
+    }
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t c = 0; c < cols; ++c) {
@@ -112,14 +121,15 @@ void dispatch_dtypes(int x_dtype, int w_dtype, Fn&& fn) {
 
 }  // namespace
 
-void rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t cols,
-                  int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype, float eps,
-                  int num_threads) {
+void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd,
+                  int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
+                  int64_t s_stride, int x_dtype, int w_dtype, float eps, int num_threads) {
   dispatch_dtypes(x_dtype, w_dtype, [&](auto* xt, auto* wt) {
     using TX = std::remove_pointer_t<decltype(xt)>;
     using TW = std::remove_pointer_t<decltype(wt)>;
-    fwd_impl<TX, TW>(static_cast<const TX*>(x), static_cast<const TW*>(w), static_cast<TX*>(y),
-                     rstd, rows, cols, x_stride, y_stride, eps, num_threads);
+    fwd_impl<TX, TW>(static_cast<const TX*>(x), static_cast<const TX*>(h), static_cast<const TW*>(w),
+                     static_cast<TX*>(y), static_cast<TX*>(s), rstd, rows, cols, x_stride,
+                     h_stride, y_stride, s_stride, eps, num_threads);
   });
 }
 

@@ -79,14 +79,16 @@ std::string check_layout(int64_t n, int64_t k, int64_t group_size, uintptr_t pac
 
 }  // namespace
 
-std::string rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
-                  int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-                  float eps, int device, uintptr_t stream) {
+std::string rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uintptr_t s,
+                  uintptr_t rstd, int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,
+                  int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,
+                  int device, uintptr_t stream) {
   ENTRY_REQUIRE(rows >= 0 && cols > 0, "x: expected a non-empty last dimension, got " << cols);
   ENTRY_REQUIRE(rows <= 0x7fffffff, "x: at most 2^31-1 rows, got " << rows);
+  ENTRY_REQUIRE(h == 0 || s != 0, "s: the sum x + h needs an output");
   ENTRY_RETURN_IF_ERROR(check_x_w(x_dtype, w_dtype));
-  const int status = launch_rms_norm_fwd(x, w, y, rstd, rows, cols, x_stride, y_stride, x_dtype,
-                                         w_dtype, eps, device, stream);
+  const int status = launch_rms_norm_fwd(x, h, w, y, s, rstd, rows, cols, x_stride, h_stride,
+                                         y_stride, s_stride, x_dtype, w_dtype, eps, device, stream);
   ENTRY_RETURN_IF_ERROR(check_rows(status, cols, x_dtype));
   return status_error(status, "rms_norm_fwd");
 }

@@ -19,11 +19,13 @@ constexpr int kStatusRowsTooLong = -1;  // RMSNorm: a row does not fit the regis
 std::string status_string(int status);
 
 // ------------------------------------------------------------------ RMSNorm
-// x, y: (rows, cols) with row strides in elements; w: (cols,); rstd: (rows,) fp32.
-// w_dtype must equal x_dtype or be float32.
-std::string rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
-                  int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-                  float eps, int device, uintptr_t stream);
+// x, y: (rows, cols) with row strides in elements; w: (cols,); rstd: (rows,) fp32, or 0 to skip.
+// w_dtype must equal x_dtype or be float32. h (or 0), s: (rows, cols) like x; with h, the row
+// normalised is s = x + h, rounded to x's dtype and written to s.
+std::string rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uintptr_t s,
+                  uintptr_t rstd, int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,
+                  int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,
+                  int device, uintptr_t stream);
 
 // dw_partial: (num_partials, cols) fp32 workspace; dw = its column sums, in w_dtype.
 std::string rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
@@ -34,9 +36,10 @@ std::string rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd,
 // The largest row length the CUDA RMSNorm takes for a dtype and vector width (1 if unaligned).
 int64_t rms_norm_max_cols(int x_dtype, bool aligned);
 
-int launch_rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows,
-                        int64_t cols, int64_t x_stride, int64_t y_stride, int x_dtype, int w_dtype,
-                        float eps, int device, uintptr_t stream);
+int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uintptr_t s,
+                        uintptr_t rstd, int64_t rows, int64_t cols, int64_t x_stride,
+                        int64_t h_stride, int64_t y_stride, int64_t s_stride, int x_dtype,
+                        int w_dtype, float eps, int device, uintptr_t stream);
 int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
                         uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
                         int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,

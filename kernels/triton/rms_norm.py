@@ -16,30 +16,49 @@ LOOP_BLOCK = 4096  # chunk size for longer rows
 
 
 @triton.jit
-def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _load_row(x_row, h_row, s_row, offs, mask, HAS_H: tl.constexpr, WRITE_S: tl.constexpr):
+    """A chunk of the row to normalise in fp32: x, or s = x + h rounded to x's dtype (stored to s
+    when WRITE_S), so the result equals adding first."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    if HAS_H:
+        x = (x.to(tl.float32) + tl.load(h_row + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        if WRITE_S:
+            tl.store(s_row + offs, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(
+    X, H, W, Y, S, RSTD, stride_x, stride_h, stride_y, stride_s, N, eps,
+    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_H: tl.constexpr, HAS_RSTD: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
+    h_row = H + row * stride_h
+    s_row = S + row * stride_s
     y_row = Y + row * stride_y
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _load_row(x_row, h_row, s_row, cols, mask, HAS_H, True)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
     else:
+        # The sum is recomputed in the second pass rather than read back from S: a program's
+        # own stores are not guaranteed visible to its later loads across threads.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
-            mask = start + cols < N
-            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_row, h_row, s_row, start + cols, start + cols < N, HAS_H, True)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
             mask = start + cols < N
-            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_row, h_row, s_row, start + cols, mask, HAS_H, False)
             w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_row + start + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+    if HAS_RSTD:
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -116,15 +135,18 @@ def _num_partials_cap(device: torch.device) -> int:
     return 4  # the interpreter: a few programs are enough to exercise the reduction
 
 
-def rms_norm_fwd(x, w, eps, y, rstd, max_block: int = MAX_FUSED_BLOCK):
-    """x, y: (M, N) with unit column stride; w: (N,); rstd: (M,) fp32. Writes y and rstd."""
+def rms_norm_fwd(x, w, eps, y, rstd, max_block: int = MAX_FUSED_BLOCK, h=None, s=None):
+    """x, y: (M, N) with unit column stride; w: (N,); rstd: (M,) fp32 or None. Writes y and rstd.
+    With h (like x), normalises s = x + h and writes it to s (like x)."""
     m, n = x.shape
     if m == 0:
         return
     block, one_block = _block(n, max_block)
+    has_h = h is not None
     _fwd_kernel[(m,)](
-        x, w, y, rstd, x.stride(0), y.stride(0), n, eps,
-        BLOCK=block, ONE_BLOCK=one_block, num_warps=_num_warps(block),
+        x, h if has_h else x, w, y, s if has_h else y, rstd if rstd is not None else y,
+        x.stride(0), h.stride(0) if has_h else 0, y.stride(0), s.stride(0) if has_h else 0, n, eps,
+        BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=rstd is not None, num_warps=_num_warps(block),
     )
 
 

@@ -49,6 +49,45 @@ def test_forward_and_backward(backend, dtype, w_fp32, shape):
     assert_close(dw, ref_dw, w.dtype, scale=max(1.0, shape[0] ** 0.5))
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_forward(backend, dtype, shape):
+    """The fused residual add: s = x + h exactly as PyTorch rounds it, y its norm; with and
+    without the 1/rms buffer (inference passes none)."""
+    if backend not in _backends():
+        pytest.fail(f"{backend} backend unavailable on this GPU machine: {kernels.build_info()}")
+    x = (3 * torch.randn(shape, device="cuda")).to(dtype)
+    h = (2 * torch.randn(shape, device="cuda")).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], device="cuda")).to(dtype)
+    if backend == "cuda" and not _fits_cuda(x, w):
+        pytest.skip("longer than the CUDA kernel takes; the dispatcher sends it to Triton")
+    ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
+    rstd = poisoned(shape[:1], torch.float32, "cuda")
+    for r in (rstd, None):
+        y, s = poisoned(shape, dtype, "cuda"), poisoned(shape, dtype, "cuda")
+        rms_mod.FORWARD[backend](x, w, 1e-5, y, r, h, s)
+        assert torch.equal(s, ref_s)
+        assert_close(y, ref_y, dtype)
+    torch.testing.assert_close(rstd, torch.rsqrt(ref_s.float().pow(2).mean(-1) + 1e-5), atol=1e-6, rtol=1e-5)
+
+
+def test_add_autograd_bf16():
+    x = torch.randn(3, 100, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(3, 100, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(2048, device="cuda")).requires_grad_()
+    gy, gs = torch.randn_like(x, dtype=torch.float32), torch.randn_like(x, dtype=torch.float32)
+    y, s = kernels.add_rms_norm(x, h, w)
+    dx, dh, dw = torch.autograd.grad((y.float() * gy).sum() + (s.float() * gs).sum(), (x, h, w))
+    x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
+    y64, s64 = kernels.add_rms_norm_reference(x64, h64, w64)
+    rdx, rdh, rdw = torch.autograd.grad((y64 * gy.double()).sum() + (s64 * gs.double()).sum(), (x64, h64, w64))
+    assert torch.equal(dx, dh)
+    assert_close(y, y64, torch.bfloat16)
+    assert_close(dx, rdx, torch.bfloat16, scale=4)
+    torch.testing.assert_close(dw.double(), rdw, rtol=2e-2, atol=1e-2 * rdw.abs().max().item())
+
+
 def test_unaligned_long_rows_fall_back_to_triton(caplog, monkeypatch):
     monkeypatch.setattr(_dispatch, "_logged", set())
     x = torch.randn(3, 10001, device="cuda", dtype=torch.float16)
@@ -72,15 +111,23 @@ def test_runs_on_the_current_stream_and_in_a_cuda_graph():
             with kernels.use_backend(backend):
                 kernels.rms_norm(x, w)
     torch.cuda.current_stream().wait_stream(stream)
+    h = torch.randn_like(x)
     for backend in _backends():
+        with kernels.use_backend(backend), torch.cuda.stream(stream):
+            kernels.add_rms_norm(x, h, w)
+        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with kernels.use_backend(backend), torch.cuda.graph(graph):
             out = kernels.rms_norm(x, w)
+            out_y, out_s = kernels.add_rms_norm(x, h, w)
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, kernels.rms_norm_reference(x, w), torch.bfloat16)
         assert not torch.equal(out, expected)
+        ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w)
+        assert torch.equal(out_s, ref_s)
+        assert_close(out_y, ref_y, torch.bfloat16)
 
 
 def test_autograd_and_compile_bf16():
