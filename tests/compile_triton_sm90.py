@@ -1,4 +1,4 @@
-"""Compile the attention kernels for a Hopper GPU (sm_90a) without one.
+"""Compile the Triton kernels (attention, RMSNorm, int4) for a Hopper GPU (sm_90a) without one.
 
 The Triton interpreter, which runs the CPU tests, accepts code that the GPU compiler rejects
 (mismatched return types, for one). This script lowers a set of constexpr variants through
@@ -19,6 +19,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels.triton import int4_matmul as tri_int4  # noqa: E402
+from kernels.triton import rms_norm as tri_rms  # noqa: E402
 from kernels.triton import rope_attention as tri  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KN", "VN", "KC", "VC"}
@@ -26,12 +28,15 @@ FP32_TENSORS = {"COS", "SIN", "LSE", "DELTA", "PM", "PL", "PACC"}
 FLOATS = {"qk_scale", "drop_scale", "sm_scale"}
 
 
-def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, dtype: str) -> None:
+def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, dtype: str, types=None) -> None:
+    """`types` names argument types that the attention kernels' naming would get wrong."""
     names = kernel.arg_names
     signature = {}
     for name in names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif types and name in types:
+            signature[name] = types[name].replace("DT", dtype)
         elif name in TENSORS:
             signature[name] = f"*{dtype}"
         elif name in FP32_TENSORS:
@@ -67,11 +72,38 @@ def variants():
     yield "decode combine", tri._decode_combine_kernel, c, 4, 1, "bf16"
 
 
+RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY": "*DT", "DX": "*DT",
+             "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
+INT4_TYPES = {"K": "i32", "X": "*DT", "P": "*u8", "S": "*fp16", "Z": "*fp16", "LUT": "*fp32", "Y": "*DT", "WS": "*fp32"}
+
+
+def other_variants():
+    """RMSNorm (plain and with the residual add, one block and chunked) and the int4 kernels."""
+    for dtype in ("bf16", "fp16"):
+        for one_block, block in ((True, 2048), (False, 4096)):
+            for has_h in (False, True):
+                c = dict(BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=not has_h)
+                yield (f"rms_norm fwd one_block={one_block} add={has_h} {dtype}", tri_rms._fwd_kernel, c,
+                       tri_rms._num_warps(block), 3, dtype, RMS_TYPES)
+            yield (f"rms_norm bwd one_block={one_block} {dtype}", tri_rms._bwd_kernel,
+                   dict(BLOCK=block, ONE_BLOCK=one_block), tri_rms._num_warps(block), 3, dtype, RMS_TYPES)
+    for group, linear in ((32, True), (128, False)):
+        common = dict(GROUP=group, HAS_ZERO=linear, LINEAR_LUT=linear, SPLIT=True, EVEN_K=False)
+        c = dict(common, GROUPS_PER_TILE=max(1, 256 // group), BLOCK_M=4, BLOCK_N=16)
+        yield f"int4 gemv group {group} lut={not linear}", tri_int4._gemv_kernel, c, 4, 2, "bf16", INT4_TYPES
+        for m in (16, 64, 256):
+            cfg = tri_int4._gemm_config(m, None, group)
+            c = dict(common, GROUPS_PER_TILE=max(1, cfg["block_k"] // group), BLOCK_M=cfg["block_m"],
+                     BLOCK_N=cfg["block_n"], DOT_K=min(cfg["dot_k"], group // 2), GROUP_M=8, FP32_DOT=False)
+            yield (f"int4 gemm M={m} group {group} lut={not linear}", tri_int4._gemm_kernel, c, cfg["num_warps"],
+                   cfg["num_stages"], "bf16", INT4_TYPES)
+
+
 def main() -> int:
     failed = 0
-    for name, kernel, constexprs, warps, stages, dtype in variants():
+    for name, kernel, constexprs, warps, stages, dtype, *types in (*variants(), *other_variants()):
         try:
-            compile_for_sm90(kernel, constexprs, warps, stages, dtype)
+            compile_for_sm90(kernel, constexprs, warps, stages, dtype, *types)
             print(f"ok     {name}", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every variant, then fail
             failed += 1
