@@ -82,13 +82,13 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "rms_norm_bwd_cpu",
-      [](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw,
-         int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-         int x_dtype, int w_dtype, int threads) {
-        kernels::cpu::rms_norm_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const void>(w),
-                                   ptr<const float>(rstd), ptr<void>(dx), ptr<void>(dw), rows,
-                                   cols, dy_stride, x_stride, dx_stride, x_dtype, w_dtype,
-                                   threads);
+      [](uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
+         uintptr_t dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+         int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int threads) {
+        kernels::cpu::rms_norm_bwd(ptr<const void>(dy), ptr<const void>(ds), ptr<const void>(x),
+                                   ptr<const void>(w), ptr<const float>(rstd), ptr<void>(dx),
+                                   ptr<void>(dw), rows, cols, dy_stride, ds_stride, x_stride,
+                                   dx_stride, x_dtype, w_dtype, threads);
       },
       py::call_guard<py::gil_scoped_release>());
 

@@ -2,7 +2,8 @@
 
 `add_rms_norm(x, h, weight)` is the same op on the residual stream: it adds a branch output h to
 x and normalises the sum in one pass, returning both (one read of each input, no extra launch).
-The sum is rounded to x's dtype before it is normalised, so the result equals adding first.
+The sum is rounded to x's dtype before it is normalised, so the result equals adding first. Its
+backward is RMSNorm's, with the gradient that reached the sum directly added in the same pass.
 
 The pattern every op follows: a PyTorch reference, input checks that name the argument, one
 custom op per pass (forward, backward) whose implementation picks a backend, and autograd
@@ -48,12 +49,15 @@ def _torch_fwd(x, w, eps, y, rstd, h=None, s=None):
     y.copy_(xf * r[:, None] * w.float())
 
 
-def _torch_bwd(dy, x, w, rstd, dx, dw):
+# Every backward backend: bwd(dy, x, w, rstd, dx, dw, ds=None) writes dx and dw; ds (like dy) is
+# a gradient that reached x directly (the residual stream's, for add_rms_norm), added to dx.
+def _torch_bwd(dy, x, w, rstd, dx, dw, ds=None):
     xhat = x.float() * rstd[:, None]
     g = dy.float()
     gw = g * w.float()
     mean = (gw * xhat).mean(dim=-1, keepdim=True)
-    dx.copy_(rstd[:, None] * (gw - xhat * mean))
+    grad = rstd[:, None] * (gw - xhat * mean)
+    dx.copy_(grad if ds is None else grad + ds.float())
     dw.copy_((g * xhat).sum(dim=0))
 
 
@@ -79,11 +83,11 @@ def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd, h=None, h_stride
     )
 
 
-def _cpu_bwd(dy, x, w, rstd, dx, dw):
+def _cpu_bwd(dy, x, w, rstd, dx, dw, ds=None):
     _dispatch.ext().rms_norm_bwd_cpu(
-        dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-        x.shape[0], x.shape[1], dy.stride(0), x.stride(0), dx.stride(0), _code(x), _code(w),
-        torch.get_num_threads(),
+        dy.data_ptr(), 0 if ds is None else ds.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+        dx.data_ptr(), dw.data_ptr(), x.shape[0], x.shape[1], dy.stride(0), 0 if ds is None else ds.stride(0),
+        x.stride(0), dx.stride(0), _code(x), _code(w), torch.get_num_threads(),
     )
 
 
@@ -97,14 +101,15 @@ def _cuda_fwd(x, w, eps, y, rstd, h=None, s=None):
     )
 
 
-def _cuda_bwd(dy, x, w, rstd, dx, dw):
+def _cuda_bwd(dy, x, w, rstd, dx, dw, ds=None):
     partials = max(1, min(x.shape[0], 2 * _dispatch.sm_count(x.device)))
     workspace = torch.empty((partials, x.shape[1]), dtype=torch.float32, device=x.device)
     _dispatch.cuda_call(
         _dispatch.ext().rms_norm_bwd_cuda,
-        dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-        workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0), x.stride(0),
-        dx.stride(0), _code(x), _code(w), x.device.index, _dispatch.cuda_stream(x),
+        dy.data_ptr(), 0 if ds is None else ds.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+        dx.data_ptr(), dw.data_ptr(), workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0),
+        0 if ds is None else ds.stride(0), x.stride(0), dx.stride(0), _code(x), _code(w), x.device.index,
+        _dispatch.cuda_stream(x),
     )
 
 
@@ -123,10 +128,10 @@ def _triton_fwd(x, w, eps, y, rstd, h=None, s=None):
     tri.rms_norm_fwd(x, w, eps, y, rstd, h=h, s=s)
 
 
-def _triton_bwd(dy, x, w, rstd, dx, dw):
+def _triton_bwd(dy, x, w, rstd, dx, dw, ds=None):
     from .triton import rms_norm as tri
 
-    tri.rms_norm_bwd(dy, x, w, rstd, dx, dw)
+    tri.rms_norm_bwd(dy, x, w, rstd, dx, dw, ds=ds)
 
 
 FORWARD = {"torch": _torch_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd, "triton": _triton_fwd}
@@ -233,22 +238,28 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("kernels::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    grad_x_direct: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_weight) in the dtypes of x and weight."""
+    """Returns (grad_x, grad_weight) in the dtypes of x and weight. `grad_x_direct`, a gradient
+    that reached x by another path (the residual stream's, in add_rms_norm), is added to grad_x."""
     x2 = _rows(x)
     dy = _rows(grad_y.to(x.dtype))
+    ds = None if grad_x_direct is None else _rows(grad_x_direct.to(x.dtype))
     w = _kernel_weight(x2, weight.contiguous())
     r = rstd.reshape(-1).contiguous()
-    backend = _choose(x2, w, dy)
+    backend = _choose(x2, w, dy) if ds is None else _choose(x2, w, dy, ds)
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    BACKWARD[backend](dy, x2, w, r, dx, dw)
+    if ds is None:
+        BACKWARD[backend](dy, x2, w, r, dx, dw)
+    else:
+        BACKWARD[backend](dy, x2, w, r, dx, dw, ds)
     return dx.view(x.shape), dw.to(weight.dtype)
 
 
 @rms_norm_bwd.register_fake
-def _(grad_y, x, weight, rstd):
+def _(grad_y, x, weight, rstd, grad_x_direct=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
@@ -295,11 +306,10 @@ def _add_backward(ctx, grad_y, grad_s, _grad_rstd):
     """The sum's gradient is the norm's input gradient plus what reached s directly; x and h
     both receive it."""
     s, weight, rstd = ctx.saved_tensors
-    ds, dw = grad_s, None
-    if grad_y is not None:
-        with _dispatch.use_backend(ctx.forced_backend):
-            dn, dw = rms_norm_bwd(grad_y, s, weight, rstd)
-        ds = dn if ds is None else dn + ds.to(dn.dtype)
+    if grad_y is None:
+        return grad_s, grad_s, None, None
+    with _dispatch.use_backend(ctx.forced_backend):  # grad_s is added inside the kernel
+        ds, dw = rms_norm_bwd(grad_y, s, weight, rstd, grad_s)
     return ds, ds, dw, None
 
 

@@ -72,7 +72,7 @@ def variants():
     yield "decode combine", tri._decode_combine_kernel, c, 4, 1, "bf16"
 
 
-RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY": "*DT", "DX": "*DT",
+RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY": "*DT", "DS": "*DT", "DX": "*DT",
              "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
 INT4_TYPES = {"K": "i32", "X": "*DT", "P": "*u8", "S": "*fp16", "Z": "*fp16", "LUT": "*fp32", "Y": "*DT", "WS": "*fp32"}
 
@@ -85,8 +85,10 @@ def other_variants():
                 c = dict(BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=not has_h)
                 yield (f"rms_norm fwd one_block={one_block} add={has_h} {dtype}", tri_rms._fwd_kernel, c,
                        tri_rms._num_warps(block), 3, dtype, RMS_TYPES)
-            yield (f"rms_norm bwd one_block={one_block} {dtype}", tri_rms._bwd_kernel,
-                   dict(BLOCK=block, ONE_BLOCK=one_block), tri_rms._num_warps(block), 3, dtype, RMS_TYPES)
+            for has_ds in (False, True):
+                yield (f"rms_norm bwd one_block={one_block} add={has_ds} {dtype}", tri_rms._bwd_kernel,
+                       dict(BLOCK=block, ONE_BLOCK=one_block, HAS_DS=has_ds), tri_rms._num_warps(block), 3, dtype,
+                       RMS_TYPES)
     for group, linear in ((32, True), (128, False)):
         common = dict(GROUP=group, HAS_ZERO=linear, LINEAR_LUT=linear, SPLIT=True, EVEN_K=False)
         c = dict(common, GROUPS_PER_TILE=max(1, 256 // group), BLOCK_M=4, BLOCK_N=16)

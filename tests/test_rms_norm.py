@@ -83,17 +83,22 @@ def test_forward_backend_matches_reference(backend, dtype, w_dtype, shape):
 
 @pytest.mark.parametrize("backend,dtype,w_dtype", CASES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_backward_backend_matches_reference(backend, dtype, w_dtype, shape):
+@pytest.mark.parametrize("with_ds", [False, True], ids=["", "plus_ds"])
+def test_backward_backend_matches_reference(backend, dtype, w_dtype, shape, with_ds):
+    """with_ds: a second gradient of x (the residual stream's, for add_rms_norm) is added to dx."""
     x, w = _inputs(shape, dtype, w_dtype)
     x2 = x.reshape(-1, shape[-1])
     dy = torch.randn(x2.shape).to(dtype)
+    ds = torch.randn(x2.shape).to(dtype) if with_ds else None
     rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + 1e-5)
     dx = poisoned(x2.shape, dtype)
     dw = poisoned(w.shape, w_dtype)
     with _backend_variant(backend) as b:
-        rms_mod.BACKWARD[b](dy, x2, w, rstd, dx, dw)
+        rms_mod.BACKWARD[b](dy, x2, w, rstd, dx, dw, *([ds] if with_ds else []))
 
     ref_dx, ref_dw = _reference_grads(x2, w, dy, 1e-5)
+    if with_ds:
+        ref_dx = ref_dx + ds.double()
     assert_close(dx, ref_dx, dtype)
     # dw sums over rows, so its error grows with their number.
     assert_close(dw, ref_dw, w_dtype, scale=max(1.0, x2.shape[0] ** 0.5))
@@ -260,6 +265,10 @@ def test_opcheck(dtype):
     torch.library.opcheck(
         torch.ops.kernels.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), w.detach(), rstd)
     )
+    torch.library.opcheck(
+        torch.ops.kernels.rms_norm_bwd.default,
+        (torch.randn_like(x), x.detach(), w.detach(), rstd, torch.randn_like(x)),
+    )
 
 
 @pytest.mark.slow
@@ -332,6 +341,13 @@ def test_add_triton_chunked_rows():
     ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
     assert torch.equal(s, ref_s)
     assert_close(y, ref_y, x.dtype)
+
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    dx, dw = poisoned(x.shape, x.dtype), poisoned(w.shape, w.dtype)
+    tri.rms_norm_bwd(dy, s, w, rstd, dx, dw, max_block=256, ds=ds)
+    ref_dx, ref_dw = _reference_grads(s, w, dy, 1e-5)
+    assert_close(dx, ref_dx + ds.double(), x.dtype)
+    assert_close(dw, ref_dw, w.dtype, scale=2.0)
 
 
 def _add_reference_grads(x, h, w, gy, gs, eps):

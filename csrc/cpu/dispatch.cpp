@@ -125,11 +125,12 @@ void rope_decode_attention(const void* q, const void* k_new, const void* v_new, 
                                              dtype, scale, num_threads))
 }
 
-void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
-                  void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride,
-                  int64_t dx_stride, int x_dtype, int w_dtype, int num_threads) {
-  KERNELS_CPU_DISPATCH(rms_norm_bwd(dy, x, w, rstd, dx, dw, rows, cols, dy_stride, x_stride,
-                                    dx_stride, x_dtype, w_dtype, num_threads))
+void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w, const float* rstd,
+                  void* dx, void* dw, int64_t rows, int64_t cols, int64_t dy_stride,
+                  int64_t ds_stride, int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype,
+                  int num_threads) {
+  KERNELS_CPU_DISPATCH(rms_norm_bwd(dy, ds, x, w, rstd, dx, dw, rows, cols, dy_stride, ds_stride,
+                                    x_stride, dx_stride, x_dtype, w_dtype, num_threads))
 }
 
 void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride, int64_t y_stride,

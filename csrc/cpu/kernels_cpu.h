@@ -13,9 +13,10 @@
                     int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,             \
                     int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,    \
                     int num_threads);                                                         \
-  void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx, \
-                    void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, \
-                    int64_t dx_stride, int x_dtype, int w_dtype, int num_threads);              \
+  void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w,               \
+                    const float* rstd, void* dx, void* dw, int64_t rows, int64_t cols,          \
+                    int64_t dy_stride, int64_t ds_stride, int64_t x_stride, int64_t dx_stride,  \
+                    int x_dtype, int w_dtype, int num_threads);                               \
   void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride,  \
               int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads);      \
   void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, \

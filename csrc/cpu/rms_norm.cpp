@@ -50,11 +50,13 @@ void fwd_impl(const TX* x, const TX* h, const TW* w, TX* y, TX* s, float* rstd, 
   }
 }
 
-// dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows(dy * xhat),  xhat = x * rstd.
+// dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) [+ ds],  dw = sum_rows(dy * xhat),  xhat = x * rstd.
+// ds (or null) is a gradient that reached x directly: the residual stream's, when x is the sum
+// of a fused residual add.
 template <typename TX, typename TW>
-void bwd_impl(const TX* dy, const TX* x, const TW* w, const float* rstd, TX* dx, TW* dw,
-              int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-              int num_threads) {
+void bwd_impl(const TX* dy, const TX* ds, const TX* x, const TW* w, const float* rstd, TX* dx,
+              TW* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+              int64_t x_stride, int64_t dx_stride, int num_threads) {
 #ifdef _OPENMP
   const int nt = threads_for(rows * cols, rows, num_threads);
 #else
@@ -88,10 +90,19 @@ void bwd_impl(const TX* dy, const TX* x, const TW* w, const float* rstd, TX* dx,
         acc[c] += g * xh;
       }
       const float mean = dot / static_cast<float>(cols);
+      if (ds) {
+        const TX* dsr = ds + r * ds_stride;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        float xh = to_float(xr[c]) * rs;
-        dxr[c] = from_float<TX>(rs * (to_float(dyr[c]) * wp[c] - xh * mean));
+        for (int64_t c = 0; c < cols; ++c) {
+          float xh = to_float(xr[c]) * rs;
+          dxr[c] = from_float<TX>(rs * (to_float(dyr[c]) * wp[c] - xh * mean) + to_float(dsr[c]));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          float xh = to_float(xr[c]) * rs;
+          dxr[c] = from_float<TX>(rs * (to_float(dyr[c]) * wp[c] - xh * mean));
+        }
       }
     }
   }
@@ -133,15 +144,17 @@ void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s,
   });
 }
 
-void rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
-                  void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride,
-                  int64_t dx_stride, int x_dtype, int w_dtype, int num_threads) {
+void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w, const float* rstd,
+                  void* dx, void* dw, int64_t rows, int64_t cols, int64_t dy_stride,
+                  int64_t ds_stride, int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype,
+                  int num_threads) {
   dispatch_dtypes(x_dtype, w_dtype, [&](auto* xt, auto* wt) {
     using TX = std::remove_pointer_t<decltype(xt)>;
     using TW = std::remove_pointer_t<decltype(wt)>;
-    bwd_impl<TX, TW>(static_cast<const TX*>(dy), static_cast<const TX*>(x),
-                     static_cast<const TW*>(w), rstd, static_cast<TX*>(dx), static_cast<TW*>(dw),
-                     rows, cols, dy_stride, x_stride, dx_stride, num_threads);
+    bwd_impl<TX, TW>(static_cast<const TX*>(dy), static_cast<const TX*>(ds),
+                     static_cast<const TX*>(x), static_cast<const TW*>(w), rstd,
+                     static_cast<TX*>(dx), static_cast<TW*>(dw), rows, cols, dy_stride, ds_stride,
+                     x_stride, dx_stride, num_threads);
   });
 }
 

@@ -93,17 +93,18 @@ std::string rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uin
   return status_error(status, "rms_norm_fwd");
 }
 
-std::string rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                  uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
-                  int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-                  int x_dtype, int w_dtype, int device, uintptr_t stream) {
+std::string rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd,
+                  uintptr_t dx, uintptr_t dw, uintptr_t dw_partial, int64_t num_partials,
+                  int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+                  int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
+                  uintptr_t stream) {
   ENTRY_REQUIRE(rows >= 0 && cols > 0, "x: expected a non-empty last dimension, got " << cols);
   ENTRY_REQUIRE(num_partials >= 1 && num_partials <= 65535,
                 "num_partials: expected 1..65535, got " << num_partials);
   ENTRY_RETURN_IF_ERROR(check_x_w(x_dtype, w_dtype));
-  const int status = launch_rms_norm_bwd(dy, x, w, rstd, dx, dw, dw_partial, num_partials, rows,
-                                         cols, dy_stride, x_stride, dx_stride, x_dtype, w_dtype,
-                                         device, stream);
+  const int status = launch_rms_norm_bwd(dy, ds, x, w, rstd, dx, dw, dw_partial, num_partials,
+                                         rows, cols, dy_stride, ds_stride, x_stride, dx_stride,
+                                         x_dtype, w_dtype, device, stream);
   ENTRY_RETURN_IF_ERROR(check_rows(status, cols, x_dtype));
   return status_error(status, "rms_norm_bwd");
 }

@@ -27,11 +27,13 @@ std::string rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uin
                   int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,
                   int device, uintptr_t stream);
 
-// dw_partial: (num_partials, cols) fp32 workspace; dw = its column sums, in w_dtype.
-std::string rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                  uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
-                  int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-                  int x_dtype, int w_dtype, int device, uintptr_t stream);
+// dw_partial: (num_partials, cols) fp32 workspace; dw = its column sums, in w_dtype. ds (or 0),
+// like dy, is added to dx: a gradient that reached x directly (a fused residual add's).
+std::string rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd,
+                  uintptr_t dx, uintptr_t dw, uintptr_t dw_partial, int64_t num_partials,
+                  int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+                  int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
+                  uintptr_t stream);
 
 // The largest row length the CUDA RMSNorm takes for a dtype and vector width (1 if unaligned).
 int64_t rms_norm_max_cols(int x_dtype, bool aligned);
@@ -40,10 +42,11 @@ int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uint
                         uintptr_t rstd, int64_t rows, int64_t cols, int64_t x_stride,
                         int64_t h_stride, int64_t y_stride, int64_t s_stride, int x_dtype,
                         int w_dtype, float eps, int device, uintptr_t stream);
-int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                        uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
-                        int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-                        int x_dtype, int w_dtype, int device, uintptr_t stream);
+int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd,
+                        uintptr_t dx, uintptr_t dw, uintptr_t dw_partial, int64_t num_partials,
+                        int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+                        int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
+                        uintptr_t stream);
 
 // ------------------------------------------------------------------ int4 / NF4
 // y (m, n) = x (m, k) @ dequant(W)^T for m <= int4_matmul_max_rows(); x, y fp16 or bf16 with row

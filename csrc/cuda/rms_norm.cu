@@ -74,13 +74,15 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const TX* __r
 }
 
 // Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ... and keeps its share of
-// dw = sum_rows(dy * xhat) in registers, written once to dw_partial[blockIdx.x].
+// dw = sum_rows(dy * xhat) in registers, written once to dw_partial[blockIdx.x]. ds (or null) is
+// added to dx: the gradient that reached x directly (the residual stream's, for a fused add).
 template <typename TX, typename TW, int VEC, int PPT>
-__global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const TX* __restrict__ dy, const TX* __restrict__ x,
-                                    const TW* __restrict__ w, const float* __restrict__ rstd,
-                                    TX* __restrict__ dx, float* __restrict__ dw_partial,
-                                    int64_t rows, int64_t cols, int64_t dy_stride,
-                                    int64_t x_stride, int64_t dx_stride) {
+__global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const TX* __restrict__ dy, const TX* __restrict__ ds,
+                                    const TX* __restrict__ x, const TW* __restrict__ w,
+                                    const float* __restrict__ rstd, TX* __restrict__ dx,
+                                    float* __restrict__ dw_partial, int64_t rows, int64_t cols,
+                                    int64_t dy_stride, int64_t ds_stride, int64_t x_stride,
+                                    int64_t dx_stride) {
   __shared__ float shared[32];
   const int64_t packs = cols / VEC;
   const auto* wp = reinterpret_cast<const Pack<TW, VEC>*>(w);
@@ -118,9 +120,17 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const TX* __r
     for (int p = 0; p < PPT; ++p) {
       const int64_t i = p * static_cast<int64_t>(blockDim.x) + threadIdx.x;
       if (i < packs) {
+        float extra[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) extra[v] = 0.f;
+        if (ds != nullptr) {
+          const Pack<TX, VEC> dk = reinterpret_cast<const Pack<TX, VEC>*>(ds + row * ds_stride)[i];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) extra[v] = to_f32(dk.v[v]);
+        }
         Pack<TX, VEC> out;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) out.v[v] = from_f32<TX>(rs * (gw[p][v] - xh[p][v] * mean));
+        for (int v = 0; v < VEC; ++v) out.v[v] = from_f32<TX>(rs * (gw[p][v] - xh[p][v] * mean) + extra[v]);
         dxr[i] = out;
       }
     }
@@ -241,26 +251,29 @@ int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uint
   });
 }
 
-int launch_rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                        uintptr_t dw, uintptr_t dw_partial, int64_t num_partials, int64_t rows,
-                        int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
-                        int x_dtype, int w_dtype, int device, uintptr_t stream) {
+int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd,
+                        uintptr_t dx, uintptr_t dw, uintptr_t dw_partial, int64_t num_partials,
+                        int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
+                        int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
+                        uintptr_t stream) {
   KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
     using TX = decltype(tx);
     using TW = decltype(tw);
-    const int vec = choose_vec<TX, TW>(cols, {dy, x, dx}, {dw_partial}, w,
-                                       {dy_stride, x_stride, dx_stride});
+    // Without ds, dy stands in for it in the alignment checks (never dereferenced then).
+    const int vec = choose_vec<TX, TW>(cols, {dy, x, dx, ds ? ds : dy}, {dw_partial}, w,
+                                       {dy_stride, x_stride, dx_stride, ds ? ds_stride : dy_stride});
     const LaunchShape s = launch_shape(cols, vec);
     if (s.ppt == 0) return kStatusRowsTooLong;
     dispatch_shape<TX>(s, [&](auto vc, auto pc) {
       rms_norm_bwd_kernel<TX, TW, decltype(vc)::value, decltype(pc)::value>
           <<<static_cast<unsigned>(num_partials), s.threads, 0, cu_stream>>>(
-              reinterpret_cast<const TX*>(dy), reinterpret_cast<const TX*>(x),
-              reinterpret_cast<const TW*>(w), reinterpret_cast<const float*>(rstd),
-              reinterpret_cast<TX*>(dx), reinterpret_cast<float*>(dw_partial), rows, cols,
-              dy_stride, x_stride, dx_stride);
+              reinterpret_cast<const TX*>(dy), reinterpret_cast<const TX*>(ds),
+              reinterpret_cast<const TX*>(x), reinterpret_cast<const TW*>(w),
+              reinterpret_cast<const float*>(rstd), reinterpret_cast<TX*>(dx),
+              reinterpret_cast<float*>(dw_partial), rows, cols, dy_stride, ds_stride, x_stride,
+              dx_stride);
     });
     KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     const unsigned col_blocks = static_cast<unsigned>((cols + 31) / 32);

@@ -63,11 +63,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N,
-    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    DY, DS, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_ds, stride_x, stride_dx, M, N,
+    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_DS: tl.constexpr,
 ):
-    """Program p handles rows p, p + P, ...; dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) and
-    DW_PARTIAL[p] = sum over its rows of dy * xhat."""
+    """Program p handles rows p, p + P, ...; dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) (+ ds,
+    a gradient that reached x directly: a fused residual add's) and DW_PARTIAL[p] = sum over its
+    rows of dy * xhat."""
     pid = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
     my_rows = tl.cdiv(M - pid, num_programs)
@@ -86,6 +87,8 @@ def _bwd_kernel(
             gw = g * w
             mean = tl.sum(gw * xhat, axis=0) / N
             dx = rstd * (gw - xhat * mean)
+            if HAS_DS:
+                dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw += g * xhat
         tl.store(part_row + cols, dw, mask=mask)
@@ -112,6 +115,8 @@ def _bwd_kernel(
                 w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = x * rstd
                 dx = rstd * (g * w - xhat * mean)
+                if HAS_DS:
+                    dx += tl.load(DS + row64 * stride_ds + start + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row64 * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 part = tl.load(part_row + start + cols, mask=mask, other=0.0)
                 tl.store(part_row + start + cols, part + g * xhat, mask=mask)
@@ -150,16 +155,17 @@ def rms_norm_fwd(x, w, eps, y, rstd, max_block: int = MAX_FUSED_BLOCK, h=None, s
     )
 
 
-def rms_norm_bwd(dy, x, w, rstd, dx, dw, max_block: int = MAX_FUSED_BLOCK):
-    """Writes dx (M, N) and dw (N,) in their own dtypes."""
+def rms_norm_bwd(dy, x, w, rstd, dx, dw, max_block: int = MAX_FUSED_BLOCK, ds=None):
+    """Writes dx (M, N) and dw (N,) in their own dtypes; ds (like dy, or None) is added to dx."""
     m, n = x.shape
     programs = max(1, min(m, _num_partials_cap(x.device)))
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     block, one_block = _block(n, max_block)
     if m > 0:
         _bwd_kernel[(programs,)](
-            dy, x, w, rstd, dx, partial, dy.stride(0), x.stride(0), dx.stride(0), m, n,
-            BLOCK=block, ONE_BLOCK=one_block, num_warps=_num_warps(block),
+            dy, dy if ds is None else ds, x, w, rstd, dx, partial, dy.stride(0), 0 if ds is None else ds.stride(0),
+            x.stride(0), dx.stride(0), m, n, BLOCK=block, ONE_BLOCK=one_block, HAS_DS=ds is not None,
+            num_warps=_num_warps(block),
         )
     else:
         partial.zero_()

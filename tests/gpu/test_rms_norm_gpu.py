@@ -71,6 +71,15 @@ def test_add_forward(backend, dtype, shape):
         assert_close(y, ref_y, dtype)
     torch.testing.assert_close(rstd, torch.rsqrt(ref_s.float().pow(2).mean(-1) + 1e-5), atol=1e-6, rtol=1e-5)
 
+    # The backward with the residual stream's gradient added inside the kernel.
+    dy, ds = torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype)
+    dx, dw = poisoned(shape, dtype, "cuda"), poisoned(w.shape, w.dtype, "cuda")
+    rms_mod.BACKWARD[backend](dy, s, w, rstd, dx, dw, ds)
+    s64, w64 = s.double().requires_grad_(), w.double().requires_grad_()
+    ref_dx, ref_dw = torch.autograd.grad(kernels.rms_norm_reference(s64, w64, 1e-5), (s64, w64), dy.double())
+    assert_close(dx, ref_dx + ds.double(), dtype)
+    assert_close(dw, ref_dw, w.dtype, scale=max(1.0, shape[0] ** 0.5))
+
 
 def test_add_autograd_bf16():
     x = torch.randn(3, 100, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
