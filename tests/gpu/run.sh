@@ -9,6 +9,7 @@
 #   TEST_TIMEOUT=300 BENCH_TIMEOUT=300   wall-clock limits in seconds for the tests and for each suite
 #   SKIP_TESTS=1 / SKIP_BENCH=1
 #   TUNE=1                   also sweep the attention kernels' launch configurations (bench/tune_attention.py)
+#   PROFILE=1                also profile the model's prefill and decode step, bf16 and int4 (bench/profile_model.py)
 # Works offline: the build uses the packages already installed (no build isolation).
 set -uo pipefail
 out=${1:?usage: tests/gpu/run.sh OUTDIR}
@@ -52,6 +53,13 @@ fi
 if [ -n "${TUNE:-}" ]; then
   stamp "tune attention"
   timeout "${BENCH_TIMEOUT:-1800}" "$python" bench/tune_attention.py --out "$out" 2>&1 | tee "$out/tune-attention.log"
+fi
+
+if [ -n "${PROFILE:-}" ]; then
+  stamp "profile model"
+  timeout "${BENCH_TIMEOUT:-1800}" "$python" bench/profile_model.py --out "$out/profile" --hf 2>&1 | tee "$out/profile.log"
+  timeout "${BENCH_TIMEOUT:-1800}" "$python" bench/profile_model.py --out "$out/profile-int4" --int4 2>&1 \
+    | tee -a "$out/profile.log"
 fi
 
 stamp "gpu tests exit $tests_rc, benchmarks exit $bench_rc"
