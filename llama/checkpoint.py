@@ -952,9 +952,15 @@ def _check_representable(cfg: ModelConfig, fmt: str) -> None:
 
 
 def _dense(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, the tied output left out (safetensors refuses shared storage)."""
-    return {name: t.to("cpu").contiguous() for name, t in state.items()
-            if not (cfg.tie_embeddings and name == "output.weight")}
+    """Contiguous CPU tensors that own their memory, the tied output left out (safetensors refuses
+    shared storage; weights joined for decoding are views of one tensor, see join_projections)."""
+    out = {}
+    for name, t in state.items():
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        t = t.to("cpu").contiguous()
+        out[name] = t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+    return out
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:

@@ -116,6 +116,38 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        # .to() and friends give the weight new storage under the same Parameter: a joined
+        # copy (see join_projections) no longer stands for it.
+        self.__dict__.pop("_joined", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return _without_joined(self)
+
+    @staticmethod
+    def store_joined(layers: Sequence["Linear"]) -> Optional[torch.Tensor]:
+        """Copy the layers' weights side by side into one (sum N, K) tensor and make each weight a
+        view of its rows (no memory is added); returns that tensor, or None when they cannot be
+        joined (biases, or weights of different dtypes or devices)."""
+        w0 = layers[0].weight
+        if any(l.bias is not None or l.weight.dtype != w0.dtype or l.weight.device != w0.device for l in layers):
+            return None
+        with torch.no_grad():
+            joined = torch.cat([layer.weight.detach() for layer in layers])
+        for layer, rows in zip(layers, joined.split([layer.out_features for layer in layers])):
+            layer.weight = nn.Parameter(rows, requires_grad=layer.weight.requires_grad)
+        return joined
+
+    @staticmethod
+    def joined_parts(layer: "Linear") -> tuple[torch.Tensor, ...]:
+        """The tensors a joined copy stands for: replacing any of them makes the copy stale."""
+        return (layer.weight,)
+
+    @staticmethod
+    def joined_forward(x: torch.Tensor, joined: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, joined)
+
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: Sequence["Linear"]) -> Optional[torch.Tensor]:
         """The layers' outputs side by side from one kernels.linear call, or None when they have
@@ -131,16 +163,91 @@ class Linear(nn.Linear):
 FUSED_PROJECTION_MAX_ROWS = 16
 
 
+@dataclass(eq=False)
+class _Joined:
+    """Layers whose weights are stored side by side (see join_projections)."""
+
+    layers: tuple[nn.Module, ...]
+    parts: tuple[torch.Tensor, ...]  # the tensors `operand` stands for, by identity
+    operand: object  # what `forward` takes: the joined weight, or a joined QuantizedWeight
+    forward: object  # forward(x, operand) -> the layers' outputs side by side
+    sizes: tuple[int, ...]  # the layers' output features
+
+
+def _without_joined(layer: nn.Module) -> dict:
+    """A layer's state for copy and pickle, unjoined: a copy's weights no longer share memory."""
+    state = nn.Module.__getstate__(layer)
+    state.pop("_joined", None)
+    return state
+
+
+def _joined_parts(layers) -> tuple[torch.Tensor, ...]:
+    parts_of = type(layers[0]).joined_parts
+    return tuple(t for layer in layers for t in parts_of(layer))
+
+
+def join(layers: Sequence[nn.Module]) -> bool:
+    """Store the weights of `layers` (one class that defines `store_joined`, e.g. our Linear or
+    QuantLinear, reading the same input) side by side in one tensor, each layer's weight a view
+    of it, so that `project` runs them as one matrix product. True if they are joined."""
+    layers = tuple(layers)
+    cls = type(layers[0])
+    store = getattr(cls, "store_joined", None)
+    if store is None or any(type(layer) is not cls for layer in layers):
+        return False
+    if _usable_joined(layers, check_grad=False) is not None:
+        return True
+    if any(t is not None and t.is_meta for t in _joined_parts(layers)):
+        return False
+    operand = store(layers)
+    if operand is None:
+        return False
+    record = _Joined(layers, _joined_parts(layers), operand, cls.joined_forward,
+                     tuple(layer.out_features for layer in layers))
+    for layer in layers:
+        layer.__dict__["_joined"] = record
+    return True
+
+
+def _usable_joined(layers: tuple[nn.Module, ...], check_grad: bool = True) -> Optional[_Joined]:
+    """The record of `layers` if they are still joined as recorded (same layers, same weight
+    tensors) and it may serve this call (a joined weight carries no gradient to the layers')."""
+    record = layers[0].__dict__.get("_joined")
+    if record is None:
+        return None
+    stale = len(record.layers) != len(layers) or any(
+        a is not b or a.__dict__.get("_joined") is not record for a, b in zip(record.layers, layers))
+    if not stale:
+        parts = _joined_parts(layers)
+        stale = len(parts) != len(record.parts) or any(a is not b for a, b in zip(parts, record.parts))
+    if stale:
+        if not torch.compiler.is_compiling():  # drop it, and the memory it holds
+            for layer in (*layers, *record.layers):
+                if layer.__dict__.get("_joined") is record:
+                    del layer.__dict__["_joined"]
+        return None
+    if check_grad and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in record.parts):
+        return None
+    return record
+
+
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """x through several layers that read it (Q, K and V; gate and up): a list of their outputs.
+
+    Layers joined by `join` (Transformer.join_projections; generation does it on a GPU) run as
+    one matrix product over their side-by-side weights, split into views: one launch and one
+    larger, better-streaming GEMV per group in a decode step.
 
     On the CPU a decode step is dozens of small matrix-vector products, and each call's Python and
     thread start-up costs about as much as its arithmetic. Layers of one class that define
     `fused_forward(x, layers)` (our Linear; QuantLinear of one format) then run as one kernel
-    call, whose output is split into views. Everything else, and every layer on a GPU (where the step is a
-    CUDA graph, so separate launches cost nothing extra) or with more than
-    FUSED_PROJECTION_MAX_ROWS rows, runs one layer at a time.
+    call, whose output is split into views, even when they are not joined. Everything else, and
+    inputs with more than FUSED_PROJECTION_MAX_ROWS rows, runs one layer at a time.
     """
+    if "_joined" in layers[0].__dict__:
+        record = _usable_joined(layers)
+        if record is not None:
+            return list(record.forward(x, record.operand).split(record.sizes, dim=-1))
     cls = type(layers[0])
     fused = getattr(cls, "fused_forward", None)
     decode_sized = x.numel() <= FUSED_PROJECTION_MAX_ROWS * x.shape[-1]
@@ -288,6 +395,19 @@ class Transformer(nn.Module):
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32 and not self.rope_cos.is_meta:
             self.rope_cos, self.rope_sin = rope_tables(self.config, self.rope_cos.shape[0], self.rope_cos.device)
+        return self
+
+    def join_projections(self) -> "Transformer":
+        """Store each block's Q, K and V weights side by side in one tensor, and its gate and up
+        weights in another (each layer's weight becomes a view of its rows: no memory is added),
+        so a decode step reads each group in one matrix product. Parameter names, state_dict()
+        and checkpoints are unchanged. Generation on a GPU calls this; replacing a weight
+        (load_weights, quantize_, .to()) undoes it for that group, and calling it again redoes
+        it. Layers that cannot be joined (biases, mixed dtypes) are left alone."""
+        for block in self.layers:
+            join((block.attention.wq, block.attention.wk, block.attention.wv))
+            if block.feed_forward.swiglu:
+                join((block.feed_forward.w1, block.feed_forward.w3))
         return self
 
     def tie_weights(self) -> None:

@@ -36,6 +36,8 @@ from kernels.int4_matmul import (
     quantize_int4, quantize_nf4,
 )
 
+from .model import _without_joined
+
 __all__ = [
     "Int4Config", "NF4Config", "QuantConfig", "QuantLinear", "config_from_dict", "is_quantized", "main",
     "model_size_bytes", "quantization_info", "quantize_", "quantized_layers",
@@ -205,6 +207,39 @@ class QuantLinear(nn.Module):
             weights.append(layer.qweight)
         return int4_matmul(x, weights)
 
+    @staticmethod
+    def store_joined(layers: Sequence["QuantLinear"]) -> Optional[QuantizedWeight]:
+        """Copy the layers' codes, scales and zeros side by side (groups run along K, so joining
+        along N changes nothing) and make each layer's buffers views of their rows; returns the
+        joined weight, or None if they differ in format, group size, K or device, or have biases
+        (see llama.model.join)."""
+        first = layers[0]
+        if any(layer.bias is not None or layer.in_features != first.in_features
+               or layer.packed.device != first.packed.device
+               or (layer.config is not first.config and layer.config != first.config) for layer in layers):
+            return None
+        sizes = [layer.out_features for layer in layers]
+        joined = {}
+        for name in ("packed", "scales", "zeros"):
+            if getattr(first, name) is None:
+                continue
+            joined[name] = torch.cat([getattr(layer, name) for layer in layers])
+            for layer, rows in zip(layers, joined[name].split(sizes)):
+                setattr(layer, name, rows)  # a buffer: replaced, still registered
+        return QuantizedWeight(first.config.format, joined["packed"], joined["scales"], joined.get("zeros"),
+                               first.config.group_size, (sum(sizes), first.in_features))
+
+    def __getstate__(self):
+        return _without_joined(self)
+
+    @staticmethod
+    def joined_parts(layer: "QuantLinear") -> tuple[Optional[torch.Tensor], ...]:
+        return (layer.packed, layer.scales, layer.zeros)
+
+    @staticmethod
+    def joined_forward(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        return int4_matmul(x, qw)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight the codes stand for."""
         return self.qweight.dequantize(dtype)
@@ -229,6 +264,7 @@ class QuantLinear(nn.Module):
         # Module.to(dtype) casts every floating buffer; the scales must stay fp16 (and the
         # double-quant tensors fp32). A buffer whose dtype changed is moved again, from the original.
         before = {name: b for name, b in self._buffers.items() if b is not None}
+        self.__dict__.pop("_joined", None)  # the joined copy stays where it was (see store_joined)
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]

@@ -291,3 +291,96 @@ def test_a_model_that_generated_still_copies_without_its_decoders():
     clone = copy.deepcopy(model)
     assert "_decoders" not in clone.__dict__
     assert generate(clone, [[1, 2, 3]], 4, Sampling(temperature=0)) == generate(model, [[1, 2, 3]], 4, Sampling(temperature=0))
+
+
+# ----------------------------------------------------------------------------- joined projections
+def test_joined_projections_share_memory_and_keep_the_logits(tmp_path):
+    import llama
+    from llama import checkpoint as ck
+
+    cfg = tiny(n_kv_heads=2)
+    model = randomized(cfg)
+    data = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model(data)
+    names = sorted(model.state_dict())
+    params_before = sum(p.numel() for p in model.parameters())
+    model.join_projections()
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    base = attn.wq.weight.untyped_storage()
+    assert attn.wk.weight.untyped_storage().data_ptr() == base.data_ptr()
+    assert attn.wv.weight.untyped_storage().data_ptr() == base.data_ptr()
+    assert base.nbytes() == 4 * cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim  # nothing extra
+    assert ffn.w1.weight.untyped_storage().data_ptr() == ffn.w3.weight.untyped_storage().data_ptr()
+    assert sorted(model.state_dict()) == names and sum(p.numel() for p in model.parameters()) == params_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(data), before, atol=1e-5, rtol=1e-5)
+    for fmt in ("native", "hf", "llama2c-pt"):  # shared storage must not reach the writers
+        loaded = llama.load(ck.save(model, tmp_path / fmt, format=fmt)).model
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(data), before, atol=1e-5, rtol=1e-5)
+
+
+def test_joined_projections_follow_weight_changes():
+    """In-place updates reach the joined weights; replaced weights unjoin the group; training
+    (gradients enabled) takes the per-layer path so the layers' weights get their gradients."""
+    cfg = tiny()
+    model = randomized(cfg).join_projections()
+    data = torch.randint(0, cfg.vocab_size, (2, 9))
+    wq = model.layers[0].attention.wq
+    with torch.no_grad():
+        wq.weight.mul_(1.5)  # in place: the joined tensor sees it
+        reference = randomized(cfg)
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(data), reference(data), atol=1e-5, rtol=1e-5)
+
+    model.train()
+    loss = model(data[:, :-1], data[:, 1:])
+    loss.backward()
+    assert wq.weight.grad is not None and wq.weight.grad.abs().sum() > 0
+    model.eval()
+
+    fresh = randomized(cfg, seed=3)
+    model.load_weights({k: v.clone() for k, v in fresh.state_dict().items()})  # new tensors: unjoined
+    with torch.no_grad():
+        torch.testing.assert_close(model(data), fresh(data), atol=1e-5, rtol=1e-5)
+    assert "_joined" not in model.layers[0].attention.wq.__dict__
+
+    model.join_projections()
+    model.to(torch.float16)  # new storage under the same parameters: unjoined
+    assert not any("_joined" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(data), fresh.to(torch.float16)(data), atol=1e-3, rtol=1e-3)
+
+
+def test_generation_joins_the_projections_and_matches_unjoined_greedy():
+    cfg = tiny()
+    model = randomized(cfg)
+    plain = randomized(cfg)
+    prompts = [[1, 2, 3], [4, 5]]
+    out = generate(model, prompts, 8, Sampling(temperature=0))
+    assert "_joined" in model.layers[0].attention.wq.__dict__
+    with torch.no_grad():  # plain greedy decoding by full recompute, nothing joined
+        for prompt, got in zip(prompts, out):
+            seq = list(prompt)
+            for _ in range(8):
+                seq.append(int(plain(torch.tensor([seq]))[0, -1].argmax()))
+            assert got == seq[len(prompt):]
+
+
+def test_a_copy_of_a_joined_model_is_unjoined():
+    """deepcopy does not keep views sharing memory, so a copy must not keep the joined weight."""
+    import copy
+
+    cfg = tiny()
+    model = randomized(cfg).join_projections()
+    twin = copy.deepcopy(model)
+    assert "_joined" in model.layers[0].attention.wq.__dict__
+    assert not any("_joined" in m.__dict__ for m in twin.modules())
+    data = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        twin.layers[0].attention.wq.weight.mul_(2)
+        twin.join_projections()
+        changed = twin(data)
+        model.layers[0].attention.wq.weight.mul_(2)
+        torch.testing.assert_close(changed, model(data), atol=1e-5, rtol=1e-5)

@@ -379,3 +379,37 @@ def test_quantized_perplexity_stays_close_to_fp32(tmp_path, sample):
     for name in ("int4-g64", "nf4-b64-dq", "nf4-b64"):
         assert abs(rows[name]["delta"]) < 0.05, (name, rows[name]["ppl"], fp32)
         assert rows[name]["bytes"] < 0.4 * rows["fp32"]["bytes"]
+
+
+# ----------------------------------------------------------------------------- joined projections
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_joined_4bit_projections_run_as_one_call_and_round_trip(name, tmp_path, monkeypatch):
+    """join_projections stores Q/K/V (and gate/up) codes side by side: one int4_matmul call per
+    group for any number of rows, the same logits, and checkpoints that load back unchanged."""
+    im = sys.modules["kernels.int4_matmul"]
+    model = quantize_(tiny(), CONFIGS[name])
+    with torch.no_grad():
+        before, before_step = model(TOKENS), model(TOKENS[:1, :1])
+    model.join_projections()
+    wq, wk = model.layers[0].attention.wq, model.layers[0].attention.wk
+    assert wq.packed.untyped_storage().data_ptr() == wk.packed.untyped_storage().data_ptr()
+    calls, real = [], im._forward_parts
+    monkeypatch.setattr(im, "_forward_parts", lambda x, parts, *a: calls.append(len(parts)) or real(x, parts, *a))
+    with torch.no_grad():
+        after = model(TOKENS)  # 40 rows per sequence: beyond the unjoined path's fused-call limit
+        assert calls == [1] * (2 * 4 + 1)  # QKV, wo, gate/up, w2 per block, then the head
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(TOKENS[:1, :1]), before_step, atol=1e-5, rtol=1e-5)
+    loaded = ck.load_model(ck.save(model, tmp_path / "q"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), after, atol=1e-5, rtol=1e-5)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_quantizing_a_joined_model_unjoins_it():
+    """quantize_ replaces the joined dense layers; the 4-bit ones can then be joined again."""
+    dense = tiny().join_projections()
+    model = quantize_(dense, Int4Config(64))
+    assert not any("_joined" in m.__dict__ for m in model.modules())
+    model.join_projections()
+    assert all("_joined" in layer.__dict__ for layer in (model.layers[1].feed_forward.w1, model.layers[1].attention.wv))
