@@ -128,6 +128,15 @@ PYBIND11_MODULE(_C, m) {
       "y[p] = x @ dequant(W[p])^T for one or more 4-bit weights W[p] of n[p] rows (packed codes, fp16 "
       "scales and zeros; a zeros entry may be 0 for NF4) and one fp32 lut; all y[p] share y_stride");
   m.def(
+      "int4_dequantize_cpu",
+      [](uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w, int64_t n, int64_t k,
+         int group, int w_dtype, int threads) {
+        kernels::cpu::int4_dequantize(ptr<const uint8_t>(packed), ptr<const void>(scales), ptr<const void>(zeros),
+                                      ptr<const float>(lut), ptr<void>(w), n, k, group, w_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "w (n, k) contiguous, in float32/float16/bfloat16 = dequant of the packed codes (zeros may be 0)");
+  m.def(
       "rope_decode_attention_cpu",
       [](uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens,
          bool seqlens_int64, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t heads,

@@ -31,7 +31,10 @@ GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPE = torch.float16
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOUBLE_QUANT_BLOCK = 256
-MAX_CPU_ROWS = 16  # the C++ kernel's reach; larger inputs dequantize once and use a GEMM
+# Rows up to which the C++ CPU kernel multiplies the 4-bit codes directly. Past it, the weight is
+# dequantized (C++, into a scratch buffer) for a BLAS GEMM, whose efficiency grows with M while
+# the kernel's cost per row stays flat; the two meet near 64 rows on the shapes measured.
+MAX_CPU_ROWS = 64
 # On CUDA: the tensor-core kernel up to 16 rows, the Triton GEMM below 128, dequantize + cuBLAS
 # from 128 (crossovers measured on an H200, bench/results/int4_cuda_*.jsonl).
 CUDA_MMA_MAX_ROWS = 16
@@ -173,11 +176,61 @@ def _double_dequantize(stored: dict[str, torch.Tensor], shape) -> torch.Tensor:
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (N, K) weight the codes stand for, computed in fp32."""
-    return _dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size).to(dtype)
+    """The (N, K) weight the codes stand for, computed in fp32 (by the compiled kernels where
+    they can take it, else by the PyTorch reference below)."""
+    return _dequantize_fast(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size, dtype)
+
+
+def _dequantize_fast(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced: the opaque op (its fake gives the shape)
+        return dequantize_op(packed, scales, zeros, lut, group_size, dtype)
+    return _dequantize_any(packed, scales, zeros, lut, group_size, dtype)
+
+
+@torch.library.custom_op("kernels::int4_dequantize", mutates_args=())
+def dequantize_op(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], lut: torch.Tensor,
+                  group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized (N, K) weight in `dtype`, as one op for torch.compile and AOT autograd."""
+    return _dequantize_any(packed, scales, zeros, lut, group_size, dtype)
+
+
+@dequantize_op.register_fake
+def _(packed, scales, zeros, lut, group_size, dtype):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+
+
+def _dequantize_any(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
+    """The dequantized (N, K) weight in `dtype`: the C++ kernel on the CPU, the CUDA one for
+    16-bit CUDA outputs, else the reference (also under a forced `torch` backend)."""
+    forced = _dispatch.forced_backend()
+    if forced != "torch" and _dispatch.capabilities().ext is not None and packed.dim() == 2:
+        if packed.is_cpu and _dispatch.unavailable("cpu", packed.device) is None:
+            return _cpu_dequantize(packed, scales, zeros, lut, group_size, dtype)
+        if (packed.is_cuda and dtype in (torch.float16, torch.bfloat16)
+                and _dispatch.unavailable("cuda", packed.device) is None):
+            return _cuda_dequantize(packed, scales, zeros, lut, group_size, dtype)
+    return _dequantize(packed, scales, zeros, lut, group_size).to(dtype)
+
+
+def _cpu_dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
+    w = torch.empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+    _cpu_dequantize_into(packed, scales, zeros, lut, group_size, w)
+    return w
+
+
+def _cpu_dequantize_into(packed, scales, zeros, lut, group_size, w) -> None:
+    """Writes the dequantized rows into w (contiguous, fp32/fp16/bf16)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    packed, scales = packed.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    _dispatch.ext().int4_dequantize_cpu(
+        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.contiguous().data_ptr(),
+        w.data_ptr(), n, k, group_size, _dispatch.DTYPE_CODES[w.dtype], torch.get_num_threads(),
+    )
 
 
 def _dequantize(packed, scales, zeros, lut, group_size) -> torch.Tensor:
+    """The reference dequantization, in fp32 (the tests' oracle)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     w = lut[unpack_codes(packed)].reshape(n, k // group_size, group_size) * scales.float()[..., None]
     if zeros is not None:
@@ -188,7 +241,7 @@ def _dequantize(packed, scales, zeros, lut, group_size) -> torch.Tensor:
 # ----------------------------------------------------------------------------- matmul
 def int4_matmul_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle: x @ dequantize(W)^T (+ bias) in fp32, result in x's dtype."""
-    y = x.float() @ dequantize(qw).t()
+    y = x.float() @ _dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -239,6 +292,29 @@ def _cpu_call(x, rows, x_stride, parts, lut, group_size, outs, y_stride):
 
 def _cpu(x2, packed, scales, zeros, lut, group_size, y):
     _cpu_parts(x2, ((packed, scales, zeros),), lut, group_size, (y,))
+
+
+CPU_PANEL_BYTES = 1 << 21  # fp32 weight rows dequantized at a time past MAX_CPU_ROWS: cache-sized
+
+
+def _cpu_gemm(x2, parts, lut, group_size, y):
+    """Past MAX_CPU_ROWS: panels of weight rows dequantized by the C++ kernel into one reused,
+    cache-sized fp32 buffer, each followed by a BLAS GEMM into its columns of y (rows, sum N).
+    The dense weight never exists whole, so there is no weight-sized allocation to fault in."""
+    xf = x2.float()
+    k = x2.shape[1]
+    step = max(16, CPU_PANEL_BYTES // (4 * k) // 16 * 16)
+    buffer = torch.empty((step, k), dtype=torch.float32)
+    offset = 0
+    for packed, scales, zeros in parts:
+        n = packed.shape[0]
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            panel = buffer[: r1 - r0]
+            _cpu_dequantize_into(packed[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], lut,
+                                 group_size, panel)
+            y[:, offset + r0:offset + r1] = xf @ panel.t()
+        offset += n
 
 
 def _triton(x2, packed, scales, zeros, lut, group_size, y):
@@ -305,10 +381,6 @@ def _cuda(x2, packed, scales, zeros, lut, group_size, y):
 BACKENDS = {"torch": _torch, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
 
 
-def _cpu_unsupported(rows: int) -> Optional[str]:
-    return None if rows <= MAX_CPU_ROWS else f"more than {MAX_CPU_ROWS} rows (dequantize + GEMM is faster)"
-
-
 def _cuda_unsupported(x2: torch.Tensor, packed: torch.Tensor) -> Optional[str]:
     if x2.dtype not in (torch.float16, torch.bfloat16):
         return f"{x2.dtype} activations (the CUDA kernels take float16 and bfloat16)"
@@ -332,10 +404,7 @@ def _forward_parts(x, parts, lut, group_size, n=None):
         n = sum(p[0].shape[0] for p in parts)
     packed = parts[0][0]
     x2 = None if x.is_cpu else _rows(x)
-    if x2 is None:
-        checks = {"cpu": lambda: _cpu_unsupported(rows)}
-    else:
-        checks = {"cuda": lambda: _cuda_unsupported(x2, packed)}
+    checks = None if x2 is None else {"cuda": lambda: _cuda_unsupported(x2, packed)}
     backend = _dispatch.choose("int4_matmul", x.device, checks, implemented=_IMPLEMENTED)
     if len(parts) > 1 and backend != "cpu":
         return torch.cat([_forward_parts(x, [p], lut, group_size) for p in parts], dim=-1)
@@ -344,6 +413,9 @@ def _forward_parts(x, parts, lut, group_size, n=None):
         return y
     if backend != "cpu":
         BACKENDS[backend](x2 if x2 is not None else _rows(x), *parts[0], lut, group_size, y.view(rows, n))
+        return y
+    if rows > MAX_CPU_ROWS:
+        _cpu_gemm(_rows(x), parts, lut, group_size, y.view(rows, n))
         return y
     # A contiguous x needs no 2-D view: the kernel takes its address, row count and row stride K.
     if x.is_contiguous():
@@ -387,16 +459,14 @@ def _setup_context(ctx, inputs, output):
     _x, packed, scales, zeros, lut, group_size = inputs
     ctx.save_for_backward(packed, scales, zeros, lut)
     ctx.group_size = group_size
+    ctx.forced_backend = _dispatch.forced_backend()  # the backward may run on another thread
 
 
 def _backward(ctx, grad_y):
     """grad_x = grad_y @ dequant(W); the 4-bit weight is frozen (QLoRA)."""
     packed, scales, zeros, lut = ctx.saved_tensors
-    cuda_ok = grad_y.is_cuda and _dispatch.unavailable("cuda", grad_y.device) is None
-    if cuda_ok and grad_y.dtype in (torch.float16, torch.bfloat16):
-        w = _cuda_dequantize(packed, scales, zeros, lut, ctx.group_size, grad_y.dtype)
-    else:
-        w = _dequantize(packed, scales, zeros, lut, ctx.group_size).to(grad_y.dtype)
+    with _dispatch.use_backend(ctx.forced_backend):
+        w = dequantize_op(packed, scales, zeros, lut, ctx.group_size, grad_y.dtype)
     return grad_y @ w, None, None, None, None, None
 
 

@@ -164,19 +164,69 @@ def test_strided_inputs(make_x):
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_large_m_dispatches_to_the_reference(monkeypatch):
+@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (37, 192, 64), (5, 384, 128), (70, 96, 32)], ids=str)
+def test_cpu_dequantize_matches_reference(isa, fmt, dtype, n, k, group):
+    qw = _quantize(fmt, torch.randn(n, k), group)
+    w = poisoned((n, k), dtype)
+    EXT.set_cpu_isa(isa)
+    try:
+        im._cpu_dequantize_into(qw.packed, qw.scales, qw.zeros, qw.lut, group, w)
+    finally:
+        EXT.set_cpu_isa("")
+    ref = im._dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, group)
+    torch.testing.assert_close(w, ref.to(dtype), atol=0, rtol=0)  # the same fp32 math, one rounding
+    assert torch.equal(dequantize(qw, dtype), w)  # the public helper takes the kernel
+
+
+@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_many_rows_dequantize_panels_then_gemm(fmt, dtype, monkeypatch):
+    """Past MAX_CPU_ROWS the CPU backend dequantizes panels of weight rows (here 32 rows, so the
+    parts span several panels and end in ragged ones) and multiplies them with a GEMM."""
+    monkeypatch.setattr(im, "CPU_PANEL_BYTES", 32 * 4 * 128)
+    qws = [_quantize(fmt, torch.randn(n, 128), 32) for n in (45, 70, 3)]
+    x = torch.randn(im.MAX_CPU_ROWS + 13, 128).to(dtype)
+    y = poisoned((x.shape[0], 45 + 70 + 3), dtype)
+    im._cpu_gemm(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, 32, y)
+    ref = torch.cat([int4_matmul_reference(x.float(), q) for q in qws], dim=-1)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2}[dtype] * 2
+    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+def test_cpu_dispatch_by_rows(monkeypatch):
+    """Up to MAX_CPU_ROWS rows the kernel multiplies the codes; more go to dequantize + GEMM; the
+    backward dequantizes with the C++ kernel too."""
     calls = []
-    monkeypatch.setitem(im.BACKENDS, "torch", lambda *a: calls.append("torch") or im._torch(*a))
+    real_call, real_gemm, real_deq = im._cpu_call, im._cpu_gemm, im._cpu_dequantize_into
+    monkeypatch.setattr(im, "_cpu_call", lambda *a: calls.append("kernel") or real_call(*a))
+    monkeypatch.setattr(im, "_cpu_gemm", lambda *a: calls.append("gemm") or real_gemm(*a))
+    monkeypatch.setattr(im, "_cpu_dequantize_into", lambda *a: calls.append("dequantize") or real_deq(*a))
     qw = quantize_int4(torch.randn(8, 64), 32)
     with torch.no_grad():
-        y = int4_matmul(torch.randn(40, 64), qw)
-    assert y.shape == (40, 8) and (calls == ["torch"] or EXT is None)
+        for rows in (im.MAX_CPU_ROWS, im.MAX_CPU_ROWS + 1):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(int4_matmul(x, qw), int4_matmul_reference(x, qw), atol=1e-4, rtol=1e-4)
+    assert calls == ["kernel", "gemm", "dequantize"]
+    calls.clear()
+    x = torch.randn(3, 64, requires_grad=True)
+    (dx,) = torch.autograd.grad(int4_matmul(x, qw).sum(), x)
+    assert calls == ["kernel", "dequantize"]
+    torch.testing.assert_close(dx, torch.ones(3, 8) @ im._dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, 32))
 
 
 def test_opcheck():
     qw = quantize_nf4(torch.randn(16, 64), 32)
     x = torch.randn(3, 64, requires_grad=True)
     torch.library.opcheck(torch.ops.kernels.int4_matmul.default, (x, qw.packed, qw.scales, qw.zeros, qw.lut, 32))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.kernels.int4_dequantize.default,
+                              (qw.packed, qw.scales, qw.zeros, qw.lut, 32, dtype))
 
 
 @pytest.mark.parametrize(

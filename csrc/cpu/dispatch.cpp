@@ -143,5 +143,10 @@ void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_
   KERNELS_CPU_DISPATCH(int4_matmul(x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))
 }
 
+void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,
+                     int64_t n, int64_t k, int group, int w_dtype, int num_threads) {
+  KERNELS_CPU_DISPATCH(int4_dequantize(packed, scales, zeros, lut, w, n, k, group, w_dtype, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace kernels

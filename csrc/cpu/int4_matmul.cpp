@@ -374,7 +374,52 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
   });
 }
 
+// W (n, k) = lut[q] * scale (+ zero), one 32-code chunk (16 bytes) at a time: the two runs of 16
+// codes are looked up as in the matmul's chunk path, scaled and stored in TW.
+template <typename TW>
+void dequantize_impl(const uint8_t* packed, const f16_t* scales, const f16_t* zeros, const float* lut_p,
+                     TW* w, int64_t n, int64_t k, int group, int num_threads) {
+  const int64_t groups = k / group, ps = k / 2;
+  const vfloat lut = loadf(lut_p);
+  parallel_rows(n, 1, n * k, num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = packed + r * ps;
+      TW* out = w + r * k;
+      for (int64_t k0 = 0; k0 < k; k0 += 32) {
+        const int64_t g = r * groups + k0 / group;
+        const float s = to_float(scales[g]), z = zeros ? to_float(zeros[g]) : 0.f;
+        vbyte b;
+        std::memcpy(&b, row + k0 / 2, sizeof(b));
+        const vfloat lo = lookup(lut, b & 0xF) * s + z, hi = lookup(lut, b >> 4) * s + z;
+        if constexpr (std::is_same_v<TW, float>) {
+          std::memcpy(out + k0, &lo, sizeof(lo));
+          std::memcpy(out + k0 + 16, &hi, sizeof(hi));
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            out[k0 + i] = from_float<TW>(lo[i]);
+            out[k0 + 16 + i] = from_float<TW>(hi[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,
+                     int64_t n, int64_t k, int group, int w_dtype, int num_threads) {
+  KERNELS_CHECK(n >= 0 && k > 0 && k % 32 == 0, "qw: expected in_features a positive multiple of 32, got " << k);
+  KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
+  KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
+  const auto* s = static_cast<const f16_t*>(scales);
+  const auto* z = static_cast<const f16_t*>(zeros);
+  switch (to_dtype(w_dtype, "dtype")) {
+    case DType::F32: return dequantize_impl(packed, s, z, lut, static_cast<float*>(w), n, k, group, num_threads);
+    case DType::F16: return dequantize_impl(packed, s, z, lut, static_cast<f16_t*>(w), n, k, group, num_threads);
+    case DType::BF16: return dequantize_impl(packed, s, z, lut, static_cast<bf16_t*>(w), n, k, group, num_threads);
+  }
+}
 
 void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
                  int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {

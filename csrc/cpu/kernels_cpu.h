@@ -21,6 +21,9 @@
               int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads);      \
   void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, \
                    int group, int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);  \
+  void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros,              \
+                       const float* lut, void* w, int64_t n, int64_t k, int group, int w_dtype,   \
+                       int num_threads);                                                         \
   void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache,  \
                              void* v_cache, const void* seqlens, bool seqlens_int64,              \
                              const float* cos, const float* sin, void* out, int64_t batch,         \
