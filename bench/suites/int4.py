@@ -19,7 +19,7 @@ from bench.common import Bench, Item, SuiteContext, Unavailable, dtype_name, sui
 GPU_SHAPES = [(2048, 2048), (2048, 5504), (5504, 2048), (4096, 4096), (8192, 8192), (4096, 14336)]
 GPU_ROWS = (1, 4, 16, 64, 256, 2048)
 CPU_SHAPES = [(2048, 5504), (5504, 2048), (512, 32000)]  # (in_features, out_features)
-CPU_ROWS = (1, 4, 16)
+CPU_ROWS = (1, 4, 16, 64, 256)  # past 64 rows the CPU path dequantizes panels for a GEMM
 GROUP = 128
 
 
