@@ -67,10 +67,8 @@ def _code(t: torch.Tensor) -> int:
 
 
 def _cpu_fwd(x, w, eps, y, rstd, h=None, s=None):
-    if h is None:
-        _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd)
-    else:
-        _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd, h, h.stride(0), s, s.stride(0))
+    strides = (0, 0) if h is None else (h.stride(0), s.stride(0))
+    _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd, h, strides[0], s, strides[1])
 
 
 def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd, h=None, h_stride=0, s=None, s_stride=0):

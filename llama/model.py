@@ -131,7 +131,8 @@ class Linear(nn.Linear):
         view of its rows (no memory is added); returns that tensor, or None when they cannot be
         joined (biases, or weights of different dtypes or devices)."""
         w0 = layers[0].weight
-        if any(l.bias is not None or l.weight.dtype != w0.dtype or l.weight.device != w0.device for l in layers):
+        if any(layer.bias is not None or layer.weight.dtype != w0.dtype or layer.weight.device != w0.device
+               for layer in layers):
             return None
         with torch.no_grad():
             joined = torch.cat([layer.weight.detach() for layer in layers])
@@ -234,7 +235,7 @@ def _usable_joined(layers: tuple[nn.Module, ...], check_grad: bool = True) -> Op
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """x through several layers that read it (Q, K and V; gate and up): a list of their outputs.
 
-    Layers joined by `join` (Transformer.join_projections; generation does it on a GPU) run as
+    Layers joined by `join` (Transformer.join_projections, which generation calls) run as
     one matrix product over their side-by-side weights, split into views: one launch and one
     larger, better-streaming GEMV per group in a decode step.
 
@@ -401,7 +402,7 @@ class Transformer(nn.Module):
         """Store each block's Q, K and V weights side by side in one tensor, and its gate and up
         weights in another (each layer's weight becomes a view of its rows: no memory is added),
         so a decode step reads each group in one matrix product. Parameter names, state_dict()
-        and checkpoints are unchanged. Generation on a GPU calls this; replacing a weight
+        and checkpoints are unchanged. Generation calls this; replacing a weight
         (load_weights, quantize_, .to()) undoes it for that group, and calling it again redoes
         it. Layers that cannot be joined (biases, mixed dtypes) are left alone."""
         for block in self.layers:

@@ -30,18 +30,31 @@ void fwd_impl(const TX* x, const TX* h, const TW* w, TX* y, TX* s, float* rstd, 
   for (int64_t r = 0; r < rows; ++r) {
     const TX* xr = x + r * x_stride;
     TX* yr = y + r * y_stride;
-    if (h) {  // the sum replaces x as the row to normalise
+    float ss = 0.f;
+    bool summed = false;
+    if (h) {  // the sum, written once, replaces x as the row to normalise
       const TX* hr = h + r * h_stride;
       TX* sr = s + r * s_stride;
+      if constexpr (std::is_same_v<TX, float>) {  // fp32: sum and square in the same pass
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < cols; ++c) {
+          const float v = xr[c] + hr[c];
+          sr[c] = v;
+          ss += v * v;
+        }
+        summed = true;
+      } else {  // 16-bit: the rounding loop vectorises on its own, not inside the reduction
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) sr[c] = from_float<TX>(to_float(xr[c]) + to_float(hr[c]));
+        for (int64_t c = 0; c < cols; ++c) sr[c] = from_float<TX>(to_float(xr[c]) + to_float(hr[c]));
+      }
       xr = sr;
     }
-    float ss = 0.f;
+    if (!summed) {
 #pragma omp simd reduction(+ : ss)
-    for (int64_t c = 0; c < cols; ++c) {
-      float v = to_float(xr[c]);
-      ss += v * v;
+      for (int64_t c = 0; c < cols; ++c) {
+        float v = to_float(xr[c]);
+        ss += v * v;
+      }
     }
     float rs = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
     if (rstd) rstd[r] = rs;  // null: inference, no backward to feed
