@@ -143,7 +143,7 @@ class Linear(nn.Linear):
     @staticmethod
     def joined_parts(layer: "Linear") -> tuple[torch.Tensor, ...]:
         """The tensors a joined copy stands for: replacing any of them makes the copy stale."""
-        return (layer.weight,)
+        return (layer._parameters["weight"],)  # not through Module.__getattr__ (every decode step)
 
     @staticmethod
     def joined_forward(x: torch.Tensor, joined: torch.Tensor) -> torch.Tensor:

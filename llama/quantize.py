@@ -234,7 +234,8 @@ class QuantLinear(nn.Module):
 
     @staticmethod
     def joined_parts(layer: "QuantLinear") -> tuple[Optional[torch.Tensor], ...]:
-        return (layer.packed, layer.scales, layer.zeros)
+        b = layer._buffers  # not through Module.__getattr__: this runs for every decode step
+        return (b["packed"], b["scales"], b["zeros"])
 
     @staticmethod
     def joined_forward(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
