@@ -384,3 +384,20 @@ def test_a_copy_of_a_joined_model_is_unjoined():
         changed = twin(data)
         model.layers[0].attention.wq.weight.mul_(2)
         torch.testing.assert_close(changed, model(data), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_takes_joined_projections():
+    """The compiled one-token step (fullgraph) traces the joined path, dense and 4-bit, and
+    decodes what the eager step decodes."""
+    from llama.quantize import Int4Config, quantize_
+
+    torch._dynamo.reset()
+    model = randomized(tiny(dim=64, multiple_of=32))
+    for weights in ("dense", "int4"):
+        if weights == "int4":
+            quantize_(model, Int4Config(group_size=32))
+        eager = generate(model, [[1, 2, 3]], 6, Sampling(temperature=0), compile=False)
+        compiled = generate(model, [[1, 2, 3]], 6, Sampling(temperature=0), compile=True)
+        assert compiled == eager
+        assert "_joined" in model.layers[0].attention.wq.__dict__
