@@ -86,23 +86,19 @@ inline float to_float(bf16_t v) {
 }
 
 // Portable IEEE half <-> single conversions (round to nearest even), used where the compiler
-// has no _Float16. Kept always compiled so they can be checked against _Float16.
+// has no hardware conversion. Branch-free, so loops over them vectorise: a normal half rebiases
+// its exponent, a subnormal one is its mantissa times 2^-24 (exact in fp32), inf and NaN keep an
+// all-ones exponent.
 inline float half_bits_to_float(uint16_t bits) {
-  uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
-  uint32_t exp = (bits >> 10) & 0x1fu;
-  uint32_t man = bits & 0x3ffu;
-  uint32_t u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    u = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    u = sign;
-  } else {  // subnormal: normalise
-    uint32_t shift = 0;
-    while (!(man & 0x400u)) { man <<= 1; ++shift; }
-    u = sign | ((113u - shift) << 23) | ((man & 0x3ffu) << 13);
-  }
+  const uint32_t h = bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;  // exponent and mantissa
+  const uint32_t normal = (em << 13) + 0x38000000u;  // exponent + (127 - 15)
+  const uint32_t inf_nan = (em << 13) | 0x7f800000u;
+  const float sub = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f;  // em < 0x400
+  uint32_t sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+  const uint32_t u = sign | (em >= 0x7c00u ? inf_nan : (em >= 0x0400u ? normal : sub_bits));
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
@@ -133,7 +129,9 @@ inline uint16_t float_to_half_bits(float v) {
 }
 
 inline float to_float(f16_t v) {
-#if defined(__FLT16_MAX__)
+  // _Float16 only where the conversion is an instruction: elsewhere (x86 without F16C) GCC
+  // calls a library routine per value, several times slower than the bit arithmetic.
+#if defined(__FLT16_MAX__) && (defined(__F16C__) || defined(__aarch64__))
   _Float16 h;
   std::memcpy(&h, &v.bits, sizeof(h));
   return static_cast<float>(h);

@@ -52,6 +52,23 @@ def test_cpu_kernel_matches_reference(isa, x_dtype, w_dtype, m, n, k, with_bias)
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_every_half_value_converts_exactly(isa):
+    """fp16 weights times 1.0: every one of the 65536 half values (normal, subnormal, zero, inf,
+    NaN) must come out as PyTorch converts it, in every build (the baseline converts in software)."""
+    w = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)[:, None]
+    y = poisoned((1, w.shape[0]), torch.float32)
+    EXT.set_cpu_isa(isa)
+    try:
+        lin._cpu(torch.ones(1, 1), w, None, y)
+    finally:
+        EXT.set_cpu_isa("")
+    expected = w.float().t()
+    nan = expected.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k", [(1, 33), (3, 64), (6, 17)], ids=str)
 def test_cpu_kernel_with_several_weights(isa, m, k):
     """One call over weights of ragged sizes writes each output slice (and nothing past them)."""

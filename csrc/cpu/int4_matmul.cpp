@@ -74,12 +74,16 @@ inline vfloat lookup(vfloat lut, vbyte codes) {
 }
 
 // The wide path (see the top of the file): AVX-512 reads 128 codes as 16 lanes, AVX2 64 codes as
-// 8 lanes. Other ISAs (SSE2, NEON through the compiler's generic vectors) take it only for the
-// int4 table, whose entries are q - 8: a code converts to float with no table (see WideTable).
-#if defined(__AVX512F__) || !defined(__AVX2__)
+// 8 lanes. Other ISAs (SSE2, NEON through the compiler's generic vectors) read 32 codes (one
+// chunk) as 4 lanes, one 128-bit register, so the accumulators stay in registers; they take the
+// wide path only for the int4 table, whose entries are q - 8: a code converts to float with no
+// table (see WideTable).
+#if defined(__AVX512F__)
 constexpr int kW = 16;  // lanes of the wide vector types
-#else
+#elif defined(__AVX2__)
 constexpr int kW = 8;
+#else
+constexpr int kW = 4;
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 constexpr bool kWideAnyTable = true;
@@ -122,10 +126,12 @@ inline vfloat widen(wfloat v) {
 
 #if !defined(__AVX512F__) && !defined(__AVX2__)
 struct WideTable {
+  typedef int32_t wint __attribute__((vector_size(kW * sizeof(int32_t))));
   float base;
   explicit WideTable(vfloat lut) : base(lut[0]) {}
-  // Only for consecutive tables (wide_usable): lut[q] = lut[0] + q, exact in fp32.
-  wfloat lookup(wuint idx) const { return __builtin_convertvector(idx & 15u, wfloat) + base; }
+  // Only for consecutive tables (wide_usable): lut[q] = lut[0] + q, exact in fp32. Converted as
+  // signed lanes: SSE2 converts int32 to float in one instruction, uint32 in several.
+  wfloat lookup(wuint idx) const { return __builtin_convertvector(wint(idx & 15u), wfloat) + base; }
 };
 #elif defined(__AVX512F__)
 struct WideTable {
@@ -167,11 +173,8 @@ inline wfloat wide_scales(const float* sf, int64_t b) {
     const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // group 32: two chunks per block
     return wfloat(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sf + b * chunks)), lanes));
 #else
-    typedef int32_t wint __attribute__((vector_size(kW * sizeof(int32_t))));
-    wfloat four{};
-    std::memcpy(&four, sf + b * (chunks / per_group), 4 * sizeof(float));
-    return per_group == 1 ? __builtin_shuffle(four, wint{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3})
-                          : __builtin_shuffle(four, wint{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1});
+    static_assert(GROUP >= kWide, "generic builds read one chunk, one group, per wide block");
+    return wfloat{};
 #endif
   }
 }
