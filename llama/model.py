@@ -173,6 +173,7 @@ class _Joined:
     operand: object  # what `forward` takes: the joined weight, or a joined QuantizedWeight
     forward: object  # forward(x, operand) -> the layers' outputs side by side
     sizes: tuple[int, ...]  # the layers' output features
+    addresses: tuple[int, ...]  # where the parts' memory was (an in-place `.data =` moves it)
 
 
 def _without_joined(layer: nn.Module) -> dict:
@@ -203,16 +204,22 @@ def join(layers: Sequence[nn.Module]) -> bool:
     operand = store(layers)
     if operand is None:
         return False
-    record = _Joined(layers, _joined_parts(layers), operand, cls.joined_forward,
-                     tuple(layer.out_features for layer in layers))
+    parts = _joined_parts(layers)
+    record = _Joined(layers, parts, operand, cls.joined_forward, tuple(layer.out_features for layer in layers),
+                     _addresses(parts))
     for layer in layers:
         layer.__dict__["_joined"] = record
     return True
 
 
+def _addresses(parts) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in parts if t is not None)
+
+
 def _usable_joined(layers: tuple[nn.Module, ...], check_grad: bool = True) -> Optional[_Joined]:
     """The record of `layers` if they are still joined as recorded (same layers, same weight
-    tensors) and it may serve this call (a joined weight carries no gradient to the layers')."""
+    tensors, in eager mode also at the same addresses) and it may serve this call (a joined
+    weight carries no gradient to the layers')."""
     record = layers[0].__dict__.get("_joined")
     if record is None:
         return None
@@ -221,6 +228,8 @@ def _usable_joined(layers: tuple[nn.Module, ...], check_grad: bool = True) -> Op
     if not stale:
         parts = _joined_parts(layers)
         stale = len(parts) != len(record.parts) or any(a is not b for a, b in zip(parts, record.parts))
+        if not stale and not torch.compiler.is_compiling():
+            stale = _addresses(parts) != record.addresses
     if stale:
         if not torch.compiler.is_compiling():  # drop it, and the memory it holds
             for layer in (*layers, *record.layers):

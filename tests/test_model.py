@@ -347,6 +347,13 @@ def test_joined_projections_follow_weight_changes():
     assert "_joined" not in model.layers[0].attention.wq.__dict__
 
     model.join_projections()
+    with torch.no_grad():  # new memory under the same Parameter object: seen, unjoined
+        model.layers[0].attention.wk.weight.data = model.layers[0].attention.wk.weight.data.clone().mul_(0.5)
+        fresh.layers[0].attention.wk.weight.mul_(0.5)
+        torch.testing.assert_close(model(data), fresh(data), atol=1e-5, rtol=1e-5)
+    assert "_joined" not in model.layers[0].attention.wk.__dict__
+
+    model.join_projections()
     model.to(torch.float16)  # new storage under the same parameters: unjoined
     assert not any("_joined" in m.__dict__ for m in model.modules())
     with torch.no_grad():
