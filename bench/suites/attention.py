@@ -19,7 +19,8 @@ Passes:
   copy bandwidth that decode reaches.
 
 Ours: ``kernels-triton`` (GPU) or ``kernels-torch`` (CPU, the reference) for the training passes;
-``kernels-cuda`` and ``kernels-triton`` (GPU) or ``kernels-torch`` (CPU) for decode, each under
+``kernels-cuda`` and ``kernels-triton`` (GPU) or ``kernels-cpu`` (the C++ kernel) and
+``kernels-torch`` (CPU) for decode, each under
 its forced backend (``kernels.use_backend``), decode with ``check_bounds=False`` (no host sync).
 
 Peers (training passes), each taking q/k/v in the (B, S, H, D) layout a projection produces:
@@ -496,7 +497,7 @@ def _decode_copy(ctx, shape, dtype):
 
 def _decode_items(ctx: SuiteContext) -> list[Item]:
     _, _, decode, dtype = _cases(ctx)
-    kernels, ours, items = _ours(ctx, {"cpu": ("torch",), "cuda": ("cuda", "triton")}, "rope_decode_attention")
+    kernels, ours, items = _ours(ctx, {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}, "rope_decode_attention")
     flash_kvcache = []
     if not ctx.is_cuda:
         items.append(Unavailable("flash-attn-kvcache", "FlashAttention runs on CUDA only"))
