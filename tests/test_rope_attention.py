@@ -304,6 +304,7 @@ def isa(request):
     (4, 4, 64, [0, 37, 99], 100),
     (8, 2, 32, [1, 70, 5], 77),
     (8, 1, 128, [300, 0], 301),
+    (4, 2, 40, [5, 40], 41),  # a head dim past the last whole 16-lane vector
 ])
 @pytest.mark.parametrize("seq_dtype", [torch.int64, torch.int32], ids=str)
 def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_dim, lengths, capacity, seq_dtype):

@@ -22,16 +22,34 @@ namespace cpu {
 namespace KERNELS_ISA {
 namespace {
 
-// q . k over one head: 16 lanes at a time, then a tree sum (float keys; others convert).
+// 16 keys or values as fp32 lanes: bf16 widens by a shift, fp16 converts (F16C where built).
+template <typename T>
+inline vfloat load_lanes(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return loadf(p);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const vu32 w = __builtin_convertvector(h, vu32) << 16;
+    vfloat f;
+    std::memcpy(&f, &w, sizeof(f));
+    return f;
+  } else {
+    vfloat f;
+    for (int i = 0; i < kLanes; ++i) f[i] = to_float(p[i]);
+    return f;
+  }
+}
+
+// q . k over one head: 16 lanes at a time, then a tree sum.
 template <typename T>
 inline float dot(const float* r, const T* k, int64_t n) {
-  float total = 0.f;
+  vfloat acc{};
   int64_t d = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    vfloat acc{};
-    for (; d + kLanes <= n; d += kLanes) acc += loadf(r + d) * loadf(k + d);
-    total = hsum(acc);
-  }
+  for (; d + kLanes <= n; d += kLanes) acc += loadf(r + d) * load_lanes(k + d);
+  float total = hsum(acc);
   for (; d < n; ++d) total += r[d] * to_float(k[d]);
   return total;
 }
@@ -57,6 +75,17 @@ inline vfloat exp_approx(vfloat x) {
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return underflow ? vfloat{} : p * scale;
+}
+
+// A head's cached rows are (kv heads x head dim) elements apart: 4 KB for 8 heads of 128 fp32, so
+// every row starts a new page and the hardware prefetchers, which stay within a page, never get
+// ahead. Rows this far ahead are requested explicitly, one cache line at a time.
+constexpr int64_t kPrefetchRows = 16;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t head_dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < head_dim * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
 
 template <typename T>
@@ -120,6 +149,7 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       const T* kbase = k_cache + b * c_b + kh * c_h;
       for (int64_t n = 0; n < n_keys; ++n) {
         const T* kr = kbase + n * c_s;
+        if (n + kPrefetchRows < n_keys) prefetch_row(kr + kPrefetchRows * c_s, head_dim);
         for (int64_t g = 0; g < group; ++g)
           scores[g * n_keys + n] = dot(qr.data() + g * head_dim, kr, head_dim);
       }
@@ -147,6 +177,7 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       const T* vbase = v_cache + b * c_b + kh * c_h;
       for (int64_t n = 0; n < n_keys; ++n) {
         const T* vr = vbase + n * c_s;
+        if (n + kPrefetchRows < n_keys) prefetch_row(vr + kPrefetchRows * c_s, head_dim);
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * n_keys + n];
           float* a = acc.data() + g * head_dim;
