@@ -77,16 +77,14 @@ inline vfloat exp_approx(vfloat x) {
   return underflow ? vfloat{} : p * scale;
 }
 
-// A head's cached rows are (kv heads x head dim) elements apart: 4 KB for 8 heads of 128 fp32, so
-// every row starts a new page and the hardware prefetchers, which stay within a page, never get
-// ahead. Rows this far ahead are requested explicitly, one cache line at a time.
-constexpr int64_t kPrefetchRows = 16;
+// Slots of the cache per work unit. A unit reads its slots' rows for every head at once, and a
+// slot's rows (all kv heads) are contiguous, so each unit streams one run of memory.
+constexpr int64_t kSlotsPerUnit = 64;
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t head_dim) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < head_dim * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
+// One unit: slots [n0, n1) of sequence b, all heads.
+struct Unit {
+  int64_t b, n0, n1;
+};
 
 template <typename T>
 void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const void* seqlens,
@@ -95,34 +93,47 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
                  float scale, int num_threads) {
   const int64_t q_b = st[0], q_h = st[1], kn_b = st[2], kn_h = st[3], vn_b = st[4], vn_h = st[5];
   const int64_t c_b = st[6], c_s = st[7], c_h = st[8], o_b = st[9], o_h = st[10], t_s = st[11];
-  const int64_t group = heads / kv_heads, half = head_dim / 2, pairs = batch * kv_heads;
+  const int64_t group = heads / kv_heads, half = head_dim / 2, D = head_dim;
   auto length = [&](int64_t b) -> int64_t {
     return seqlens_int64 ? static_cast<const int64_t*>(seqlens)[b]
                          : static_cast<const int32_t*>(seqlens)[b];
   };
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, std::min(length(b), capacity));
-  const int nt = threads_for(pairs * (longest + 1) * head_dim * 2, pairs, num_threads);
+  auto valid = [&](int64_t L) { return L >= 0 && L < capacity && L < table_len; };
+  // Split each sequence's slots 0..L into units: at least kSlotsPerUnit each, and enough units
+  // (about four per thread in all) to keep every thread busy at batch 1.
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < batch; ++b)
+    if (valid(length(b))) total_keys += length(b) + 1;
+  const int64_t want_units = std::max<int64_t>(1, 4 * static_cast<int64_t>(num_threads));
+  std::vector<Unit> units;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t L = length(b);
+    if (!valid(L)) continue;
+    const int64_t n_keys = L + 1;
+    const int64_t share = std::max<int64_t>(1, want_units * n_keys / std::max<int64_t>(total_keys, 1));
+    const int64_t count = std::max<int64_t>(1, std::min(share, (n_keys + kSlotsPerUnit - 1) / kSlotsPerUnit));
+    for (int64_t u = 0; u < count; ++u) units.push_back({b, n_keys * u / count, n_keys * (u + 1) / count});
+  }
+  const int64_t n_units = static_cast<int64_t>(units.size());
+  // Per unit and head: the running max, the sum of weights and the unnormalised output.
+  const int64_t part = D + 2;
+  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_units, 1) * heads * part));
+  std::vector<float> qr_all(static_cast<size_t>(batch * heads * D));  // rotated, scaled queries
+  const int nt = threads_for(total_keys * kv_heads * D * 2 + batch * heads, std::max(n_units, batch * kv_heads),
+                             num_threads);
   (void)nt;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<float> qr(static_cast<size_t>(group * head_dim));
-    std::vector<float> acc(static_cast<size_t>(group * head_dim));
-    std::vector<float> inv_sum(static_cast<size_t>(group));
-    std::vector<float> scores;
+    // 1. Per (sequence, kv head): append the rotated key and the value at slot L, rotate and
+    //    scale the group's queries. Every unit reads slot L, so this finishes first (barrier).
 #pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < pairs; ++pair) {
+    for (int64_t pair = 0; pair < batch * kv_heads; ++pair) {
       const int64_t b = pair / kv_heads, kh = pair % kv_heads;
       const int64_t L = length(b);
-      T* o = out + b * o_b + kh * group * o_h;
-      if (L < 0 || L >= capacity || L >= table_len) {  // out of range: NaN, no cache write
-        for (int64_t g = 0; g < group; ++g)
-          for (int64_t d = 0; d < head_dim; ++d) o[g * o_h + d] = from_float<T>(std::numeric_limits<float>::quiet_NaN());
-        continue;
-      }
+      if (!valid(L)) continue;  // out of range: NaN below, no cache write
       const float* c = cos + L * t_s;
       const float* s = sin + L * t_s;
-      // Append: the rotated key (rounded to the cache dtype, as every later step reads it) and v.
+      // The rotated key, rounded to the cache dtype as every later step reads it, and v.
       const T* kn = k_new + b * kn_b + kh * kn_h;
       const T* vn = v_new + b * vn_b + kh * vn_h;
       T* kslot = k_cache + b * c_b + L * c_s + kh * c_h;
@@ -132,62 +143,99 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
         kslot[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
         kslot[i + half] = from_float<T>(x2 * c[i] + x1 * s[i]);
       }
-      for (int64_t d = 0; d < head_dim; ++d) vslot[d] = vn[d];
-      // The group's rotated queries, scaled.
+      for (int64_t d = 0; d < D; ++d) vslot[d] = vn[d];
       for (int64_t g = 0; g < group; ++g) {
-        const T* qh = q + b * q_b + (kh * group + g) * q_h;
-        float* r = qr.data() + g * head_dim;
+        const int64_t h = kh * group + g;
+        const T* qh = q + b * q_b + h * q_h;
+        float* r = qr_all.data() + (b * heads + h) * D;
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = to_float(qh[i]), x2 = to_float(qh[i + half]);
           r[i] = (x1 * c[i] - x2 * s[i]) * scale;
           r[i + half] = (x2 * c[i] + x1 * s[i]) * scale;
         }
       }
-      // Scores against slots 0..L, one pass over the keys.
-      const int64_t n_keys = L + 1;
-      scores.resize(static_cast<size_t>(group * n_keys));
-      const T* kbase = k_cache + b * c_b + kh * c_h;
-      for (int64_t n = 0; n < n_keys; ++n) {
-        const T* kr = kbase + n * c_s;
-        if (n + kPrefetchRows < n_keys) prefetch_row(kr + kPrefetchRows * c_s, head_dim);
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * n_keys + n] = dot(qr.data() + g * head_dim, kr, head_dim);
+    }
+    // 2. Per unit: scores of every head against its slots, their softmax statistics, and the
+    //    weighted values. Rows are read in slot order, all kv heads of a slot together.
+    std::vector<float> scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < n_units; ++u) {
+      const Unit unit = units[static_cast<size_t>(u)];
+      const int64_t len = unit.n1 - unit.n0;
+      scores.resize(static_cast<size_t>(heads * len));
+      const float* qr = qr_all.data() + unit.b * heads * D;
+      const T* kbase = k_cache + unit.b * c_b + unit.n0 * c_s;
+      for (int64_t n = 0; n < len; ++n) {
+        const T* row = kbase + n * c_s;
+        for (int64_t kh = 0; kh < kv_heads; ++kh)
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = kh * group + g;
+            scores[h * len + n] = dot(qr + h * D, row + kh * c_h, D);
+          }
       }
-      // Softmax per head (unnormalised weights; divide at the end), 16 scores at a time.
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * n_keys;
+      float* out_part = partial.data() + u * heads * part;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* sc = scores.data() + h * len;
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t n = 0; n < n_keys; ++n) mx = std::max(mx, sc[n]);
+        for (int64_t n = 0; n < len; ++n) mx = std::max(mx, sc[n]);
         vfloat vsum{};
         int64_t n = 0;
-        for (; n + kLanes <= n_keys; n += kLanes) {
+        for (; n + kLanes <= len; n += kLanes) {
           const vfloat e = exp_approx(loadf(sc + n) - mx);
           std::memcpy(sc + n, &e, sizeof(e));
           vsum += e;
         }
         float sum = hsum(vsum);
-        for (; n < n_keys; ++n) {
+        for (; n < len; ++n) {
           sc[n] = std::exp(sc[n] - mx);
           sum += sc[n];
         }
-        inv_sum[g] = 1.f / sum;
+        out_part[h * part] = mx;
+        out_part[h * part + 1] = sum;
+        std::fill(out_part + h * part + 2, out_part + (h + 1) * part, 0.f);
       }
-      // Weighted values, one pass.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const T* vbase = v_cache + b * c_b + kh * c_h;
-      for (int64_t n = 0; n < n_keys; ++n) {
-        const T* vr = vbase + n * c_s;
-        if (n + kPrefetchRows < n_keys) prefetch_row(vr + kPrefetchRows * c_s, head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * n_keys + n];
-          float* a = acc.data() + g * head_dim;
+      const T* vbase = v_cache + unit.b * c_b + unit.n0 * c_s;
+      for (int64_t n = 0; n < len; ++n) {
+        const T* row = vbase + n * c_s;
+        for (int64_t kh = 0; kh < kv_heads; ++kh) {
+          const T* vr = row + kh * c_h;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = kh * group + g;
+            const float p = scores[h * len + n];
+            float* a = out_part + h * part + 2;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * to_float(vr[d]);
+            for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(vr[d]);
+          }
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          o[g * o_h + d] = from_float<T>(acc[g * head_dim + d] * inv_sum[g]);
+    }
+    // 3. Per (sequence, head): merge the units' partial results.
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < batch * heads; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      T* o = out + b * o_b + h * o_h;
+      if (!valid(length(b))) {
+        for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t u = 0; u < n_units; ++u)
+        if (units[static_cast<size_t>(u)].b == b) mx = std::max(mx, partial[(u * heads + h) * part]);
+      float sum = 0.f;
+      float acc[256 + 16];  // head dims up to 256 (the op's limit), with room for a vector tail
+      const bool on_stack = D <= 256;
+      std::vector<float> heap(on_stack ? 0 : static_cast<size_t>(D));
+      float* a = on_stack ? acc : heap.data();
+      std::fill(a, a + D, 0.f);
+      for (int64_t u = 0; u < n_units; ++u) {
+        if (units[static_cast<size_t>(u)].b != b) continue;
+        const float* pp = partial.data() + (u * heads + h) * part;
+        const float w = std::exp(pp[0] - mx);
+        sum += w * pp[1];
+        for (int64_t d = 0; d < D; ++d) a[d] += w * pp[2 + d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(a[d] * inv);
     }
   }
 }
