@@ -2,9 +2,13 @@
 // own position L, the append of that key and value to slot L of the KV cache, and attention over
 // slots 0..L. The same semantics as the CUDA and Triton decode kernels (kernels/rope_attention.py).
 //
-// Threads take (sequence, kv head) pairs. A pair reads each cached key and value once for all the
-// query heads of its GQA group: scores for the group against a key, then the softmax, then one
-// pass over the values. fp32 math for every storage dtype.
+// Three phases in one parallel region. (1) Per (sequence, kv head): the append, and the group's
+// rotated queries. (2) Per unit, a run of consecutive slots of one sequence (split-K, as in
+// flash-decoding): every head's scores against the unit's keys, their softmax statistics and the
+// weighted values. A slot's rows for all kv heads are contiguous in the (batch, slot, kv head,
+// dim) cache, while one head's rows are a page apart, so reading slot by slot streams memory
+// that the hardware prefetchers can follow. (3) Per (sequence, head): the units' partial results
+// merged. fp32 math for every storage dtype.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
