@@ -226,7 +226,7 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       for (int64_t u = 0; u < n_units; ++u)
         if (units[static_cast<size_t>(u)].b == b) mx = std::max(mx, partial[(u * heads + h) * part]);
       float sum = 0.f;
-      float acc[256 + 16];  // head dims up to 256 (the op's limit), with room for a vector tail
+      float acc[256];  // head dims up to 256 on the stack, longer ones on the heap
       const bool on_stack = D <= 256;
       std::vector<float> heap(on_stack ? 0 : static_cast<size_t>(D));
       float* a = on_stack ? acc : heap.data();
