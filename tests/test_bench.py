@@ -62,3 +62,22 @@ def test_rounds_pool_every_pass(monkeypatch, tmp_path):
     slow = next(r for r in map(json.loads, path.read_text().splitlines()) if r["impl"] == "slow")
     assert (slow["reps"], slow["min_ms"], slow["time_ms"]) == (3, 0.0, 1.0)
     assert slow["env"]["rounds"] == 3
+
+
+def test_profile_model_writes_tables_traces_and_a_summary(tmp_path):
+    """bench/profile_model.py on a tiny preset: a table and a trace per phase, and the summary."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_model.py"
+    spec = importlib.util.spec_from_file_location("profile_model", path)
+    profile_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_model)
+    assert profile_model.main(["--out", str(tmp_path), "--device", "cpu", "--preset", "stories260K",
+                               "--prompt", "12", "--int4"]) == 0
+    summary = json.loads((tmp_path / "profile_summary.json").read_text())
+    assert [p["phase"] for p in summary["phases"]] == ["prefill", "decode"]
+    assert summary["meta"]["preset"] == "stories260K" and summary["meta"]["int4"] is True
+    for phase in ("prefill", "decode"):
+        assert "aten::" in (tmp_path / f"profile_{phase}.txt").read_text()
+        assert json.loads((tmp_path / f"profile_{phase}.json").read_text())["traceEvents"]
