@@ -55,6 +55,21 @@ def test_nf4_code_book():
     torch.testing.assert_close(code[8], torch.tensor(0.0796), atol=1e-4, rtol=0)
 
 
+def test_nf4_picks_the_nearest_code():
+    """quantize_nf4 buckets between midpoints; every code must be the nearest one (argmin of the
+    16 distances), up to rounding for values within an ulp of a midpoint."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
+    w[0, :64] = torch.linspace(-1, 1, 64)  # the block's absmax is 1: the values are the normalised ones
+    qw = quantize_nf4(w, 64)
+    codes = im.unpack_codes(qw.packed)
+    normalized = (w.reshape(256, 8, 64) / qw.scales.float()[..., None]).reshape(256, 512)
+    nearest = (normalized[..., None] - im.NF4_CODE).abs().argmin(dim=-1)
+    differ = codes != nearest
+    mids = (im.NF4_CODE[1:] + im.NF4_CODE[:-1]) / 2
+    gap = (normalized[differ][:, None] - mids).abs().amin(dim=-1)
+    assert differ.sum() <= 3 and torch.all(gap < 1e-6)
+
+
 def test_int4_represents_group_extremes_closely():
     w = torch.randn(4, 128)
     qw = quantize_int4(w, 64)
