@@ -7,7 +7,8 @@ Random weights in the preset's shape (bf16 on a GPU, fp32 on the CPU). Phases:
 * `prefill`: one forward over a batch of prompts into an empty KV cache (what the `decode`
   suite's prefill times);
 * `decode`: one-token steps of the eager step, which a CUDA graph then replays unchanged (the
-  kernels, and so their count per step, are the same); projections joined as generation joins them;
+  kernels, and so their count per step, are the same); on a GPU the projections are joined, as
+  generation joins them;
 * with `--hf`, `hf-prefill`: Hugging Face's model on the same shape, for the peer's kernel mix.
 
 For each phase, DIR/profile_<phase>.txt holds the operators and kernels sorted by self time,
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from llama.quantize import Int4Config, quantize_
 
         quantize_(model, Int4Config(group_size=32))
-    model.join_projections()  # as generation does
+    if cuda:
+        model.join_projections()  # as generation does on a GPU
     tokens = torch.randint(3, cfg.vocab_size, (args.batch, prompt), device=device)
     cache = KVCache.allocate(cfg, args.batch, prompt + WARMUP + ITERS + 1, device=device, dtype=dtype)
 

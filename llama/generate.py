@@ -97,9 +97,11 @@ class Decoder:
         return tuple(t.data_ptr() for t in tensors)
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # Q/K/V and gate/up weights side by side: one matrix product per group (a no-op once done;
-        # redone after quantize_ or a load replaced the weights).
-        self.model.join_projections()
+        # On a GPU, Q/K/V and gate/up weights side by side: one launch per group (a no-op once done;
+        # redone after quantize_ or a load replaced the weights). On the CPU the multi-weight
+        # kernel call does as well (measured), so the model's storage is left as the user made it.
+        if self.cache.k[0].is_cuda:
+            self.model.join_projections()
         if self._graph is not None and self._captured != self._memory():
             self._graph = self._logits = None
         self.cache.reset()

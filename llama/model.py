@@ -244,7 +244,7 @@ def _usable_joined(layers: tuple[nn.Module, ...], check_grad: bool = True) -> Op
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """x through several layers that read it (Q, K and V; gate and up): a list of their outputs.
 
-    Layers joined by `join` (Transformer.join_projections, which generation calls) run as
+    Layers joined by `join` (Transformer.join_projections, which generation calls on a GPU) run as
     one matrix product over their side-by-side weights, split into views: one launch and one
     larger, better-streaming GEMV per group in a decode step.
 
@@ -411,7 +411,7 @@ class Transformer(nn.Module):
         """Store each block's Q, K and V weights side by side in one tensor, and its gate and up
         weights in another (each layer's weight becomes a view of its rows: no memory is added),
         so a decode step reads each group in one matrix product. Parameter names, state_dict()
-        and checkpoints are unchanged. Generation calls this; replacing a weight
+        and checkpoints are unchanged. Generation on a GPU calls this; replacing a weight
         (load_weights, quantize_, .to()) undoes it for that group, and calling it again redoes
         it. Layers that cannot be joined (biases, mixed dtypes) are left alone."""
         for block in self.layers:
