@@ -110,7 +110,9 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
     if (valid(length(b))) total_keys += length(b) + 1;
   const int64_t want_units = std::max<int64_t>(1, 4 * static_cast<int64_t>(num_threads));
   std::vector<Unit> units;
+  std::vector<int64_t> first_unit(static_cast<size_t>(batch + 1));  // sequence b owns [first[b], first[b + 1])
   for (int64_t b = 0; b < batch; ++b) {
+    first_unit[static_cast<size_t>(b)] = static_cast<int64_t>(units.size());
     const int64_t L = length(b);
     if (!valid(L)) continue;
     const int64_t n_keys = L + 1;
@@ -119,6 +121,7 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
     for (int64_t u = 0; u < count; ++u) units.push_back({b, n_keys * u / count, n_keys * (u + 1) / count});
   }
   const int64_t n_units = static_cast<int64_t>(units.size());
+  first_unit[static_cast<size_t>(batch)] = n_units;
   // Per unit and head: the running max, the sum of weights and the unnormalised output.
   const int64_t part = D + 2;
   std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_units, 1) * heads * part));
@@ -214,25 +217,22 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       }
     }
     // 3. Per (sequence, head): merge the units' partial results.
+    std::vector<float> merged(static_cast<size_t>(D));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < batch * heads; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
+      const int64_t u0 = first_unit[static_cast<size_t>(b)], u1 = first_unit[static_cast<size_t>(b + 1)];
       T* o = out + b * o_b + h * o_h;
-      if (!valid(length(b))) {
+      if (u0 == u1) {  // out of range: no units
         for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(std::numeric_limits<float>::quiet_NaN());
         continue;
       }
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t u = 0; u < n_units; ++u)
-        if (units[static_cast<size_t>(u)].b == b) mx = std::max(mx, partial[(u * heads + h) * part]);
+      for (int64_t u = u0; u < u1; ++u) mx = std::max(mx, partial[(u * heads + h) * part]);
       float sum = 0.f;
-      float acc[256];  // head dims up to 256 on the stack, longer ones on the heap
-      const bool on_stack = D <= 256;
-      std::vector<float> heap(on_stack ? 0 : static_cast<size_t>(D));
-      float* a = on_stack ? acc : heap.data();
+      float* a = merged.data();
       std::fill(a, a + D, 0.f);
-      for (int64_t u = 0; u < n_units; ++u) {
-        if (units[static_cast<size_t>(u)].b != b) continue;
+      for (int64_t u = u0; u < u1; ++u) {
         const float* pp = partial.data() + (u * heads + h) * part;
         const float w = std::exp(pp[0] - mx);
         sum += w * pp[1];
