@@ -11,7 +11,7 @@ TEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-# requirements.txt pins torch 2.13.0 (the CPU build, from local disk where cached).
+# requirements.txt pins every package (torch 2.13.0 is the CPU build, from local disk where cached).
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
@@ -28,4 +28,4 @@ test: build
 	$(PY) -m pytest $(TEST_ARGS)
 
 clean:
-	rm -rf build $(VENV) kernels/_C*.so *.egg-info bench/out
+	rm -rf build $(VENV) llama_kernels/_C*.so *.egg-info bench/out

@@ -1,11 +1,14 @@
-"""Builds kernels._C with CMake and ninja; everything else is in pyproject.toml.
+"""Builds llama_kernels._C with CMake and ninja; everything else is in pyproject.toml.
 
 Environment:
-  KERNELS_NO_CUDA=1          build only the C++ CPU kernels, even where nvcc exists
-  KERNELS_CUDA_ARCHS=80;90a  CUDA targets (default 80;90a)
-  KERNELS_NATIVE=1           tune the baseline CPU code for this machine (not portable)
-  KERNELS_DEBUG=1            debug build
-  MAX_JOBS=N                 parallel compile jobs (default: cores, capped by memory at 4 GiB a job)
+  LLAMA_KERNELS_NO_CUDA=1          build only the C++ CPU kernels, even where nvcc exists
+  LLAMA_KERNELS_CUDA_ARCHS=80;90a  CUDA targets (default 80;90a)
+  LLAMA_KERNELS_NATIVE=1           tune the baseline CPU code for this machine (not portable)
+  LLAMA_KERNELS_DEBUG=1            debug build
+  MAX_JOBS=N                       parallel compile jobs (default: cores, capped by memory at 4 GiB a job)
+
+The same names without the LLAMA_ prefix were read before the package was renamed; they are
+ignored now, with a warning, since Hugging Face's `kernels` package reads KERNELS_* variables.
 """
 import os
 import re
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _version() -> str:
-    text = (ROOT / "kernels" / "__init__.py").read_text()
+    text = (ROOT / "llama_kernels" / "__init__.py").read_text()
     return re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
@@ -36,7 +39,7 @@ def _tool(module: str, attr: str, name: str) -> str:
         pass
     found = shutil.which(name)
     if not found:
-        raise RuntimeError(f"building kernels._C needs {name}; `pip install {module}`")
+        raise RuntimeError(f"building llama_kernels._C needs {name}; `pip install {module}`")
     return found
 
 
@@ -55,6 +58,12 @@ def _flag(name: str) -> str:
     return "ON" if os.environ.get(name, "").strip().lower() in ("1", "on", "true", "yes") else "OFF"
 
 
+def _warn_old_env_names() -> None:
+    for name in ("KERNELS_NO_CUDA", "KERNELS_CUDA_ARCHS", "KERNELS_NATIVE", "KERNELS_DEBUG"):
+        if name in os.environ:
+            print(f"warning: {name} is set but no longer read; set LLAMA_{name} instead", file=sys.stderr)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -64,12 +73,13 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
+        _warn_old_env_names()
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
         ninja = _tool("ninja", "BIN_DIR", "ninja")
-        build_type = "Debug" if _flag("KERNELS_DEBUG") == "ON" else "Release"
+        build_type = "Debug" if _flag("LLAMA_KERNELS_DEBUG") == "ON" else "Release"
         args = [
             f"-S{ROOT}",
             f"-B{build_dir}",
@@ -79,14 +89,14 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DKERNELS_VERSION={_version()}",
-            f"-DKERNELS_NO_CUDA={_flag('KERNELS_NO_CUDA')}",
-            f"-DKERNELS_NATIVE={_flag('KERNELS_NATIVE')}",
+            f"-DLLAMA_KERNELS_VERSION={_version()}",
+            f"-DLLAMA_KERNELS_NO_CUDA={_flag('LLAMA_KERNELS_NO_CUDA')}",
+            f"-DLLAMA_KERNELS_NATIVE={_flag('LLAMA_KERNELS_NATIVE')}",
         ]
-        if os.environ.get("KERNELS_CUDA_ARCHS"):
-            args.append(f"-DKERNELS_CUDA_ARCHS={os.environ['KERNELS_CUDA_ARCHS']}")
+        if os.environ.get("LLAMA_KERNELS_CUDA_ARCHS"):
+            args.append(f"-DLLAMA_KERNELS_CUDA_ARCHS={os.environ['LLAMA_KERNELS_CUDA_ARCHS']}")
         subprocess.run([cmake, *args], check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", str(_jobs())], check=True)
 
 
-setup(ext_modules=[CMakeExtension("kernels._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("llama_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -6,7 +6,7 @@
 Records are grouped into runs (suite, device, timestamp). Per run and pass, one
 grouped bar chart: x = case and dtype, bars = impl, y = GB/s (else TFLOP/s,
 else time). ``summary.md`` holds a table per run and pass with the speedup of
-each of ours ("kernels*" impls) over each peer of the same run: peer time / our
+each of ours ("llama_kernels*" impls) over each peer of the same run: peer time / our
 time. Records with status missing/error are listed there, not plotted.
 """
 
@@ -25,7 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-OURS_PREFIX = "kernels"
+# Our impls are named "llama_kernels*"; records written before the ops package got that name
+# call them "kernels*", and they are still drawn as ours.
+OURS_PREFIXES = ("llama_kernels", "kernels")
 # Main figure per chart: the first one every record of the pass has.
 METRICS = (("tokens_per_s", "tokens/s (higher is better)"), ("gbps", "GB/s (higher is better)"),
            ("tflops", "TFLOP/s (higher is better)"),
@@ -49,7 +51,7 @@ def make_report(paths: list[Path], out_dir: Path) -> list[Path]:
         runs[(record["suite"], record["device"], record["env"]["timestamp"])].append(record)
 
     written, summary = [], ["# Benchmark summary", "",
-                            f"Speedup = peer time / our time (> 1: ours faster); ours = impls named `{OURS_PREFIX}*`.", ""]
+                            f"Speedup = peer time / our time (> 1: ours faster); ours = impls named `{OURS_PREFIXES[0]}*`.", ""]
     for (suite, device, timestamp), records in runs.items():
         env = records[0]["env"]
         ok = [r for r in records if r["status"] == "ok"]
@@ -116,7 +118,7 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
             xs = [c + (i - (len(impls) - 1) / 2) * width for c, _ in present]
             ys = [values[case, impl] for _, case in present]
             bars = ax.bar(xs, ys, width, color=colors[impl], edgecolor="white", linewidth=0.5,
-                          hatch="//" if impl.startswith(OURS_PREFIX) else None)
+                          hatch="//" if impl.startswith(OURS_PREFIXES) else None)
             ax.bar_label(bars, labels=[_short(y) for y in ys], fontsize=7, rotation=90, padding=2)
         ax.set_xticks(range(len(cases)), cases, fontsize=8)
         ax.set_title(" · ".join(filter(None, [dtype, timer])), fontsize=9, loc="left")
@@ -124,7 +126,7 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
         ax.margins(y=0.2)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colors[i], hatch="//" if i.startswith(OURS_PREFIX) else None,
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colors[i], hatch="//" if i.startswith(OURS_PREFIXES) else None,
                              edgecolor="white") for i in impls]
     fig.legend(handles, impls, loc="upper center", ncols=min(len(impls), 6), fontsize=8,
                bbox_to_anchor=(0.5, 1 - 0.4 / fig.get_figheight()), frameon=False)
@@ -154,8 +156,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
     impls = list(dict.fromkeys(r["impl"] for r in records))
-    ours = [i for i in impls if i.startswith(OURS_PREFIX)]
-    peers = [i for i in impls if not i.startswith(OURS_PREFIX)]
+    ours = [i for i in impls if i.startswith(OURS_PREFIXES)]
+    peers = [i for i in impls if not i.startswith(OURS_PREFIXES)]
     derived = [(k, name, spec) for k, name, spec in DERIVED if any(r.get(k) is not None for r in records)]
     times: dict[str, dict[str, float]] = defaultdict(dict)  # case label -> impl -> ms
     for r in records:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if __package__ in (None, ""):  # run as a script: import bench.* (and kernels) from the repo root
+if __package__ in (None, ""):  # run as a script: import bench.* (and llama_kernels) from the repo root
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     sys.path.insert(0, str(ROOT))
 
@@ -65,7 +65,7 @@ def environment(device: torch.device, timestamp: str, quick: bool, cpu_allocator
         "cuda": torch.version.cuda,
         "triton": _triton_version(),
         "python": platform.python_version(),
-        "kernels_build_info": _kernels_build_info(),
+        "llama_kernels_build_info": _llama_kernels_build_info(),
         "git_commit": commit,
         "git_dirty": dirty,
         "timestamp": timestamp,
@@ -93,11 +93,11 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def _kernels_build_info():
+def _llama_kernels_build_info():
     try:
-        import kernels
+        import llama_kernels
 
-        return kernels.build_info()
+        return llama_kernels.build_info()
     except Exception:
         return None
 

@@ -7,7 +7,7 @@ For each shape, times the forward with each forward configuration, then the back
 dQ configuration (dK/dV at its default) and each dK/dV configuration (dQ at its default), with
 `triton.testing.do_bench`. Prints a table and writes one JSON line per measurement to
 DIR/attention_configs_<timestamp>.jsonl. The winners belong in FWD_CONFIGS / DQ_CONFIGS /
-DKDV_CONFIGS of kernels/triton/rope_attention.py.
+DKDV_CONFIGS of llama_kernels/triton/rope_attention.py.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from kernels.triton import rope_attention as tri
+    from llama_kernels.triton import rope_attention as tri
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     shapes = [tuple(map(int, s.split(","))) for s in (args.shape or ["4,16,16,2048,128"])]
@@ -119,9 +119,9 @@ def main(argv=None) -> int:
 def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
     """Split counts for the Triton and CUDA decode kernels; one cache copy per call slot is enough
     past L2 at these lengths (the cache is 2*b*length*h*d*2 bytes)."""
-    from kernels import _rope_decode_cuda
-    from kernels import _dispatch
-    from kernels.triton import rope_attention as tri
+    from llama_kernels import _rope_decode_cuda
+    from llama_kernels import _dispatch
+    from llama_kernels.triton import rope_attention as tri
 
     capacity = length + 1
     q = torch.randn(b, 1, h, d, device="cuda", dtype=dtype)

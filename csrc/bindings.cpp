@@ -1,5 +1,5 @@
-// kernels._C: pybind11 bindings. No libtorch: arguments are addresses (Python ints), sizes,
-// strides, dtype codes and stream handles. The Python side (kernels/*.py) validates tensors,
+// llama_kernels._C: pybind11 bindings. No libtorch: arguments are addresses (Python ints), sizes,
+// strides, dtype codes and stream handles. The Python side (llama_kernels/*.py) validates tensors,
 // allocates outputs and passes tensor.data_ptr(). CPU kernels release the GIL while they run.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,12 +10,12 @@
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
-#ifdef KERNELS_WITH_CUDA
+#ifdef LLAMA_KERNELS_WITH_CUDA
 #include "cuda/kernels_cuda.h"
 #endif
 
 namespace py = pybind11;
-using kernels::cpu::available_isas;
+using llama_kernels::cpu::available_isas;
 
 namespace {
 
@@ -24,29 +24,29 @@ T* ptr(uintptr_t addr) {
   return reinterpret_cast<T*>(addr);
 }
 
-#ifndef KERNELS_WITH_CUDA
+#ifndef LLAMA_KERNELS_WITH_CUDA
 [[noreturn]] void no_cuda() {
   throw std::runtime_error(
-      "kernels._C was built without CUDA (nvcc was not found at build time, or KERNELS_NO_CUDA=1 "
+      "llama_kernels._C was built without CUDA (nvcc was not found at build time, or LLAMA_KERNELS_NO_CUDA=1 "
       "was set); rebuild with nvcc on PATH to use the CUDA kernels");
 }
 #endif
 
 py::dict build_info() {
   py::dict d;
-  d["version"] = KERNELS_VERSION;
-  d["cxx_compiler"] = KERNELS_CXX_COMPILER;
-#ifdef KERNELS_HAVE_OPENMP
+  d["version"] = LLAMA_KERNELS_VERSION;
+  d["cxx_compiler"] = LLAMA_KERNELS_CXX_COMPILER;
+#ifdef LLAMA_KERNELS_HAVE_OPENMP
   d["openmp"] = true;
 #else
   d["openmp"] = false;
 #endif
   d["cpu_isas"] = available_isas();
-#ifdef KERNELS_WITH_CUDA
+#ifdef LLAMA_KERNELS_WITH_CUDA
   d["cuda"] = true;
-  d["cuda_compiler"] = KERNELS_CUDA_COMPILER;
-  d["cuda_archs"] = KERNELS_CUDA_ARCHS;
-  d["cuda_runtime"] = kernels::cuda::runtime_version();
+  d["cuda_compiler"] = LLAMA_KERNELS_CUDA_COMPILER;
+  d["cuda_archs"] = LLAMA_KERNELS_CUDA_ARCHS;
+  d["cuda_runtime"] = llama_kernels::cuda::runtime_version();
 #else
   d["cuda"] = false;
   d["cuda_compiler"] = py::none();
@@ -59,13 +59,13 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Compiled kernels (C++ CPU and CUDA) behind the kernels package";
+  m.doc() = "Compiled kernels (C++ CPU and CUDA) behind the llama_kernels package";
   m.def("build_info", &build_info, "How this module was built");
 
   // ------------------------------------------------------------------ CPU
   m.def("cpu_isas", &available_isas, "CPU instruction sets built in and supported here");
-  m.def("cpu_isa", &kernels::cpu::current_isa, "The CPU instruction set the kernels use now");
-  m.def("set_cpu_isa", &kernels::cpu::set_isa, py::arg("name"),
+  m.def("cpu_isa", &llama_kernels::cpu::current_isa, "The CPU instruction set the kernels use now");
+  m.def("set_cpu_isa", &llama_kernels::cpu::set_isa, py::arg("name"),
         "Use another CPU instruction set ('' restores the automatic choice)");
 
   m.def(
@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
          int64_t s_stride, int x_dtype, int w_dtype, float eps, int threads) {
         if (h != 0 && s == 0) throw std::invalid_argument("s: the sum x + h needs an output");
-        kernels::cpu::rms_norm_fwd(ptr<const void>(x), ptr<const void>(h), ptr<const void>(w),
+        llama_kernels::cpu::rms_norm_fwd(ptr<const void>(x), ptr<const void>(h), ptr<const void>(w),
                                    ptr<void>(y), ptr<void>(s), ptr<float>(rstd), rows, cols,
                                    x_stride, h_stride, y_stride, s_stride, x_dtype, w_dtype, eps,
                                    threads);
@@ -85,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
          uintptr_t dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
          int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int threads) {
-        kernels::cpu::rms_norm_bwd(ptr<const void>(dy), ptr<const void>(ds), ptr<const void>(x),
+        llama_kernels::cpu::rms_norm_bwd(ptr<const void>(dy), ptr<const void>(ds), ptr<const void>(x),
                                    ptr<const void>(w), ptr<const float>(rstd), ptr<void>(dx),
                                    ptr<void>(dw), rows, cols, dy_stride, ds_stride, x_stride,
                                    dx_stride, x_dtype, w_dtype, threads);
@@ -97,12 +97,12 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& bias,
          const std::vector<uintptr_t>& y, const std::vector<int64_t>& n, int64_t m, int64_t k, int64_t x_stride,
          int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
-        kernels::cpu::LinearParts parts;
+        llama_kernels::cpu::LinearParts parts;
         for (uintptr_t a : w) parts.w.push_back(ptr<const void>(a));
         for (uintptr_t a : bias) parts.bias.push_back(ptr<const void>(a));
         for (uintptr_t a : y) parts.y.push_back(ptr<void>(a));
         parts.n = n;
-        kernels::cpu::linear(ptr<const void>(x), parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype,
+        llama_kernels::cpu::linear(ptr<const void>(x), parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype,
                              threads);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -115,13 +115,13 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<uintptr_t>& zeros, uintptr_t lut, const std::vector<uintptr_t>& y,
          const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
          int x_dtype, int threads) {
-        kernels::cpu::Int4Parts parts;
+        llama_kernels::cpu::Int4Parts parts;
         for (uintptr_t a : packed) parts.packed.push_back(ptr<const uint8_t>(a));
         for (uintptr_t a : scales) parts.scales.push_back(ptr<const void>(a));
         for (uintptr_t a : zeros) parts.zeros.push_back(ptr<const void>(a));
         for (uintptr_t a : y) parts.y.push_back(ptr<void>(a));
         parts.n = n;
-        kernels::cpu::int4_matmul(ptr<const void>(x), parts, ptr<const float>(lut), m, k, group, x_stride,
+        llama_kernels::cpu::int4_matmul(ptr<const void>(x), parts, ptr<const float>(lut), m, k, group, x_stride,
                                   y_stride, x_dtype, threads);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -131,7 +131,7 @@ PYBIND11_MODULE(_C, m) {
       "int4_dequantize_cpu",
       [](uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w, int64_t n, int64_t k,
          int group, int w_dtype, int threads) {
-        kernels::cpu::int4_dequantize(ptr<const uint8_t>(packed), ptr<const void>(scales), ptr<const void>(zeros),
+        llama_kernels::cpu::int4_dequantize(ptr<const uint8_t>(packed), ptr<const void>(scales), ptr<const void>(zeros),
                                       ptr<const float>(lut), ptr<void>(w), n, k, group, w_dtype, threads);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -142,11 +142,11 @@ PYBIND11_MODULE(_C, m) {
          bool seqlens_int64, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t heads,
          int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t table_len, std::vector<int64_t> strides,
          int dtype, float scale, int threads) {
-        KERNELS_CHECK(strides.size() == 12, "strides: expected 12 values, got " << strides.size());
-        KERNELS_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
+        LLAMA_KERNELS_CHECK(strides.size() == 12, "strides: expected 12 values, got " << strides.size());
+        LLAMA_KERNELS_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
                       "heads, kv_heads, head_dim: " << heads << ", " << kv_heads << ", " << head_dim);
         py::gil_scoped_release release;
-        kernels::cpu::rope_decode_attention(ptr<const void>(q), ptr<const void>(k_new), ptr<const void>(v_new),
+        llama_kernels::cpu::rope_decode_attention(ptr<const void>(q), ptr<const void>(k_new), ptr<const void>(v_new),
                                             ptr<void>(k_cache), ptr<void>(v_cache), ptr<const void>(seqlens),
                                             seqlens_int64, ptr<const float>(cos), ptr<const float>(sin),
                                             ptr<void>(out), batch, heads, kv_heads, head_dim, capacity, table_len,
@@ -155,15 +155,15 @@ PYBIND11_MODULE(_C, m) {
       "RoPE on q and the new key at position seqlens[b], append to the caches, attention over 0..L");
 
   // ------------------------------------------------------------------ CUDA
-#ifdef KERNELS_WITH_CUDA
-  m.def("rms_norm_fwd_cuda", &kernels::cuda::rms_norm_fwd);
-  m.def("rms_norm_bwd_cuda", &kernels::cuda::rms_norm_bwd);
-  m.def("rms_norm_max_cols_cuda", &kernels::cuda::rms_norm_max_cols);
-  m.def("int4_matmul_cuda", &kernels::cuda::int4_matmul);
-  m.def("int4_matmul_max_rows_cuda", &kernels::cuda::int4_matmul_max_rows);
-  m.def("int4_dequantize_cuda", &kernels::cuda::int4_dequantize);
-  m.def("rope_decode_attention_cuda", &kernels::cuda::rope_decode_attention);
-  m.def("rope_decode_workspace_elems_cuda", &kernels::cuda::rope_decode_workspace_elems);
+#ifdef LLAMA_KERNELS_WITH_CUDA
+  m.def("rms_norm_fwd_cuda", &llama_kernels::cuda::rms_norm_fwd);
+  m.def("rms_norm_bwd_cuda", &llama_kernels::cuda::rms_norm_bwd);
+  m.def("rms_norm_max_cols_cuda", &llama_kernels::cuda::rms_norm_max_cols);
+  m.def("int4_matmul_cuda", &llama_kernels::cuda::int4_matmul);
+  m.def("int4_matmul_max_rows_cuda", &llama_kernels::cuda::int4_matmul_max_rows);
+  m.def("int4_dequantize_cuda", &llama_kernels::cuda::int4_dequantize);
+  m.def("rope_decode_attention_cuda", &llama_kernels::cuda::rope_decode_attention);
+  m.def("rope_decode_workspace_elems_cuda", &llama_kernels::cuda::rope_decode_workspace_elems);
 #else
   m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });

@@ -7,9 +7,9 @@
 #include <string>
 #include <type_traits>
 
-namespace kernels {
+namespace llama_kernels {
 
-// Must match DTYPE_CODES in kernels/_dispatch.py.
+// Must match DTYPE_CODES in llama_kernels/_dispatch.py.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline const char* dtype_name(DType t) {
@@ -63,10 +63,10 @@ inline DType to_dtype(int code, const char* arg) {
   return static_cast<DType>(code);
 }
 
-#define KERNELS_CHECK(cond, msg_expr)                                    \
+#define LLAMA_KERNELS_CHECK(cond, msg_expr)                                    \
   do {                                                                   \
     if (!(cond)) {                                                       \
-      ::kernels::Message kernels_msg_;                                   \
+      ::llama_kernels::Message kernels_msg_;                                   \
       kernels_msg_ << msg_expr;                                          \
       throw std::invalid_argument(kernels_msg_.str());                   \
     }                                                                    \
@@ -163,4 +163,4 @@ template <> inline f16_t from_float<f16_t>(float v) {
 #endif
 }
 
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -17,6 +17,25 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+# The distribution this package ships in; `llama/__init__.py` sets it on the package first thing.
+DISTRIBUTION = "llama-kernels"
+
+
+def ensure_own_package(package: str = __package__) -> None:
+    """Raise ImportError when `package` (the parent of this module) is not this project's `llama`.
+
+    PyPI's unrelated `llama`, or a folder named `llama` earlier on sys.path, could otherwise be
+    imported around this project's modules and fail later with an obscure error."""
+    parent = sys.modules.get(package)
+    if parent is not None and getattr(parent, "DISTRIBUTION", None) != DISTRIBUTION:
+        where = getattr(parent, "__file__", None) or list(getattr(parent, "__path__", []))
+        raise ImportError(
+            f"`import {package}` gave a package from {where}, not the `{package}` of {DISTRIBUTION}; "
+            f"remove or rename it (or fix sys.path / PYTHONPATH), then reinstall {DISTRIBUTION}")
+
+
+ensure_own_package()
+
 ROPE_SCALINGS = ("none", "linear", "dynamic")
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels._dispatch import host_sync_allowed
-from kernels.rope_attention import rotate
+import llama_kernels
+from llama_kernels._dispatch import host_sync_allowed
+from llama_kernels.rope_attention import rotate
 
 from .config import ModelConfig
 
@@ -107,14 +107,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return llama_kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
-    """nn.Linear through kernels.linear: a bandwidth-bound CPU kernel for decode-sized inputs."""
+    """nn.Linear through llama_kernels.linear: a bandwidth-bound CPU kernel for decode-sized inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return llama_kernels.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
         # .to() and friends give the weight new storage under the same Parameter: a joined
@@ -147,16 +147,16 @@ class Linear(nn.Linear):
 
     @staticmethod
     def joined_forward(x: torch.Tensor, joined: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, joined)
+        return llama_kernels.linear(x, joined)
 
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: Sequence["Linear"]) -> Optional[torch.Tensor]:
-        """The layers' outputs side by side from one kernels.linear call, or None when they have
+        """The layers' outputs side by side from one llama_kernels.linear call, or None when they have
         biases or weights of different dtypes (see project)."""
         dtype = layers[0].weight.dtype
         if any(layer.bias is not None or layer.weight.dtype != dtype for layer in layers):
             return None
-        return kernels.linear(x, [layer.weight for layer in layers])
+        return llama_kernels.linear(x, [layer.weight for layer in layers])
 
 
 # Inputs up to this many rows (decode steps) run projections that share them as one call; larger
@@ -276,11 +276,11 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 def add_norm(norm: nn.Module, x: torch.Tensor, h: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + h), x + h): a branch output h joins the residual stream x, which is normalised
-    for the next branch. RMSNorm does both in one kernel (kernels.add_rms_norm); h None adds nothing."""
+    for the next branch. RMSNorm does both in one kernel (llama_kernels.add_rms_norm); h None adds nothing."""
     if h is None:
         return norm(x), x
     if isinstance(norm, RMSNorm) and h.dtype == x.dtype and h.shape == x.shape:
-        return kernels.add_rms_norm(x, h, norm.weight, norm.eps)
+        return llama_kernels.add_rms_norm(x, h, norm.weight, norm.eps)
     x = x + h
     return norm(x), x
 
@@ -298,9 +298,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache_kv=None, positions=None, seqlens=None):
         """x: (B, S, dim). Four cases:
 
-        * no cache: causal attention over x (kernels.rope_attention: RoPE inside the kernel);
+        * no cache: causal attention over x (llama_kernels.rope_attention: RoPE inside the kernel);
           cos/sin are the model's tables (positions, D/2).
-        * a cache and `seqlens` (B,) (one new token per sequence): kernels.rope_decode_attention
+        * a cache and `seqlens` (B,) (one new token per sequence): llama_kernels.rope_decode_attention
           rotates, appends to the cache at seqlens[b] and attends over it; cos/sin the tables.
         * a cache and `positions` (B, S) (prefill after earlier tokens): cos/sin (B, S, D/2) at
           those positions; keys and values are written there and attention reads the cache
@@ -315,19 +315,19 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         dropout = self.attn_dropout if self.training else 0.0
         if cache_kv is None:
-            out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
+            out = llama_kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
             return self.wo(out.reshape(b, s, -1))
         k_cache, v_cache = cache_kv
         if positions is None and seqlens is None:
             # Prefill of an empty cache: causal attention over the prompt (right padding cannot
             # reach earlier tokens), then its rotated keys and values fill slots 0..S-1.
-            out = kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
+            out = llama_kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
             k_cache[:, :s] = apply_rope(k, cos[:s], sin[:s]).to(k_cache.dtype)
             v_cache[:, :s] = v.to(v_cache.dtype)
             return self.wo(out.reshape(b, s, -1))
         if seqlens is not None:
             # The model checked the lengths against the cache and the tables already.
-            out = kernels.rope_decode_attention(q, k, v, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
+            out = llama_kernels.rope_decode_attention(q, k, v, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
             return self.wo(out.reshape(b, s, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rows = torch.arange(b, device=x.device)[:, None].expand(b, s)

@@ -14,7 +14,7 @@ the embedding) is always kept dense and tied: quantizing it would untie it and s
 embedding twice. A layer whose in_features is not a multiple of the group size stays dense too;
 both are named in one note on the "llama" logger.
 
-The 4-bit formats, packing and matmul are those of `kernels.int4_matmul`. A QuantLinear is
+The 4-bit formats, packing and matmul are those of `llama_kernels.int4_matmul`. A QuantLinear is
 frozen: no gradient reaches its codes or scales, but gradients flow through it to its input,
 so adapters on top of it train (QLoRA).
 """
@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from kernels.int4_matmul import (
+from llama_kernels.int4_matmul import (
     DOUBLE_QUANT_BLOCK, FORMATS, GROUP_SIZES, SCALE_DTYPE, QuantizedWeight, _double_dequantize, int4_matmul,
     quantize_int4, quantize_nf4,
 )
@@ -116,12 +116,12 @@ def _as_config(config: Any) -> QuantConfig:
 
 # ----------------------------------------------------------------------------- the layer
 class QuantLinear(nn.Module):
-    """A frozen 4-bit linear layer: y = x @ dequant(W)^T (+ bias), through kernels.int4_matmul.
+    """A frozen 4-bit linear layer: y = x @ dequant(W)^T (+ bias), through llama_kernels.int4_matmul.
 
     State-dict entries, under the layer's name (e.g. `layers.0.attention.wq.packed`), for an
     (out_features, in_features) weight with groups of g inputs:
 
-    packed       uint8 (out, in / 2)   the 4-bit codes, two a byte (kernels.int4_matmul's layout)
+    packed       uint8 (out, in / 2)   the 4-bit codes, two a byte (llama_kernels.int4_matmul's layout)
     scales       fp16  (out, in / g)   int4 scale or NF4 absmax per group; *not stored* for NF4
                                        with double quantization (decoded from absmax_* on load)
     zeros        fp16  (out, in / g)   int4 only: the value of the middle code of each group

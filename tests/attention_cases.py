@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.rope_attention import dropout_keep, rope_attention_reference, rotate
+import llama_kernels
+from llama_kernels.rope_attention import dropout_keep, rope_attention_reference, rotate
 
 FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -85,15 +85,15 @@ def _grads(fn, inputs, grad_out):
 
 def check_training(q, k, v, cos, sin, causal=True, dropout_p=0.0, seed=0, cu_seqlens=None, backend="triton",
                    positions=None):
-    """Forward and all gradients of kernels.rope_attention (forced backend) against the fp64
+    """Forward and all gradients of llama_kernels.rope_attention (forced backend) against the fp64
     reference, within 2x the same-dtype PyTorch error plus a floor."""
     dtype = q.dtype
     grad_out = torch.randn(q.shape, device=q.device)
     kwargs = dict(causal=causal, dropout_p=dropout_p, cu_seqlens=cu_seqlens, positions=positions)
 
     def ours(q_, k_, v_):
-        with kernels.use_backend(backend):
-            return kernels.rope_attention(q_, k_, v_, cos, sin, dropout_seed=seed, **kwargs)
+        with llama_kernels.use_backend(backend):
+            return llama_kernels.rope_attention(q_, k_, v_, cos, sin, dropout_seed=seed, **kwargs)
 
     def oracle(q_, k_, v_):
         return rope_attention_reference(q_, k_, v_, cos, sin, dropout_seed=seed, **kwargs)

@@ -19,9 +19,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.triton import int4_matmul as tri_int4  # noqa: E402
-from kernels.triton import rms_norm as tri_rms  # noqa: E402
-from kernels.triton import rope_attention as tri  # noqa: E402
+from llama_kernels.triton import int4_matmul as tri_int4  # noqa: E402
+from llama_kernels.triton import rms_norm as tri_rms  # noqa: E402
+from llama_kernels.triton import rope_attention as tri  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KN", "VN", "KC", "VC"}
 FP32_TENSORS = {"COS", "SIN", "LSE", "DELTA", "PM", "PL", "PACC"}

@@ -1,7 +1,10 @@
-"""Shared by the op tests: tolerances by dtype, poisoning, and which backends can run here."""
+"""Shared by the tests: tolerances by dtype, poisoning, which backends can run here, transformers."""
+import importlib.util
+
+import pytest
 import torch
 
-from kernels import _dispatch
+from llama_kernels import _dispatch
 
 # (atol, rtol) for a kernel's output against the fp32 reference cast to the same dtype.
 TOLERANCE = {
@@ -29,3 +32,17 @@ def cpu_backends():
     if _dispatch.unavailable("triton", torch.device("cpu")) is None:
         backends.append("triton")
     return backends
+
+
+def transformers_installed() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def require_transformers():
+    """The transformers module; skips only where it is not installed. Installed but failing to
+    import (a name clash, say) fails the test instead of hiding behind a skip."""
+    if not transformers_installed():
+        pytest.skip("transformers is not installed")
+    import transformers
+
+    return transformers

@@ -1,28 +1,32 @@
 """The compiled module: how it was built, its entry points' own checks, and the no-CUDA build."""
+import importlib.util
+import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-import kernels
+import llama_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_is_built():
-    caps = kernels.capabilities()
+    caps = llama_kernels.capabilities()
     assert caps.ext is not None, caps.ext_error
 
 
 def test_build_info_reports_everything():
-    info = kernels.build_info()
+    info = llama_kernels.build_info()
     for key in ("version", "cxx_compiler", "openmp", "cpu_isas", "cpu_isa", "cuda", "cuda_archs",
                 "torch", "triton", "triton_interpreter", "backends"):
         assert key in info, key
-    assert info["extension_version"] == info["version"] == kernels.__version__
+    assert info["extension_version"] == info["version"] == llama_kernels.__version__
     assert "baseline" in info["cpu_isas"] and info["cpu_isa"] in info["cpu_isas"]
     assert "torch" in info["backends"]["cpu"]
     if info["cuda"]:
@@ -30,7 +34,7 @@ def test_build_info_reports_everything():
 
 
 def test_cpu_entry_points_check_their_arguments():
-    ext = kernels.capabilities().ext
+    ext = llama_kernels.capabilities().ext
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="x: unknown dtype code 7"):
         ext.rms_norm_fwd_cpu(x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 2, 4, 4, 0, 4, 0, 7, 0, 1e-6, 1)
@@ -42,33 +46,42 @@ def test_cpu_entry_points_check_their_arguments():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_entry_point_without_a_device_raises():
-    ext = kernels.capabilities().ext
+    ext = llama_kernels.capabilities().ext
     match = "CUDA error" if ext.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=match):
-        kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
+        llama_kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
 
 
 @pytest.mark.slow
-def test_build_without_cuda(tmp_path):
-    """KERNELS_NO_CUDA=1 builds only the CPU kernels, and the CUDA entry points say so."""
-    pybind11 = pytest.importorskip("pybind11")
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    build, out = tmp_path / "build", tmp_path / "out" / "kernels"
-    out.mkdir(parents=True)
-    generator = ["-GNinja"] if shutil.which("ninja") else []
-    subprocess.run(
-        [cmake, f"-S{ROOT}", f"-B{build}", *generator, "-DKERNELS_NO_CUDA=ON",
-         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}", f"-DPython_EXECUTABLE={sys.executable}",
-         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
-        check=True, capture_output=True,
-    )
-    subprocess.run([cmake, "--build", str(build), "-j", "2"], check=True, capture_output=True)
-    (so,) = out.glob("_C*")
+def test_wheel_without_cuda_installs_only_our_names(tmp_path):
+    """A wheel built with LLAMA_KERNELS_NO_CUDA=1 holds llama_kernels/, llama/ and its dist-info and
+    nothing else (no top-level kernels/ to overwrite Hugging Face's); its _C has the CPU kernels
+    only, and the CUDA entry points say so. An old build variable name is pointed out."""
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None and importlib.util.find_spec(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    pytest.importorskip("pybind11")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "out", ".pytest_cache", "results"))
+    env = {**os.environ, "LLAMA_KERNELS_NO_CUDA": "1", "KERNELS_NO_CUDA": "1", "MAX_JOBS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"),
+         str(src)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "warning: KERNELS_NO_CUDA is set but no longer read; set LLAMA_KERNELS_NO_CUDA instead" in result.stderr
+    (wheel,) = (tmp_path / "dist").glob("llama_kernels-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        tops = {name.split("/")[0] for name in names}
+        assert tops == {"llama", "llama_kernels", f"llama_kernels-{llama_kernels.__version__}.dist-info"}, tops
+        for module in ("llama/generate.py", "llama_kernels/__init__.py", "llama_kernels/triton/rope_attention.py"):
+            assert module in names
+        (so,) = [name for name in names if re.fullmatch(r"llama_kernels/_C\.[^/]+\.so", name)]
+        z.extract(so, tmp_path / "unpacked")
     probe = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('_C', {str(so)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('llama_kernels._C', {str(tmp_path / 'unpacked' / so)!r})\n"
         "C = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(C)\n"
         "assert C.build_info()['cuda'] is False\n"
@@ -77,3 +90,4 @@ def test_build_without_cuda(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "built without CUDA" in result.stdout
+    assert "LLAMA_KERNELS_NO_CUDA=1" in result.stdout

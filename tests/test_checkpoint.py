@@ -15,6 +15,7 @@ import torch
 from llama import checkpoint as ck
 from llama.config import ModelConfig
 from llama.model import apply_rope, build, rope_tables
+from tests.helpers import require_transformers
 
 VOCAB = 300
 CONFIGS = {
@@ -331,7 +332,7 @@ def test_detection_ignores_file_names(models, tmp_path):
 
 # ----------------------------------------------------------------------------- Hugging Face
 def hf_model(kv_heads: int, tie: bool, rope_scaling=None, seed: int = 0):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -352,6 +353,7 @@ def hf_logits(model, tokens):
     return model(tokens).logits
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("kv_heads,tie,rope_scaling", [
     (4, False, None),
     (2, True, {"rope_type": "linear", "factor": 2.0}),
@@ -366,9 +368,10 @@ def test_hf_directory_from_transformers(kv_heads, tie, rope_scaling, tokens, tmp
     torch.testing.assert_close(logits(ours, tokens), hf_logits(reference, tokens), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("name,shard", [("mha-untied", None), ("gqa-tied", 40_000)])
 def test_hf_directory_for_transformers(name, shard, models, tokens, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     model = models[name]
     path = ck.save(model, tmp_path / "hf", "hf", max_shard_bytes=shard)
     config = json.loads((path / "config.json").read_text())

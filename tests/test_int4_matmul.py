@@ -4,13 +4,13 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels.int4_matmul  # noqa: F401
-from kernels import QuantizedWeight, dequantize, int4_matmul, int4_matmul_reference, quantize_int4, quantize_nf4
+import llama_kernels
+import llama_kernels.int4_matmul  # noqa: F401
+from llama_kernels import QuantizedWeight, dequantize, int4_matmul, int4_matmul_reference, quantize_int4, quantize_nf4
 from tests.helpers import poisoned
 
-im = sys.modules["kernels.int4_matmul"]
-EXT = kernels.capabilities().ext
+im = sys.modules["llama_kernels.int4_matmul"]
+EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
 
 
@@ -85,7 +85,7 @@ SHAPES = [(1, 1, 32), (1, 37, 64), (2, 5, 128), (3, 33, 96), (4, 100, 256), (5, 
 CASES = [(shape, g) for shape in SHAPES for g in (32, 64, 128) if shape[2] % g == 0]
 
 
-@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -106,7 +106,7 @@ def test_cpu_kernel_matches_reference(isa, fmt, dtype, shape, group):
     torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 @pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (5, 256, 128)], ids=str)
@@ -134,7 +134,7 @@ def test_public_op_with_several_weights(backend):
     bias = torch.randn(35)
     x = torch.randn(2, 3, 96, requires_grad=True)
     ref = torch.cat([int4_matmul_reference(x.detach(), q) for q in qws], dim=-1) + bias
-    with kernels.use_backend(backend):
+    with llama_kernels.use_backend(backend):
         y = int4_matmul(x, qws, bias)
         with torch.no_grad():
             y_nograd = int4_matmul(x, tuple(qws), bias)
@@ -151,7 +151,7 @@ def test_public_op_forward_backward_and_bias(backend, fmt):
     qw = _quantize(fmt, torch.randn(24, 128), 64)
     x = torch.randn(2, 3, 128, requires_grad=True)
     bias = torch.randn(24)
-    with kernels.use_backend(backend):
+    with llama_kernels.use_backend(backend):
         y = int4_matmul(x, qw, bias)
         with torch.no_grad():
             y_nograd = int4_matmul(x, qw, bias)  # the path without the custom-op layer
@@ -179,7 +179,7 @@ def test_strided_inputs(make_x):
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -197,7 +197,7 @@ def test_cpu_dequantize_matches_reference(isa, fmt, dtype, n, k, group):
     assert torch.equal(dequantize(qw, dtype), w)  # the public helper takes the kernel
 
 
-@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_many_rows_dequantize_panels_then_gemm(fmt, dtype, monkeypatch):
@@ -213,7 +213,7 @@ def test_cpu_many_rows_dequantize_panels_then_gemm(fmt, dtype, monkeypatch):
     torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+@pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 def test_cpu_dispatch_by_rows(monkeypatch):
     """Up to MAX_CPU_ROWS rows the kernel multiplies the codes; more go to dequantize + GEMM; the
     backward dequantizes with the C++ kernel too."""
@@ -238,9 +238,9 @@ def test_cpu_dispatch_by_rows(monkeypatch):
 def test_opcheck():
     qw = quantize_nf4(torch.randn(16, 64), 32)
     x = torch.randn(3, 64, requires_grad=True)
-    torch.library.opcheck(torch.ops.kernels.int4_matmul.default, (x, qw.packed, qw.scales, qw.zeros, qw.lut, 32))
+    torch.library.opcheck(torch.ops.llama_kernels.int4_matmul.default, (x, qw.packed, qw.scales, qw.zeros, qw.lut, 32))
     for dtype in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(torch.ops.kernels.int4_dequantize.default,
+        torch.library.opcheck(torch.ops.llama_kernels.int4_dequantize.default,
                               (qw.packed, qw.scales, qw.zeros, qw.lut, 32, dtype))
 
 
@@ -284,7 +284,7 @@ def test_quantized_weight_helpers():
 @pytest.mark.parametrize("sms", [1, 78, 132])
 def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
     """The C++ side refuses a split count that its even division of iterations would not reproduce."""
-    from kernels.int4_matmul import cuda_iterations, cuda_splits
+    from llama_kernels.int4_matmul import cuda_iterations, cuda_splits
 
     iters = cuda_iterations(k)
     splits = cuda_splits(n, k, sms)
@@ -295,13 +295,13 @@ def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
 
 def test_cuda_entry_points_check_arguments_before_touching_a_device():
     """The CUDA kernel's argument checks run on the host, so a CUDA build tests them anywhere."""
-    ext = kernels._dispatch.ext()
-    if not kernels.build_info()["cuda"]:
-        pytest.skip("kernels._C was built without CUDA")
-    bf16 = kernels._dispatch.DTYPE_CODES[torch.bfloat16]
+    ext = llama_kernels._dispatch.ext()
+    if not llama_kernels.build_info()["cuda"]:
+        pytest.skip("llama_kernels._C was built without CUDA")
+    bf16 = llama_kernels._dispatch.DTYPE_CODES[torch.bfloat16]
 
     def call(m=1, k=256, group=128, x=4096, packed=4096, splits=1, workspace=0):
-        kernels._dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
+        llama_kernels._dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
                                     group, k, 64, bf16, True, splits, 0, 0)
 
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows, got 17"):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.int4_matmul import GROUP_SIZES, dequantize, int4_matmul_reference, quantize_int4, quantize_nf4
+import llama_kernels
+from llama_kernels.int4_matmul import GROUP_SIZES, dequantize, int4_matmul_reference, quantize_int4, quantize_nf4
 from tests.helpers import TOLERANCE, cpu_backends, poisoned
 
 pytestmark = pytest.mark.skipif("triton" not in cpu_backends(), reason="triton (interpreter) is not available")
@@ -22,16 +22,16 @@ KS = {32: [32, 64, 96, 256], 64: [64, 192, 256], 128: [128, 256, 384]}
 
 
 def _tri():
-    from kernels.triton import int4_matmul as tri
+    from llama_kernels.triton import int4_matmul as tri
 
     return tri
 
 
 def _op():
-    """kernels.int4_matmul once it is exported, else the op from its module."""
-    op = getattr(kernels, "int4_matmul", None)
-    if not callable(op):  # `kernels.int4_matmul` may name the submodule
-        from kernels.int4_matmul import int4_matmul as op
+    """llama_kernels.int4_matmul once it is exported, else the op from its module."""
+    op = getattr(llama_kernels, "int4_matmul", None)
+    if not callable(op):  # `llama_kernels.int4_matmul` may name the submodule
+        from llama_kernels.int4_matmul import int4_matmul as op
     return op
 
 
@@ -184,7 +184,7 @@ def test_public_op_forward_and_grad(fmt, dtype, lead):
     qw = _quantize(fmt, n, k, 64)
     x = torch.randn(*lead, k).to(dtype).requires_grad_()
     bias = torch.randn(n).to(dtype)
-    with kernels.use_backend("triton"):
+    with llama_kernels.use_backend("triton"):
         y = _op()(x, qw, bias)
         dy = torch.randn_like(y)
         (dx,) = torch.autograd.grad(y, x, dy)
@@ -197,13 +197,13 @@ def test_public_op_forward_and_grad(fmt, dtype, lead):
 def test_public_op_without_grad_uses_triton(monkeypatch):
     import sys
 
-    mod = sys.modules["kernels.int4_matmul"]
+    mod = sys.modules["llama_kernels.int4_matmul"]
     calls = []
     real = mod.BACKENDS["triton"]
     monkeypatch.setitem(mod.BACKENDS, "triton", lambda *a: calls.append(a[0].shape) or real(*a))
     qw = _quantize("nf4", 16, 64, 32)
     x = torch.randn(3, 64, dtype=torch.float16)
-    with kernels.use_backend("triton"), torch.no_grad():
+    with llama_kernels.use_backend("triton"), torch.no_grad():
         y = _op()(x, qw)
     assert calls == [torch.Size([3, 64])]
     _check(y, x, qw, tensor_core=False)

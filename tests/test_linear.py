@@ -1,19 +1,19 @@
-"""kernels.linear: the C++ decode GEMV against the reference, in every ISA, plus dispatch."""
+"""llama_kernels.linear: the C++ decode GEMV against the reference, in every ISA, plus dispatch."""
 import logging
 import sys
 
 import pytest
 import torch
 
-import kernels
-import kernels.linear  # noqa: F401
-from kernels import _dispatch
+import llama_kernels
+import llama_kernels.linear  # noqa: F401
+from llama_kernels import _dispatch
 from tests.helpers import TOLERANCE, poisoned
 
-lin = sys.modules["kernels.linear"]
-EXT = kernels.capabilities().ext
+lin = sys.modules["llama_kernels.linear"]
+EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
-pytestmark = pytest.mark.skipif(EXT is None, reason="kernels._C is not built")
+pytestmark = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 
 # Ragged on purpose: K around the 16-lane vector, N around the 4-row block, M around the 4-row pass.
 SHAPES = [(1, 1, 1), (1, 37, 17), (2, 5, 16), (3, 4, 15), (4, 1000, 100), (5, 33, 513), (7, 6, 64), (16, 9, 31)]
@@ -93,18 +93,18 @@ def test_several_weights_side_by_side():
     x = torch.randn(2, 3, 24)
     ref = lin.linear_reference(x, torch.cat(ws), bias)
     with torch.no_grad():
-        _close(kernels.linear(x, ws, bias), ref, torch.float32, 24)
-        with kernels.use_backend("torch"):
-            _close(kernels.linear(x, tuple(ws), bias), ref, torch.float32, 24)
+        _close(llama_kernels.linear(x, ws, bias), ref, torch.float32, 24)
+        with llama_kernels.use_backend("torch"):
+            _close(llama_kernels.linear(x, tuple(ws), bias), ref, torch.float32, 24)
     xg = x.clone().requires_grad_()
-    kernels.linear(xg, ws).sum().backward()
+    llama_kernels.linear(xg, ws).sum().backward()
     torch.testing.assert_close(xg.grad, torch.cat(ws).sum(0).expand(2, 3, 24))
 
 
 def test_strided_rows_and_leading_dims():
     x = torch.randn(2, 3, 40)[:, :, :33]  # row stride 40, last dim contiguous
     w = torch.randn(11, 33)
-    y = kernels.linear(x, w)
+    y = llama_kernels.linear(x, w)
     assert y.shape == (2, 3, 11)
     _close(y, lin.linear_reference(x, w), torch.float32, 33)
 
@@ -118,7 +118,7 @@ def test_strided_inputs(make_x):
     x = make_x()
     ws, bias = [torch.randn(5, 33), torch.randn(6, 33)], torch.randn(11)
     with torch.no_grad():
-        y = kernels.linear(x, ws, bias)
+        y = llama_kernels.linear(x, ws, bias)
     _close(y, lin.linear_reference(x, torch.cat(ws), bias), torch.float32, 33)
 
 
@@ -128,22 +128,22 @@ def test_dispatch_uses_the_kernel_for_few_rows(monkeypatch, caplog):
     monkeypatch.setattr(lin, "_cpu_call", lambda *a: calls.append(a[1]) or real(*a))
     monkeypatch.setattr(_dispatch, "_logged", set())
     w = torch.randn(8, 32)
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger="kernels"):
-        kernels.linear(torch.randn(3, 32), w)
-        kernels.linear(torch.randn(40, 32), w)  # too many rows: F.linear
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="llama_kernels"):
+        llama_kernels.linear(torch.randn(3, 32), w)
+        llama_kernels.linear(torch.randn(40, 32), w)  # too many rows: F.linear
     assert calls == [3]
     assert any("more than 16 rows" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
-    with kernels.use_backend("cpu"), pytest.raises(RuntimeError, match="more than 16 rows"):
-        kernels.linear(torch.randn(40, 32), w)
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="linear has no triton implementation"):
-        kernels.linear(torch.randn(2, 32), w)
+    with llama_kernels.use_backend("cpu"), pytest.raises(RuntimeError, match="more than 16 rows"):
+        llama_kernels.linear(torch.randn(40, 32), w)
+    with llama_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="linear has no triton implementation"):
+        llama_kernels.linear(torch.randn(2, 32), w)
 
 
 def test_autograd_goes_through_torch():
     x = torch.randn(2, 16, requires_grad=True)
     w = torch.randn(5, 16, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
-    kernels.linear(x, w, b).sum().backward()
+    llama_kernels.linear(x, w, b).sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(2, 16))
     torch.testing.assert_close(b.grad, torch.full((5,), 2.0))
 
@@ -166,4 +166,4 @@ def test_autograd_goes_through_torch():
 )
 def test_bad_inputs_name_the_argument(x, w, b, exc, match):
     with pytest.raises(exc, match=match):
-        kernels.linear(x, w, b)
+        llama_kernels.linear(x, w, b)

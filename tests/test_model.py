@@ -262,10 +262,10 @@ def test_training_steps_lower_the_loss_and_return_hidden():
 def test_residual_adds_run_inside_the_norms(monkeypatch):
     """Every residual add runs inside the norm after it (two per block, the last block's second in
     the final norm), and gradients are the same with gradient checkpointing."""
-    import kernels
+    import llama_kernels
 
-    calls, real = [], kernels.add_rms_norm
-    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], llama_kernels.add_rms_norm
+    monkeypatch.setattr(llama_kernels, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = tiny(n_layers=3)
     model = randomized(cfg).train()
     data = torch.randint(0, cfg.vocab_size, (2, 17))

@@ -108,7 +108,7 @@ def test_quantize_swaps_layers_and_logits_stay_close(name):
 def test_cpu_projections_that_share_an_input_run_as_one_call(monkeypatch):
     """Q/K/V and gate/up of a 4-bit model are one int4_matmul call each on the CPU, and give
     the logits that one call per layer gives."""
-    im = sys.modules["kernels.int4_matmul"]
+    im = sys.modules["llama_kernels.int4_matmul"]
     model = quantize_(tiny(), Int4Config(64))
     calls, real = [], im._forward_parts
     monkeypatch.setattr(im, "_forward_parts", lambda x, parts, *a: calls.append(len(parts)) or real(x, parts, *a))
@@ -386,7 +386,7 @@ def test_quantized_perplexity_stays_close_to_fp32(tmp_path, sample):
 def test_joined_4bit_projections_run_as_one_call_and_round_trip(name, tmp_path, monkeypatch):
     """join_projections stores Q/K/V (and gate/up) codes side by side: one int4_matmul call per
     group for any number of rows, the same logits, and checkpoints that load back unchanged."""
-    im = sys.modules["kernels.int4_matmul"]
+    im = sys.modules["llama_kernels.int4_matmul"]
     model = quantize_(tiny(), CONFIGS[name])
     with torch.no_grad():
         before, before_step = model(TOKENS), model(TOKENS[:1, :1])

@@ -5,12 +5,12 @@ import threading
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch
-import kernels.rms_norm  # noqa: F401  (the module; `kernels.rms_norm` names the function)
+import llama_kernels
+from llama_kernels import _dispatch
+import llama_kernels.rms_norm  # noqa: F401  (the module; `llama_kernels.rms_norm` names the function)
 import sys
 
-rms_mod = sys.modules["kernels.rms_norm"]
+rms_mod = sys.modules["llama_kernels.rms_norm"]
 from tests.helpers import assert_close, cpu_backends, poisoned
 
 # Ragged hidden sizes (1000, 4097) and odd row counts, plus leading batch dims.
@@ -20,7 +20,7 @@ BACKENDS = cpu_backends()
 
 
 def _cases():
-    ext = kernels.capabilities().ext
+    ext = llama_kernels.capabilities().ext
     isas = [f"cpu@{isa}" for isa in ext.cpu_isas()] if "cpu" in BACKENDS else []
     for backend in BACKENDS + isas:
         for dtype in DTYPES:
@@ -47,7 +47,7 @@ def _inputs(shape, dtype, w_dtype):
 def _reference_grads(x, w, dy, eps):
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    y = kernels.rms_norm_reference(x64, w64, eps)
+    y = llama_kernels.rms_norm_reference(x64, w64, eps)
     return torch.autograd.grad(y, (x64, w64), dy.double())
 
 
@@ -55,7 +55,7 @@ def _reference_grads(x, w, dy, eps):
 def _backend_variant(name):
     """'cpu@avx2' runs the C++ backend's AVX2 build; other names are plain backends."""
     backend, _, isa = name.partition("@")
-    ext = kernels.capabilities().ext
+    ext = llama_kernels.capabilities().ext
     if isa:
         ext.set_cpu_isa(isa)
     try:
@@ -75,7 +75,7 @@ def test_forward_backend_matches_reference(backend, dtype, w_dtype, shape):
     with _backend_variant(backend) as b:
         rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd)
 
-    expected = kernels.rms_norm_reference(x2, w, 1e-5)
+    expected = llama_kernels.rms_norm_reference(x2, w, 1e-5)
     assert_close(y, expected, dtype)
     expected_rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + 1e-5)
     torch.testing.assert_close(rstd, expected_rstd, atol=1e-6, rtol=1e-5)
@@ -110,12 +110,12 @@ def test_public_op_autograd(backend, dtype):
     x, w = _inputs((2, 5, 300), dtype, dtype)
     x.requires_grad_()
     w.requires_grad_()
-    with kernels.use_backend(backend):
-        y = kernels.rms_norm(x, w, eps=1e-6)
+    with llama_kernels.use_backend(backend):
+        y = llama_kernels.rms_norm(x, w, eps=1e-6)
         dy = torch.randn_like(y)
         dx, dw = torch.autograd.grad(y, (x, w), dy)
     assert y.shape == x.shape and y.dtype == dtype
-    assert_close(y, kernels.rms_norm_reference(x.detach(), w.detach(), 1e-6), dtype)
+    assert_close(y, llama_kernels.rms_norm_reference(x.detach(), w.detach(), 1e-6), dtype)
     ref_dx, ref_dw = _reference_grads(x.detach(), w.detach(), dy, 1e-6)
     assert_close(dx, ref_dx, dtype)
     assert_close(dw, ref_dw, dtype, scale=4.0)
@@ -125,12 +125,12 @@ def test_public_op_autograd(backend, dtype):
 @pytest.mark.parametrize("n", [1000, 4097])
 def test_triton_chunked_rows(n):
     """Rows longer than one block take the looping path; force it with a small block."""
-    from kernels.triton import rms_norm as tri
+    from llama_kernels.triton import rms_norm as tri
 
     x, w = _inputs((3, n), torch.float16, torch.float16)
     y, rstd = poisoned(x.shape, x.dtype), poisoned((3,), torch.float32)
     tri.rms_norm_fwd(x, w, 1e-5, y, rstd, max_block=256)
-    assert_close(y, kernels.rms_norm_reference(x, w, 1e-5), x.dtype)
+    assert_close(y, llama_kernels.rms_norm_reference(x, w, 1e-5), x.dtype)
 
     dy = torch.randn_like(x)
     dx, dw = poisoned(x.shape, x.dtype), poisoned(w.shape, w.dtype)
@@ -144,9 +144,9 @@ def test_triton_chunked_rows(n):
 def test_non_contiguous_and_mixed_weight_dtype(backend):
     x = torch.randn(64, 6).t()  # (6, 64) with column stride 6
     w = torch.randn(64, dtype=torch.bfloat16)  # neither x's dtype nor fp32
-    with kernels.use_backend(backend):
-        y = kernels.rms_norm(x, w)
-    assert_close(y, kernels.rms_norm_reference(x, w), torch.float32)
+    with llama_kernels.use_backend(backend):
+        y = llama_kernels.rms_norm(x, w)
+    assert_close(y, llama_kernels.rms_norm_reference(x, w), torch.float32)
 
 
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
@@ -157,17 +157,17 @@ def test_inference_path(dtype, w_dtype):
     x = torch.randn(2, 3, 40).to(dtype)
     w = torch.randn(40).to(w_dtype)
     with torch.no_grad():
-        y = kernels.rms_norm(x, w, 1e-5)
+        y = llama_kernels.rms_norm(x, w, 1e-5)
     assert y.shape == x.shape and y.dtype == dtype
-    assert_close(y, kernels.rms_norm_reference(x, w, 1e-5), dtype)
+    assert_close(y, llama_kernels.rms_norm_reference(x, w, 1e-5), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x = torch.randn(0, 3, 32, requires_grad=True)
     w = torch.randn(32, requires_grad=True)
-    with kernels.use_backend(backend):
-        y = kernels.rms_norm(x, w)
+    with llama_kernels.use_backend(backend):
+        y = llama_kernels.rms_norm(x, w)
         y.sum().backward()
     assert y.shape == (0, 3, 32)
     assert torch.equal(w.grad, torch.zeros(32))
@@ -191,67 +191,67 @@ def test_empty_batch(backend):
 )
 def test_bad_inputs_name_the_argument(x, w, eps, exc, match):
     with pytest.raises(exc, match=match):
-        kernels.rms_norm(x, w, eps)
+        llama_kernels.rms_norm(x, w, eps)
 
 
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
     x, w = torch.randn(2, 8), torch.randn(8)
-    with kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
-        kernels.rms_norm(x, w)
-    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
+    with llama_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        llama_kernels.rms_norm(x, w)
+    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
-        kernels.rms_norm(x, w)
-    monkeypatch.setenv("KERNELS_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="KERNELS_BACKEND: unknown backend 'fastest'"):
-        kernels.rms_norm(x, w)
+        llama_kernels.rms_norm(x, w)
+    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="LLAMA_KERNELS_BACKEND: unknown backend 'fastest'"):
+        llama_kernels.rms_norm(x, w)
     with pytest.raises(ValueError, match="name: unknown backend"):
-        with kernels.use_backend("gpu"):
+        with llama_kernels.use_backend("gpu"):
             pass
 
 
 def test_env_backend_is_honoured(monkeypatch):
     calls = []
     monkeypatch.setitem(rms_mod.FORWARD, "torch", lambda *a: calls.append("torch") or rms_mod._torch_fwd(*a))
-    monkeypatch.setenv("KERNELS_BACKEND", "torch")
-    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
+    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "torch")
+    llama_kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
     assert calls == ["torch"]
 
 
 def test_automatic_fallback_is_logged_once(monkeypatch, caplog, request):
     caps = _dispatch.capabilities()
-    missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "kernels._C is not importable (test)"})
+    missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "llama_kernels._C is not importable (test)"})
     monkeypatch.setattr(_dispatch, "capabilities", lambda: missing)
     monkeypatch.setattr(_dispatch, "_logged", set())
     _dispatch.clear_caches()  # availability is cached per backend and device type
     request.addfinalizer(_dispatch.clear_caches)
     x, w = torch.randn(3, 16), torch.randn(16)
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="llama_kernels"):
         for _ in range(3):
-            y = kernels.rms_norm(x, w)
-    assert_close(y, kernels.rms_norm_reference(x, w), torch.float32)
+            y = llama_kernels.rms_norm(x, w)
+    assert_close(y, llama_kernels.rms_norm_reference(x, w), torch.float32)
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["rms_norm: using torch instead of cpu (kernels._C is not importable (test))"]
+    assert messages == ["rms_norm: using torch instead of cpu (llama_kernels._C is not importable (test))"]
 
 
 def test_cpu_kernel_without_rstd_gives_the_same_output():
     """Inference passes no rstd buffer; the output must not change."""
     if "cpu" not in BACKENDS:
-        pytest.skip("kernels._C is not built")
+        pytest.skip("llama_kernels._C is not built")
     x, w = torch.randn(5, 37), torch.randn(37)
     y, y_none, rstd = poisoned((5, 37), torch.float32), poisoned((5, 37), torch.float32), torch.empty(5)
     rms_mod._cpu_fwd(x, w, 1e-5, y, rstd)
     rms_mod._cpu_fwd(x, w, 1e-5, y_none, None)
     assert torch.equal(y, y_none)
-    assert_close(y_none, kernels.rms_norm_reference(x, w, 1e-5), torch.float32)
+    assert_close(y_none, llama_kernels.rms_norm_reference(x, w, 1e-5), torch.float32)
 
 
 def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
     if "cpu" not in BACKENDS:
-        pytest.skip("kernels._C is not built")
+        pytest.skip("llama_kernels._C is not built")
     calls, real = [], rms_mod._cpu_fwd_rows
     monkeypatch.setattr(rms_mod, "_cpu_fwd_rows", lambda *a: calls.append("cpu") or real(*a))
-    kernels.rms_norm(torch.randn(2, 8), torch.randn(8))  # contiguous: straight to the kernel
-    kernels.rms_norm(torch.randn(2, 12)[:, :8], torch.randn(8))  # strided rows: through FORWARD
+    llama_kernels.rms_norm(torch.randn(2, 8), torch.randn(8))  # contiguous: straight to the kernel
+    llama_kernels.rms_norm(torch.randn(2, 12)[:, :8], torch.randn(8))  # strided rows: through FORWARD
     assert calls == ["cpu", "cpu"]
 
 
@@ -260,13 +260,13 @@ def test_opcheck(dtype):
     x, w = _inputs((3, 40), dtype, dtype)
     x.requires_grad_()
     w.requires_grad_()
-    torch.library.opcheck(torch.ops.kernels.rms_norm_fwd.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.llama_kernels.rms_norm_fwd.default, (x, w, 1e-6))
     rstd = torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6)
     torch.library.opcheck(
-        torch.ops.kernels.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), w.detach(), rstd)
+        torch.ops.llama_kernels.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), w.detach(), rstd)
     )
     torch.library.opcheck(
-        torch.ops.kernels.rms_norm_bwd.default,
+        torch.ops.llama_kernels.rms_norm_bwd.default,
         (torch.randn_like(x), x.detach(), w.detach(), rstd, torch.randn_like(x)),
     )
 
@@ -276,17 +276,17 @@ def test_torch_compile_on_cpu():
     torch._dynamo.reset()
 
     def block(x, w):
-        return kernels.rms_norm(x * 2, w, 1e-6).sum(dim=-1)
+        return llama_kernels.rms_norm(x * 2, w, 1e-6).sum(dim=-1)
 
     x = torch.randn(4, 7, 96, requires_grad=True)
     w = torch.randn(96, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True)
     out = compiled(x, w)
     dx, dw = torch.autograd.grad(out.sum(), (x, w))
-    ref = kernels.rms_norm_reference(x.detach() * 2, w.detach(), 1e-6).sum(dim=-1)
+    ref = llama_kernels.rms_norm_reference(x.detach() * 2, w.detach(), 1e-6).sum(dim=-1)
     assert_close(out, ref, torch.float32)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    rdx, rdw = torch.autograd.grad(kernels.rms_norm_reference(xr * 2, wr, 1e-6).sum(), (xr, wr))
+    rdx, rdw = torch.autograd.grad(llama_kernels.rms_norm_reference(xr * 2, wr, 1e-6).sum(), (xr, wr))
     assert_close(dx, rdx, torch.float32, scale=10)
     assert_close(dw, rdw, torch.float32, scale=10)
 
@@ -297,8 +297,8 @@ def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch):
     monkeypatch.setitem(rms_mod.BACKWARD, "torch", lambda *a: seen.append("torch") or rms_mod._torch_bwd(*a))
     x = torch.randn(3, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
-    with kernels.use_backend("torch"):
-        y = kernels.rms_norm(x, w)
+    with llama_kernels.use_backend("torch"):
+        y = llama_kernels.rms_norm(x, w)
     result = []
     thread = threading.Thread(target=lambda: result.append(torch.autograd.grad(y.sum(), (x, w))))
     thread.start()
@@ -324,7 +324,7 @@ def test_add_forward_backend_matches_reference(backend, dtype, w_dtype, shape, w
     with _backend_variant(backend) as b:
         rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd, h2, s)
 
-    ref_y, ref_s = kernels.add_rms_norm_reference(x2, h2, w, 1e-5)
+    ref_y, ref_s = llama_kernels.add_rms_norm_reference(x2, h2, w, 1e-5)
     assert torch.equal(s, ref_s)  # one rounding of the fp32 sum, as `x + h` does
     assert_close(y, ref_y, dtype)
     if with_rstd:
@@ -333,12 +333,12 @@ def test_add_forward_backend_matches_reference(backend, dtype, w_dtype, shape, w
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
 def test_add_triton_chunked_rows():
-    from kernels.triton import rms_norm as tri
+    from llama_kernels.triton import rms_norm as tri
 
     x, h, w = _add_inputs((3, 1000), torch.float16, torch.float16)
     y, s, rstd = poisoned(x.shape, x.dtype), poisoned(x.shape, x.dtype), poisoned((3,), torch.float32)
     tri.rms_norm_fwd(x, w, 1e-5, y, rstd, max_block=256, h=h, s=s)
-    ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
+    ref_y, ref_s = llama_kernels.add_rms_norm_reference(x, h, w, 1e-5)
     assert torch.equal(s, ref_s)
     assert_close(y, ref_y, x.dtype)
 
@@ -352,7 +352,7 @@ def test_add_triton_chunked_rows():
 
 def _add_reference_grads(x, h, w, gy, gs, eps):
     x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
-    y, s = kernels.add_rms_norm_reference(x64, h64, w64, eps)
+    y, s = llama_kernels.add_rms_norm_reference(x64, h64, w64, eps)
     return torch.autograd.grad((y * gy.double()).sum() + (s * gs.double()).sum(), (x64, h64, w64))
 
 
@@ -364,10 +364,10 @@ def test_add_public_op_autograd(backend, dtype):
     for t in (x, h, w):
         t.requires_grad_()
     gy, gs = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
-    with kernels.use_backend(backend):
-        y, s = kernels.add_rms_norm(x, h, w, eps=1e-6)
+    with llama_kernels.use_backend(backend):
+        y, s = llama_kernels.add_rms_norm(x, h, w, eps=1e-6)
         dx, dh, dw = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), (x, h, w))
-    ref_y, ref_s = kernels.add_rms_norm_reference(x.detach(), h.detach(), w.detach(), 1e-6)
+    ref_y, ref_s = llama_kernels.add_rms_norm_reference(x.detach(), h.detach(), w.detach(), 1e-6)
     assert torch.equal(s, ref_s)
     assert_close(y, ref_y, dtype)
     ref_dx, ref_dh, ref_dw = _add_reference_grads(x, h, w, gy, gs, 1e-6)
@@ -382,8 +382,8 @@ def test_add_gradient_through_the_norm_only(backend):
     x, h, w = _add_inputs((3, 64), torch.float32, torch.float32)
     x.requires_grad_()
     gy = torch.randn(3, 64)
-    with kernels.use_backend(backend):
-        y, _ = kernels.add_rms_norm(x, h, w)
+    with llama_kernels.use_backend(backend):
+        y, _ = llama_kernels.add_rms_norm(x, h, w)
         (dx,) = torch.autograd.grad((y * gy).sum(), (x,))
     ref_dx, _, _ = _add_reference_grads(x, h, w, gy, torch.zeros(3, 64), 1e-6)
     assert_close(dx, ref_dx, torch.float32)
@@ -396,8 +396,8 @@ def test_add_inference_path(dtype, contiguous):
     if not contiguous:
         h = torch.randn(2, 3, 80).to(dtype)[..., ::2]
     with torch.no_grad():
-        y, s = kernels.add_rms_norm(x, h, w, 1e-5)
-    ref_y, ref_s = kernels.add_rms_norm_reference(x, h, w, 1e-5)
+        y, s = llama_kernels.add_rms_norm(x, h, w, 1e-5)
+    ref_y, ref_s = llama_kernels.add_rms_norm_reference(x, h, w, 1e-5)
     assert s.shape == y.shape == x.shape and y.dtype == s.dtype == dtype
     assert torch.equal(s, ref_s)
     assert_close(y, ref_y, dtype)
@@ -406,12 +406,12 @@ def test_add_inference_path(dtype, contiguous):
 def test_add_matches_the_unfused_ops_exactly_in_fp32():
     """The model swaps `x + h` then rms_norm for the fused op; on the CPU kernel nothing moves."""
     if "cpu" not in BACKENDS:
-        pytest.skip("kernels._C is not built")
+        pytest.skip("llama_kernels._C is not built")
     x, h, w = _add_inputs((4, 7, 96), torch.float32, torch.float32)
     with torch.no_grad():
-        y, s = kernels.add_rms_norm(x, h, w)
+        y, s = llama_kernels.add_rms_norm(x, h, w)
         assert torch.equal(s, x + h)
-        assert torch.equal(y, kernels.rms_norm(x + h, w))
+        assert torch.equal(y, llama_kernels.rms_norm(x + h, w))
 
 
 @pytest.mark.parametrize(
@@ -426,9 +426,9 @@ def test_add_matches_the_unfused_ops_exactly_in_fp32():
 )
 def test_add_bad_inputs_name_the_argument(h, exc, match):
     with pytest.raises(exc, match=match):
-        kernels.add_rms_norm(torch.randn(4, 8), h, torch.randn(8))
+        llama_kernels.add_rms_norm(torch.randn(4, 8), h, torch.randn(8))
     with pytest.raises(ValueError, match="weight: has 7 elements"):
-        kernels.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8), torch.randn(7))
+        llama_kernels.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8), torch.randn(7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -436,7 +436,7 @@ def test_add_opcheck(dtype):
     x, h, w = _add_inputs((3, 40), dtype, dtype)
     for t in (x, h, w):
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.kernels.add_rms_norm_fwd.default, (x, h, w, 1e-6))
+    torch.library.opcheck(torch.ops.llama_kernels.add_rms_norm_fwd.default, (x, h, w, 1e-6))
 
 
 @pytest.mark.slow
@@ -444,14 +444,14 @@ def test_add_torch_compile_on_cpu():
     torch._dynamo.reset()
 
     def block(x, h, w):
-        y, s = kernels.add_rms_norm(x, h * 2, w, 1e-6)
+        y, s = llama_kernels.add_rms_norm(x, h * 2, w, 1e-6)
         return y.sum(dim=-1) + s.mean(dim=-1)
 
     x, h, w = (torch.randn(*shape, requires_grad=True) for shape in ((4, 7, 96), (4, 7, 96), (96,)))
     out = torch.compile(block, fullgraph=True)(x, h, w)
     grads = torch.autograd.grad(out.sum(), (x, h, w))
     x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
-    y64, s64 = kernels.add_rms_norm_reference(x64, h64 * 2, w64, 1e-6)
+    y64, s64 = llama_kernels.add_rms_norm_reference(x64, h64 * 2, w64, 1e-6)
     ref = y64.sum(dim=-1) + s64.mean(dim=-1)
     assert_close(out, ref, torch.float32)
     for got, expected in zip(grads, torch.autograd.grad(ref.sum(), (x64, h64, w64))):

@@ -6,21 +6,21 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels.rope_attention  # noqa: F401
-from kernels import _dispatch
-from kernels.rope_attention import dropout_keep, rope_attention_reference, rope_decode_attention_reference
+import llama_kernels
+import llama_kernels.rope_attention  # noqa: F401
+from llama_kernels import _dispatch
+from llama_kernels.rope_attention import dropout_keep, rope_attention_reference, rope_decode_attention_reference
 from tests.attention_cases import check_training, cu_from_lengths, qkv, tables
 from tests.helpers import assert_close, poisoned
 
-mod = sys.modules["kernels.rope_attention"]
+mod = sys.modules["llama_kernels.rope_attention"]
 needs_triton = pytest.mark.skipif(
     _dispatch.unavailable("triton", torch.device("cpu")) is not None, reason="needs triton (interpreter on CPU)")
 F16 = torch.float16
 
 
 def _tri():
-    from kernels.triton import rope_attention as tri
+    from llama_kernels.triton import rope_attention as tri
 
     return tri
 
@@ -49,8 +49,8 @@ def test_packed_sequences_do_not_attend_across_documents(causal):
     cos, sin = tables(max(lengths), 32)
     out = check_training(q, k, v, cos, sin, causal=causal, cu_seqlens=cu)
     # The last document alone, unpacked, gives the same rows: nothing leaks across boundaries.
-    with kernels.use_backend("triton"):
-        alone = kernels.rope_attention(q[29:][None], k[29:][None], v[29:][None], cos, sin, causal=causal)
+    with llama_kernels.use_backend("triton"):
+        alone = llama_kernels.rope_attention(q[29:][None], k[29:][None], v[29:][None], cos, sin, causal=causal)
     torch.testing.assert_close(out[29:], alone[0], atol=1e-3, rtol=1e-3)
 
 
@@ -70,9 +70,9 @@ def test_positions_pick_the_table_rows(packed):
     check_training(q, k, v, cos, sin, cu_seqlens=cu, positions=positions)
     # Without positions, rows 0.. are used: the same as passing them explicitly.
     default = torch.arange(23).expand(2, 23) if not packed else torch.cat([torch.arange(9), torch.arange(20)])
-    with kernels.use_backend("triton"):
-        a = kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu)
-        b = kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu, positions=default.int())
+    with llama_kernels.use_backend("triton"):
+        a = llama_kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu)
+        b = llama_kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu, positions=default.int())
     assert torch.equal(a, b)
 
 
@@ -80,12 +80,12 @@ def test_positions_are_checked():
     q, k, v = qkv((1, 8, 4, 16), 2, torch.float32)
     cos, sin = tables(10, 16)
     with pytest.raises(ValueError, match=r"positions: must index the 10 rows of cos/sin, got \[0, 10\]"):
-        kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(3, 11)[None] - torch.tensor([[3] + [0] * 7]))
+        llama_kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(3, 11)[None] - torch.tensor([[3] + [0] * 7]))
     with pytest.raises(ValueError, match="positions: expected an int32 or int64 tensor of shape"):
-        kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(8))
+        llama_kernels.rope_attention(q, k, v, cos, sin, positions=torch.arange(8))
     # Positions decide the rows needed, not the sequence length.
     short_cos, short_sin = tables(4, 16)
-    out = kernels.rope_attention(q, k, v, short_cos, short_sin, positions=torch.zeros(1, 8, dtype=torch.long))
+    out = llama_kernels.rope_attention(q, k, v, short_cos, short_sin, positions=torch.zeros(1, 8, dtype=torch.long))
     assert out.shape == q.shape
 
 
@@ -101,9 +101,9 @@ def test_dropout_uses_the_seeded_mask(packed):
         q, k, v = qkv((2, 29, 4, 32), 2, F16)
     cos, sin = tables(40, 32)
     out = check_training(q, k, v, cos, sin, dropout_p=p, seed=1234, cu_seqlens=cu)
-    with kernels.use_backend("triton"):
-        again = kernels.rope_attention(q, k, v, cos, sin, dropout_p=p, dropout_seed=1234, cu_seqlens=cu)
-        other = kernels.rope_attention(q, k, v, cos, sin, dropout_p=p, dropout_seed=99, cu_seqlens=cu)
+    with llama_kernels.use_backend("triton"):
+        again = llama_kernels.rope_attention(q, k, v, cos, sin, dropout_p=p, dropout_seed=1234, cu_seqlens=cu)
+        other = llama_kernels.rope_attention(q, k, v, cos, sin, dropout_p=p, dropout_seed=99, cu_seqlens=cu)
     assert torch.equal(out, again)
     assert not torch.allclose(out.float(), other.float(), atol=1e-2)
 
@@ -156,7 +156,7 @@ def test_cpu_default_is_the_reference_and_matches_rope_then_sdpa():
 
     q, k, v = qkv((2, 13, 4, 16), 2, torch.float32)
     cos, sin = tables(13, 16)
-    out = kernels.rope_attention(q, k, v, cos, sin)
+    out = llama_kernels.rope_attention(q, k, v, cos, sin)
     qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     expect = torch.nn.functional.scaled_dot_product_attention(
         qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
@@ -166,7 +166,7 @@ def test_cpu_default_is_the_reference_and_matches_rope_then_sdpa():
 def test_torch_backend_gradients_flow():
     q, k, v = (t.requires_grad_() for t in qkv((1, 8, 2, 16), 1, torch.float32))
     cos, sin = tables(8, 16)
-    kernels.rope_attention(q, k, v, cos, sin).sum().backward()
+    llama_kernels.rope_attention(q, k, v, cos, sin).sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
@@ -175,7 +175,7 @@ def test_opcheck():
     q, k, v = qkv((1, 19, 2, 32), 1, F16)
     cos, sin = tables(19, 32)
     args = (q, k, v, cos, sin, None, None, 19, True, 0.25, 0.0, 0)
-    torch.library.opcheck(torch.ops.kernels.rope_attention_fwd.default, args,
+    torch.library.opcheck(torch.ops.llama_kernels.rope_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -203,7 +203,7 @@ def _bad(**change):
 ])
 def test_bad_inputs_name_the_argument(change, error, words):
     with pytest.raises(error, match=None) as info:
-        kernels.rope_attention(**_bad(**change))
+        llama_kernels.rope_attention(**_bad(**change))
     assert words in str(info.value)
 
 
@@ -219,13 +219,13 @@ def test_bad_options_name_the_argument(kwargs, words):
     if "cu_seqlens" in kwargs:
         args = {n: (t[0] if n in "qkv" else t) for n, t in args.items()}
     with pytest.raises((ValueError, TypeError)) as info:
-        kernels.rope_attention(**args, **kwargs)
+        llama_kernels.rope_attention(**args, **kwargs)
     assert words in str(info.value)
 
 
 def test_forced_backend_that_cannot_take_fp32_raises():
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="fp32 reference|float32"):
-        kernels.rope_attention(**_bad())
+    with llama_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="fp32 reference|float32"):
+        llama_kernels.rope_attention(**_bad())
 
 
 # ----------------------------------------------------------------------------- decode
@@ -269,21 +269,21 @@ def test_decode_public_op_and_length_checks():
     cos, sin = tables(40, 32)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     expect = rope_decode_attention_reference(q, k_new, v_new, ref_k, ref_v, seqlens, cos, sin)
-    with kernels.use_backend("triton"):
-        out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
+    with llama_kernels.use_backend("triton"):
+        out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
         assert_close(out, expect, F16)
         with pytest.raises(ValueError, match=r"cache_seqlens: lengths must be in \[0, 39\]"):
-            kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor([5, 40]), cos, sin)
+            llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor([5, 40]), cos, sin)
         # Unchecked, an out-of-range length gives NaN for that sequence and writes nothing.
         before = k_cache.clone()
-        out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor([5, 40]), cos, sin,
+        out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor([5, 40]), cos, sin,
                                             check_bounds=False)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
     assert torch.equal(k_cache[1], before[1])
 
 
 needs_cpu_kernel = pytest.mark.skipif(_dispatch.unavailable("cpu", torch.device("cpu")) is not None,
-                                      reason="needs kernels._C")
+                                      reason="needs llama_kernels._C")
 
 
 ISAS = _dispatch.capabilities().ext.cpu_isas() if _dispatch.capabilities().ext is not None else []
@@ -327,7 +327,7 @@ def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_d
     assert torch.equal(k_cache[~written], before_k[~written]) and torch.equal(v_cache[~written], before_v[~written])
     # The public op takes the same kernel on CPU tensors.
     kc, vc = before_k.clone(), before_v.clone()
-    again = kernels.rope_decode_attention(q, k_new, v_new, kc, vc, seqlens, cos, sin)
+    again = llama_kernels.rope_decode_attention(q, k_new, v_new, kc, vc, seqlens, cos, sin)
     assert torch.equal(again, out) and torch.equal(kc, k_cache)
 
 
@@ -351,7 +351,7 @@ def test_decode_cpu_kernel_out_of_range_gives_nan_and_no_write():
     cos, sin = tables(10, 16)  # shorter than the cache: length 10 is in the cache but not the tables
     seqlens = torch.tensor([3, 10, -1])
     before = k_cache.clone()
-    out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
+    out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, check_bounds=False)
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
     assert torch.equal(k_cache[1:], before[1:])
 
@@ -374,7 +374,7 @@ def test_decode_bad_inputs_name_the_argument(name, value, words):
         args["v_cache"] = torch.randn(2, 12, 3, 16)
         args["k_new"], args["v_new"] = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     with pytest.raises((ValueError, TypeError)) as info:
-        kernels.rope_decode_attention(**args)
+        llama_kernels.rope_decode_attention(**args)
     assert words in str(info.value)
 
 
@@ -425,17 +425,17 @@ def test_model_on_the_fused_kernels_matches_the_reference_path(monkeypatch):
 def test_empty_inputs(backend):
     """No batch, no tokens, no packed tokens, no sequences to decode: empty results, no launch."""
     cos, sin = tables(8, 32)
-    with kernels.use_backend(backend):
+    with llama_kernels.use_backend(backend):
         for shape in [(0, 5, 4, 32), (2, 0, 4, 32)]:
             q, k, v = (t.requires_grad_() for t in qkv(shape, 2, F16))
-            out = kernels.rope_attention(q, k, v, cos, sin)
+            out = llama_kernels.rope_attention(q, k, v, cos, sin)
             out.sum().backward()
             assert out.shape == shape and q.grad.shape == shape and k.grad.shape == k.shape
         q, k, v = qkv((0, 4, 32), 2, F16)
-        assert kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_from_lengths([0, 0])).shape == (0, 4, 32)
+        assert llama_kernels.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_from_lengths([0, 0])).shape == (0, 4, 32)
         q, k, v = qkv((0, 1, 4, 32), 2, F16)
         cache = torch.zeros(0, 8, 2, 32, dtype=F16)
-        out = kernels.rope_decode_attention(q, k, v, cache, cache.clone(), torch.zeros(0, dtype=torch.long), cos, sin)
+        out = llama_kernels.rope_decode_attention(q, k, v, cache, cache.clone(), torch.zeros(0, dtype=torch.long), cos, sin)
         assert out.shape == (0, 1, 4, 32)
 
 
@@ -464,6 +464,6 @@ def test_decode_takes_strided_lengths():
     cos, sin = tables(12, 16)
     lengths = torch.tensor([3, 99, 7, 99])[::2]  # a strided view: 3 and 7
     kc, vc = k_cache.clone(), v_cache.clone()
-    out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, cos, sin)
+    out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, cos, sin)
     expect = rope_decode_attention_reference(q, k_new, v_new, kc, vc, lengths.contiguous(), cos, sin)
     assert_close(out, expect, torch.float32)

@@ -7,15 +7,15 @@ import re
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch
-from kernels import _rope_decode_cuda as rdc
+import llama_kernels
+from llama_kernels import _dispatch
+from llama_kernels import _rope_decode_cuda as rdc
 
 
 def _cuda_ext():
     ext = _dispatch.ext()
-    if not kernels.build_info()["cuda"]:
-        pytest.skip("kernels._C was built without CUDA")
+    if not llama_kernels.build_info()["cuda"]:
+        pytest.skip("llama_kernels._C was built without CUDA")
     return ext
 
 

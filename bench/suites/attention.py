@@ -1,4 +1,4 @@
-"""Causal attention with RoPE: kernels.rope_attention / rope_decode_attention against peers.
+"""Causal attention with RoPE: llama_kernels.rope_attention / rope_decode_attention against peers.
 
 Passes:
 
@@ -18,10 +18,10 @@ Passes:
   written), so in the summary "vs copy" = our GB/s / copy GB/s = the fraction of the measured
   copy bandwidth that decode reaches.
 
-Ours: ``kernels-triton`` (GPU) or ``kernels-torch`` (CPU, the reference) for the training passes;
-``kernels-cuda`` and ``kernels-triton`` (GPU) or ``kernels-cpu`` (the C++ kernel) and
-``kernels-torch`` (CPU) for decode, each under
-its forced backend (``kernels.use_backend``), decode with ``check_bounds=False`` (no host sync).
+Ours: ``llama_kernels-triton`` (GPU) or ``llama_kernels-torch`` (CPU, the reference) for the training passes;
+``llama_kernels-cuda`` and ``llama_kernels-triton`` (GPU) or ``llama_kernels-cpu`` (the C++ kernel) and
+``llama_kernels-torch`` (CPU) for decode, each under
+its forced backend (``llama_kernels.use_backend``), decode with ``check_bounds=False`` (no host sync).
 
 Peers (training passes), each taking q/k/v in the (B, S, H, D) layout a projection produces:
 
@@ -226,9 +226,9 @@ class Impl:
     context: Callable[[], ContextManager] | None = None
 
 
-def _ours_prepare(kernels, shape, dtype, device):
+def _ours_prepare(ops, shape, dtype, device):
     cos, sin = rope_tables(shape.s, shape.d, device)
-    return lambda q, k, v: kernels.rope_attention(q, k, v, cos, sin, causal=True)
+    return lambda q, k, v: ops.rope_attention(q, k, v, cos, sin, causal=True)
 
 
 def _rope_sdpa_prepare(rope: str, backend: str, repeat: bool, shape, dtype, device):
@@ -302,21 +302,21 @@ def _flash_attn_modules(ctx: SuiteContext) -> tuple[list[tuple[str, Impl]], list
 
 
 def _ours(ctx: SuiteContext, wanted: dict[str, tuple[str, ...]], op: str):
-    """(kernels module or None, our backends here, unavailable items)."""
+    """(the llama_kernels module or None, our backends here, unavailable items)."""
     try:
-        import kernels
+        import llama_kernels
 
-        getattr(kernels, op)
-        backends = kernels.available_backends(ctx.device)
+        getattr(llama_kernels, op)
+        backends = llama_kernels.available_backends(ctx.device)
     except Exception as exc:
-        return None, [], [Unavailable("kernels", f"kernels.{op}: {type(exc).__name__}: {exc}", status="error")]
+        return None, [], [Unavailable("llama_kernels", f"llama_kernels.{op}: {type(exc).__name__}: {exc}", status="error")]
     ours, missing = [], []
     for backend in wanted[ctx.device.type]:
         if backend in backends or backend == "torch":
             ours.append(backend)
         else:
-            missing.append(Unavailable(f"kernels-{backend}", f"{op}: not in kernels.available_backends: {backends}"))
-    return kernels, ours, missing
+            missing.append(Unavailable(f"llama_kernels-{backend}", f"{op}: not in llama_kernels.available_backends: {backends}"))
+    return llama_kernels, ours, missing
 
 
 def _train_impls(ctx: SuiteContext, shape: Shape, dtype, backward: bool, extra: list[tuple[str, Impl]],
@@ -382,7 +382,7 @@ def _train_setup(ctx: SuiteContext, impl: Impl, shape: Shape, dtype, backward: b
 
 def _train_items(ctx: SuiteContext) -> list[Item]:
     train, passes, _, _ = _cases(ctx)
-    kernels, ours, items = _ours(ctx, {"cpu": ("torch",), "cuda": ("triton",)}, "rope_attention")
+    llama_kernels, ours, items = _ours(ctx, {"cpu": ("torch",), "cuda": ("triton",)}, "rope_attention")
     full_gpu = ctx.is_cuda and not ctx.quick
     liger, missing = _liger_state(ctx) if full_gpu or not ctx.is_cuda else (False, [])
     flash, fa_missing = _flash_attn_modules(ctx) if full_gpu or not ctx.is_cuda else ([], [])
@@ -397,8 +397,8 @@ def _train_items(ctx: SuiteContext) -> list[Item]:
                 backward = pass_ == "fwd+bwd"
                 fwd_flops = 2 * shape.b * shape.h * shape.s * shape.s * shape.d  # 4*B*H*S^2*D / 2
                 flops = fwd_flops * 7 // 2 if backward else fwd_flops
-                impls = [(f"kernels-{b}", Impl(partial(_ours_prepare, kernels),
-                                               context=partial(kernels.use_backend, b))) for b in ours]
+                impls = [(f"llama_kernels-{b}", Impl(partial(_ours_prepare, llama_kernels),
+                                               context=partial(llama_kernels.use_backend, b))) for b in ours]
                 peers, refused = _train_impls(ctx, shape, dtype, backward, flash, liger)
                 for u in refused:
                     if (u.impl, u.reason) not in seen:
@@ -432,14 +432,14 @@ def _decode_inputs(ctx: SuiteContext, shape: Shape, dtype):
     return capacity, ctx.rotating(make, 2 * b * shape.s * hkv * d * dtype.itemsize)
 
 
-def _decode_ours(ctx, kernels, backend, shape, dtype):
+def _decode_ours(ctx, ops, backend, shape, dtype):
     capacity, copies = _decode_inputs(ctx, shape, dtype)
     cos, sin = rope_tables(capacity, shape.d, ctx.device)
     seqlens = torch.full((shape.b,), shape.s, device=ctx.device, dtype=torch.int32)
 
     def call(q, kn, vn, kc, vc):
-        with kernels.use_backend(backend), torch.no_grad():
-            return kernels.rope_decode_attention(q, kn, vn, kc, vc, seqlens, cos, sin, check_bounds=False)
+        with ops.use_backend(backend), torch.no_grad():
+            return ops.rope_decode_attention(q, kn, vn, kc, vc, seqlens, cos, sin, check_bounds=False)
 
     return [partial(call, *c) for c in copies]
 
@@ -497,7 +497,7 @@ def _decode_copy(ctx, shape, dtype):
 
 def _decode_items(ctx: SuiteContext) -> list[Item]:
     _, _, decode, dtype = _cases(ctx)
-    kernels, ours, items = _ours(ctx, {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}, "rope_decode_attention")
+    llama_kernels, ours, items = _ours(ctx, {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}, "rope_decode_attention")
     flash_kvcache = []
     if not ctx.is_cuda:
         items.append(Unavailable("flash-attn-kvcache", "FlashAttention runs on CUDA only"))
@@ -522,7 +522,7 @@ def _decode_items(ctx: SuiteContext) -> list[Item]:
     for shape in decode:
         nbytes = _decode_bytes(shape, dtype)
         flops = 4 * shape.b * shape.h * (shape.s + 1) * shape.d
-        entries = [(f"kernels-{b}", partial(_decode_ours, ctx, kernels, b, shape, dtype)) for b in ours]
+        entries = [(f"llama_kernels-{b}", partial(_decode_ours, ctx, llama_kernels, b, shape, dtype)) for b in ours]
         repeat, refused = _sdpa_choice(ctx, "flash", dtype, shape, backward=False, decode=True)
         if refused is not None:
             where = f"decode {dtype_name(dtype)} D{shape.d}" + (f" H{shape.h}/Hkv{shape.hkv}" if shape.gqa else "")

@@ -7,8 +7,8 @@ Sheared-LLaMA-1.3B in bf16. Weights are random, written by `transformers` and lo
 * decode: greedy generation of N new tokens after a short prompt (tokens/s counts new tokens
   over all sequences; the prompt's prefill is included and is a few percent of the time).
 
-Ours: `llama.generate` eager (`kernels`); on a GPU also the eager step replayed as a CUDA graph
-(`kernels-graph`) and the compiled step in a CUDA graph (`kernels-compiled`). `int4` variants
+Ours: `llama.generate` eager (`llama_kernels`); on a GPU also the eager step replayed as a CUDA graph
+(`llama_kernels-graph`) and the compiled step in a CUDA graph (`llama_kernels-compiled`). `int4` variants
 quantize every linear layer including the head (group 32).
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
@@ -184,14 +184,14 @@ def decode(ctx: SuiteContext) -> list[Item]:
     for batch in batches:
         case = {"model": shape, "batch": batch}
         for variant in variants:
-            items.append(Bench("-".join(filter(None, ("kernels", variant))), {**case, "new": new}, dtype_name(dtype),
+            items.append(Bench("-".join(filter(None, ("llama_kernels", variant))), {**case, "new": new}, dtype_name(dtype),
                                "decode", partial(_ours_decode, ctx, batch, new, variant), tokens=batch * new))
         if not (ctx.is_cuda and ctx.quick):  # eager HF decodes ~13 tok/s on a GPU: minutes per case
             items.append(Bench("hf-generate", {**case, "new": new}, dtype_name(dtype), "decode",
                                partial(_hf_decode, ctx, batch, new), tokens=batch * new))
         items.append(Bench("hf-static-compiled", {**case, "new": new}, dtype_name(dtype), "decode",
                            partial(_hf_static_compiled, ctx, batch, new), tokens=batch * new))
-        items.append(Bench("kernels", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+        items.append(Bench("llama_kernels", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
                            partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
         items.append(Bench("hf", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
                            partial(_hf_prefill, ctx, batch, prefill), tokens=batch * prefill))

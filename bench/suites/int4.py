@@ -1,4 +1,4 @@
-"""4-bit weight-only matmul: kernels.int4_matmul (int4 and NF4) against dense and 4-bit peers.
+"""4-bit weight-only matmul: llama_kernels.int4_matmul (int4 and NF4) against dense and 4-bit peers.
 
 GB/s counts the bytes of the weight format itself (packed codes, scales, zeros) per call. On a
 GPU every case is timed from CUDA-graph replays with weights rotating past twice the L2 size,
@@ -34,26 +34,26 @@ def _dense_calls(ctx, m, k, n, dtype):
 
 
 def _ours_calls(ctx, m, k, n, dtype, fmt, backend):
-    import kernels
+    import llama_kernels
 
-    quantize = partial(kernels.quantize_int4, group_size=GROUP) if fmt == "int4" else partial(kernels.quantize_nf4, block_size=64)
+    quantize = partial(llama_kernels.quantize_int4, group_size=GROUP) if fmt == "int4" else partial(llama_kernels.quantize_nf4, block_size=64)
     x = torch.randn(m, k, device=ctx.device, dtype=dtype)
     qws = _weights(ctx, k, n, n * k // 2, quantize)
 
     def call(qw):
-        with kernels.use_backend(backend), torch.no_grad():
-            return kernels.int4_matmul(x, qw)
+        with llama_kernels.use_backend(backend), torch.no_grad():
+            return llama_kernels.int4_matmul(x, qw)
 
     return [partial(call, qw) for qw in qws]
 
 
 def _tinygemm_calls(ctx, m, k, n, dtype):
     """tinygemm's int4 (same (q - 8) * scale + zero convention as ours, group 128)."""
-    import kernels
-    from kernels.int4_matmul import unpack_codes
+    import llama_kernels
+    from llama_kernels.int4_matmul import unpack_codes
 
     def convert(w):
-        qw = kernels.quantize_int4(w, GROUP)
+        qw = llama_kernels.quantize_int4(w, GROUP)
         q = unpack_codes(qw.packed).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
         sz = torch.stack([qw.scales, qw.zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -98,10 +98,10 @@ def _peers(ctx: SuiteContext) -> tuple[list[tuple[str, object]], list[Item]]:
 
 @suite("int4")
 def int4(ctx: SuiteContext) -> list[Item]:
-    import kernels
+    import llama_kernels
 
-    ours = [b for b in ("cuda", "triton", "cpu") if b in kernels.available_backends(ctx.device)]
-    items: list[Item] = [] if ours else [Unavailable("kernels", "no compiled backend for int4_matmul here", status="error")]
+    ours = [b for b in ("cuda", "triton", "cpu") if b in llama_kernels.available_backends(ctx.device)]
+    items: list[Item] = [] if ours else [Unavailable("llama_kernels", "no compiled backend for int4_matmul here", status="error")]
     peers, missing = _peers(ctx)
     items += missing
     dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
@@ -116,7 +116,7 @@ def int4(ctx: SuiteContext) -> list[Item]:
             entries = [(dense, partial(_dense_calls, ctx, m, k, n, dtype), n * k * dtype.itemsize)]
             for backend in ours:
                 for fmt in ("int4", "nf4"):
-                    entries.append((f"kernels-{backend}-{fmt}", partial(_ours_calls, ctx, m, k, n, dtype, fmt, backend),
+                    entries.append((f"llama_kernels-{backend}-{fmt}", partial(_ours_calls, ctx, m, k, n, dtype, fmt, backend),
                                     packed_bytes))
             entries += [(name, partial(fn, ctx, m, k, n, dtype), packed_bytes) for name, fn in peers]
             for name, setup, nbytes in entries:

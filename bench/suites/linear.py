@@ -1,4 +1,4 @@
-"""Decode-sized linear layers on the CPU: kernels.linear against F.linear (MKL/oneDNN).
+"""Decode-sized linear layers on the CPU: llama_kernels.linear against F.linear (MKL/oneDNN).
 
 GB/s counts the weight bytes streamed per call (activations are tiny). Weights rotate among
 copies that together exceed twice the last-level cache, as they do in a real decode step.
@@ -25,20 +25,20 @@ def _setup(ctx: SuiteContext, fn, m: int, k: int, n: int, dtype: torch.dtype):
 @suite("linear")
 def linear(ctx: SuiteContext) -> list[Item]:
     if ctx.is_cuda:
-        return [Unavailable("kernels-cpu", "kernels.linear has no GPU kernel; it calls cuBLAS there")]
-    import kernels
+        return [Unavailable("llama_kernels-cpu", "llama_kernels.linear has no GPU kernel; it calls cuBLAS there")]
+    import llama_kernels
 
-    if "cpu" not in kernels.available_backends("cpu"):
-        return [Unavailable("kernels-cpu", "kernels._C is not built", status="error")]
+    if "cpu" not in llama_kernels.available_backends("cpu"):
+        return [Unavailable("llama_kernels-cpu", "llama_kernels._C is not built", status="error")]
     shapes = SHAPES[2:4] if ctx.quick else SHAPES
     rows = (1,) if ctx.quick else (1, 4, 16)
-    dtypes = (torch.float32,)  # kernels.linear hands 16-bit weights to F.linear
+    dtypes = (torch.float32,)  # llama_kernels.linear hands 16-bit weights to F.linear
     items: list[Item] = []
     for dtype in dtypes:
         for k, n in shapes:
             for m in rows:
                 nbytes = n * k * dtype.itemsize
-                for name, fn in (("kernels-cpu", kernels.linear), ("torch-F.linear", F.linear)):
+                for name, fn in (("llama_kernels-cpu", llama_kernels.linear), ("torch-F.linear", F.linear)):
                     items.append(Bench(name, {"m": m, "k": k, "n": n}, dtype_name(dtype), "fwd",
                                        partial(_setup, ctx, fn, m, k, n, dtype), bytes=nbytes,
                                        flops=2 * m * n * k))

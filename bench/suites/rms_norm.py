@@ -1,5 +1,5 @@
-"""RMSNorm forward and forward+backward: ours (``kernels.rms_norm``) against peers; and the
-residual add before it (``kernels.add_rms_norm``: y, s = norm(x + h), x + h).
+"""RMSNorm forward and forward+backward: ours (``llama_kernels.rms_norm``) against peers; and the
+residual add before it (``llama_kernels.add_rms_norm``: y, s = norm(x + h), x + h).
 
 GB/s counts the minimum traffic of an (M, N) input with an (N,) weight, element
 size s (the weight shares x's dtype):
@@ -65,9 +65,9 @@ def _torch_functional(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, EPS)
 
 
-def _ours(kernels, backend: str) -> Impl:
-    return Impl(lambda: lambda w: partial(kernels.rms_norm, weight=w, eps=EPS),
-                context=partial(kernels.use_backend, backend))
+def _ours(ops, backend: str) -> Impl:
+    return Impl(lambda: lambda w: partial(ops.rms_norm, weight=w, eps=EPS),
+                context=partial(ops.use_backend, backend))
 
 
 def eager_add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +88,12 @@ def _compile_add_prepare() -> Callable:
 
 def _add_impls(ctx: SuiteContext, impls: dict[str, Impl]) -> dict[str, Impl]:
     """The fused-add counterpart of each impl in `impls` (bind(w) -> fn(x, h) -> (y, s))."""
-    import kernels
+    import llama_kernels
 
     add: dict[str, Impl] = {}
     for name, impl in impls.items():
-        if name.startswith("kernels-"):
-            add[name] = Impl(lambda: lambda w: partial(kernels.add_rms_norm, weight=w, eps=EPS), context=impl.context)
+        if name.startswith("llama_kernels-"):
+            add[name] = Impl(lambda: lambda w: partial(llama_kernels.add_rms_norm, weight=w, eps=EPS), context=impl.context)
     add["torch-eager"] = _functional(eager_add_rms_norm)
     add["torch-compile"] = Impl(_compile_add_prepare)
     if "torch-F.rms_norm" in impls:
@@ -126,17 +126,17 @@ def _impls(ctx: SuiteContext) -> tuple[dict[str, Impl], list[Unavailable]]:
     impls: dict[str, Impl] = {}
     unavailable: list[Unavailable] = []
     try:
-        import kernels
+        import llama_kernels
 
-        backends = kernels.available_backends(ctx.device)
+        backends = llama_kernels.available_backends(ctx.device)
     except Exception as exc:
-        unavailable.append(Unavailable("kernels", f"{type(exc).__name__}: {exc}", status="error"))
+        unavailable.append(Unavailable("llama_kernels", f"{type(exc).__name__}: {exc}", status="error"))
     else:
         for backend in OUR_BACKENDS[ctx.device.type]:
             if backend in backends:
-                impls[f"kernels-{backend}"] = _ours(kernels, backend)
+                impls[f"llama_kernels-{backend}"] = _ours(llama_kernels, backend)
             else:
-                unavailable.append(Unavailable(f"kernels-{backend}", f"not in kernels.available_backends: {backends}"))
+                unavailable.append(Unavailable(f"llama_kernels-{backend}", f"not in llama_kernels.available_backends: {backends}"))
 
     impls["torch-eager"] = _functional(llama_rms_norm)
     impls["torch-compile"] = Impl(_compile_prepare)
@@ -202,7 +202,7 @@ def _setup(ctx: SuiteContext, impl: Impl, m: int, n: int, dtype: torch.dtype, ba
 @suite("rms_norm")
 def rms_norm(ctx: SuiteContext) -> list[Item]:
     impls, items = _impls(ctx)
-    add_impls = _add_impls(ctx, impls) if any(name.startswith("kernels-") for name in impls) else {}
+    add_impls = _add_impls(ctx, impls) if any(name.startswith("llama_kernels-") for name in impls) else {}
     for m, n, dtype, decode in _cases(ctx):
         size = dtype.itemsize
         passes = (("fwd", False, False, 2 * m * n * size + n * size, impls),

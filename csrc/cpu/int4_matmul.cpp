@@ -1,7 +1,7 @@
 // y = x @ W^T for 4-bit group-quantized W (int4 or NF4) and a few rows of x (decode-sized M).
 //
 // W[n, k] = lut[q] * scale[n, k / group] (+ zero[n, k / group]), the codes packed two per byte
-// in chunks of 32 (byte j = code j | code j + 16 << 4; see kernels/int4_matmul.py). Per group,
+// in chunks of 32 (byte j = code j | code j + 16 << 4; see llama_kernels/int4_matmul.py). Per group,
 // the row sums of x carry the zero term: sum_k x*(v*s + z) = s*sum x*v + z*sum x. The weights
 // stream once: a tile of rows at a time serves all rows of x.
 //
@@ -27,9 +27,9 @@
 #include <immintrin.h>
 #endif
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
-namespace KERNELS_ISA {
+namespace LLAMA_KERNELS_ISA {
 namespace {
 
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -412,9 +412,9 @@ void dequantize_impl(const uint8_t* packed, const f16_t* scales, const f16_t* ze
 
 void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,
                      int64_t n, int64_t k, int group, int w_dtype, int num_threads) {
-  KERNELS_CHECK(n >= 0 && k > 0 && k % 32 == 0, "qw: expected in_features a positive multiple of 32, got " << k);
-  KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
-  KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
+  LLAMA_KERNELS_CHECK(n >= 0 && k > 0 && k % 32 == 0, "qw: expected in_features a positive multiple of 32, got " << k);
+  LLAMA_KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
+  LLAMA_KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
   const auto* s = static_cast<const f16_t*>(scales);
   const auto* z = static_cast<const f16_t*>(zeros);
   switch (to_dtype(w_dtype, "dtype")) {
@@ -426,13 +426,13 @@ void int4_dequantize(const uint8_t* packed, const void* scales, const void* zero
 
 void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
                  int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
-  KERNELS_CHECK(m >= 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " k=" << k);
-  KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
+  LLAMA_KERNELS_CHECK(m >= 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " k=" << k);
+  LLAMA_KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
                     parts.zeros.size() == parts.n.size() && parts.y.size() == parts.n.size(),
                 "qw: expected one or more weights, each with packed codes, scales, zeros and an output");
-  for (int64_t n : parts.n) KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
-  KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
-  KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
+  for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
+  LLAMA_KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
+  LLAMA_KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
   switch (to_dtype(x_dtype, "x")) {
     case DType::F32:
       return impl(static_cast<const float*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
@@ -443,6 +443,6 @@ void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_
   }
 }
 
-}  // namespace KERNELS_ISA
+}  // namespace LLAMA_KERNELS_ISA
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -1,5 +1,5 @@
 // CPU kernels. Each kernel source is compiled once per instruction set (see CMakeLists.txt),
-// into the namespace kernels::cpu::<isa>. kernels::cpu::<name>() in dispatch.cpp calls the
+// into the namespace llama_kernels::cpu::<isa>. llama_kernels::cpu::<name>() in dispatch.cpp calls the
 // best variant the running CPU supports.
 #pragma once
 #include <cstdint>
@@ -8,7 +8,7 @@
 
 // rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
 // (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride.
-#define KERNELS_CPU_DECLARE_KERNELS                                                          \
+#define LLAMA_KERNELS_CPU_DECLARE_KERNELS                                                          \
   void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd, \
                     int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,             \
                     int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,    \
@@ -31,7 +31,7 @@
                              int64_t table_len, const int64_t* strides, int dtype, float scale,    \
                              int num_threads);
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
 
 // Several 4-bit weights that multiply the same x, each with its own output (y[p], same row
@@ -51,12 +51,12 @@ struct LinearParts {
   std::vector<int64_t> n;
 };
 
-namespace baseline { KERNELS_CPU_DECLARE_KERNELS }
-namespace avx2 { KERNELS_CPU_DECLARE_KERNELS }
-namespace avx512 { KERNELS_CPU_DECLARE_KERNELS }
+namespace baseline { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
+namespace avx2 { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
+namespace avx512 { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
 
 // Dispatching entry points: the same signatures, routed to the selected ISA.
-KERNELS_CPU_DECLARE_KERNELS
+LLAMA_KERNELS_CPU_DECLARE_KERNELS
 
 // Instruction sets compiled into this build and supported by this CPU, best last.
 std::vector<std::string> available_isas();
@@ -65,4 +65,4 @@ std::string current_isa();
 void set_isa(const std::string& name);
 
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

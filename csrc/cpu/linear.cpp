@@ -14,9 +14,9 @@
 #include "cpu/simd.h"
 
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
-namespace KERNELS_ISA {
+namespace LLAMA_KERNELS_ISA {
 namespace {
 
 typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
@@ -148,11 +148,11 @@ void linear_impl(const TX* x, const LinearParts& parts, int bias_dtype, int64_t 
 
 void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride, int64_t y_stride,
             int x_dtype, int w_dtype, int bias_dtype, int num_threads) {
-  KERNELS_CHECK(m >= 0 && k > 0, "x, weight: expected positive sizes, got m=" << m << " k=" << k);
-  KERNELS_CHECK(!parts.n.empty() && parts.w.size() == parts.n.size() && parts.bias.size() == parts.n.size() &&
+  LLAMA_KERNELS_CHECK(m >= 0 && k > 0, "x, weight: expected positive sizes, got m=" << m << " k=" << k);
+  LLAMA_KERNELS_CHECK(!parts.n.empty() && parts.w.size() == parts.n.size() && parts.bias.size() == parts.n.size() &&
                     parts.y.size() == parts.n.size(),
                 "weight: expected one or more weights, each with a bias (or none) and an output");
-  for (int64_t n : parts.n) KERNELS_CHECK(n > 0, "weight: expected positive out_features, got " << n);
+  for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "weight: expected positive out_features, got " << n);
   auto with_w = [&](auto* xt) {
     using TX = std::remove_pointer_t<decltype(xt)>;
     auto run = [&](auto* wt) {
@@ -172,6 +172,6 @@ void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64
   }
 }
 
-}  // namespace KERNELS_ISA
+}  // namespace LLAMA_KERNELS_ISA
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -1,6 +1,6 @@
 // RMSNorm on the CPU: y = x * rsqrt(mean(x^2) + eps) * w, fp32 math for any storage dtype.
 // Rows are split across OpenMP threads; the inner loops are written to vectorise for the
-// instruction set this file is compiled for (KERNELS_ISA).
+// instruction set this file is compiled for (LLAMA_KERNELS_ISA).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -14,9 +14,9 @@
 #include <omp.h>
 #endif
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
-namespace KERNELS_ISA {
+namespace LLAMA_KERNELS_ISA {
 namespace {
 
 // With h, s = x + h is rounded to TX, written, and normalised: the same numbers as adding first.
@@ -171,6 +171,6 @@ void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w, 
   });
 }
 
-}  // namespace KERNELS_ISA
+}  // namespace LLAMA_KERNELS_ISA
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

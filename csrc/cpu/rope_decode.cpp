@@ -1,6 +1,6 @@
 // One decoding step of attention on the CPU, fused: RoPE on q and the new key at each sequence's
 // own position L, the append of that key and value to slot L of the KV cache, and attention over
-// slots 0..L. The same semantics as the CUDA and Triton decode kernels (kernels/rope_attention.py).
+// slots 0..L. The same semantics as the CUDA and Triton decode kernels (llama_kernels/rope_attention.py).
 //
 // Three phases in one parallel region. (1) Per (sequence, kv head): the append, and the group's
 // rotated queries. (2) Per unit, a run of consecutive slots of one sequence (split-K, as in
@@ -21,9 +21,9 @@
 #include "cpu/kernels_cpu.h"
 #include "cpu/simd.h"
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
-namespace KERNELS_ISA {
+namespace LLAMA_KERNELS_ISA {
 namespace {
 
 // 16 keys or values as fp32 lanes: bf16 widens by a shift, fp16 converts (F16C where built).
@@ -269,6 +269,6 @@ void rope_decode_attention(const void* q, const void* k_new, const void* v_new, 
   }
 }
 
-}  // namespace KERNELS_ISA
+}  // namespace LLAMA_KERNELS_ISA
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -14,9 +14,9 @@
 #include <immintrin.h>
 #endif
 
-namespace kernels {
+namespace llama_kernels {
 namespace cpu {
-namespace KERNELS_ISA {
+namespace LLAMA_KERNELS_ISA {
 
 constexpr int kLanes = 16;
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
@@ -85,6 +85,6 @@ inline void parallel_parts(const std::vector<int64_t>& ns, int64_t align, int64_
   });
 }
 
-}  // namespace KERNELS_ISA
+}  // namespace LLAMA_KERNELS_ISA
 }  // namespace cpu
-}  // namespace kernels
+}  // namespace llama_kernels

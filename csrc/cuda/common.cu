@@ -4,7 +4,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels_cuda.h"
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 
 std::string status_string(int status) {
@@ -17,4 +17,4 @@ std::string runtime_version() {
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -9,13 +9,13 @@
 #include "common.h"
 
 // Launchers never throw (see kernels_cuda.h): they return 0, a cudaError_t, or a kStatus* code.
-#define KERNELS_CUDA_RETURN_IF_ERROR(expr)                        \
+#define LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(expr)                        \
   do {                                                            \
     const int kernels_status_ = static_cast<int>(expr);           \
     if (kernels_status_ != 0) return kernels_status_;             \
   } while (0)
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 
 // Makes `device` current for this thread's runtime calls. Our runtime is linked statically,
@@ -70,4 +70,4 @@ int dispatch_x_w(int x_dtype, int w_dtype, Fn&& fn) {
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

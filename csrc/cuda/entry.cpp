@@ -1,5 +1,5 @@
 // The CUDA kernels' validating entry points. They return "" on success, else "ValueError: ..."
-// or "RuntimeError: ...", which kernels/_dispatch.py raises: no C++ exception crosses this
+// or "RuntimeError: ...", which llama_kernels/_dispatch.py raises: no C++ exception crosses this
 // module on the GPU path. Throwing from this module segfaulted in one GPU image (gcc 13.3,
 // torch 2.11 and triton 3.6 loaded in the process), before any catch, for reasons not found.
 #include <cmath>
@@ -14,7 +14,7 @@
 #define ENTRY_REQUIRE(cond, msg_expr)                         \
   do {                                                        \
     if (!(cond)) {                                            \
-      ::kernels::Message entry_msg_;                          \
+      ::llama_kernels::Message entry_msg_;                          \
       entry_msg_ << "ValueError: " << msg_expr;               \
       return entry_msg_.str();                                \
     }                                                         \
@@ -27,7 +27,7 @@
     if (!entry_err_.empty()) return entry_err_; \
   } while (0)
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 namespace {
 
@@ -205,4 +205,4 @@ std::string rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new,
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

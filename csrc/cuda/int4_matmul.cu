@@ -1,7 +1,7 @@
 // 4-bit weight-only matmul on CUDA: a tensor-core kernel for small M (decode and short
 // prefills), and a dequantize kernel that feeds cuBLAS for large M.
 //
-// Weight layout (kernels/int4_matmul.py): W (N, K) as packed codes, uint8 (N, K/2); each row is
+// Weight layout (llama_kernels/int4_matmul.py): W (N, K) as packed codes, uint8 (N, K/2); each row is
 // cut into chunks of 32 codes and byte j of a chunk holds code j in its low nibble and code
 // j + 16 in its high nibble. fp16 scales (and zeros) per group of 32/64/128 codes of a row.
 // w = lut[q] * scale (+ zero); for int4 lut[q] = q - 8.
@@ -33,7 +33,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels_cuda.h"
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 namespace {
 
@@ -331,7 +331,7 @@ int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_
                        int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
                        bool int4_codes, int64_t splits, int device, uintptr_t stream) {
   if (m == 0) return 0;
-  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
   GemvArgs a{};
   a.x = reinterpret_cast<const void*>(x);
@@ -360,7 +360,7 @@ int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_
       else
         int4_mma_kernel<T, kLut, 2><<<grid, kWarps * 32, 0, cu_stream>>>(a);
     });
-    KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     if (splits > 1) {
       const int64_t total = m * n;
       sum_splits_kernel<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, cu_stream>>>(
@@ -373,7 +373,7 @@ int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_
 int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
                            uintptr_t w, int64_t n, int64_t k, int64_t group_size, int w_dtype,
                            bool int4_codes, int device, uintptr_t stream) {
-  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   const int64_t total = n * (k / kChunk) * 4;  // one thread per 32-bit word of codes
   const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
   return dispatch_half(w_dtype, [&](auto tw) -> int {
@@ -389,4 +389,4 @@ int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, 
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -6,12 +6,12 @@
 // and return a status: 0, a cudaError_t, or a kStatus* code below. A C++ exception thrown from
 // this module segfaulted in one GPU image, so nothing on the GPU path throws. The entry points
 // (entry.cpp) check the arguments, call a launcher and return "" or "ValueError: ..." /
-// "RuntimeError: ...", which kernels/_dispatch.py turns into the Python exception.
+// "RuntimeError: ...", which llama_kernels/_dispatch.py turns into the Python exception.
 #pragma once
 #include <cstdint>
 #include <string>
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 
 constexpr int kStatusRowsTooLong = -1;  // RMSNorm: a row does not fit the register-resident kernel
@@ -114,4 +114,4 @@ int launch_rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, 
 std::string runtime_version();
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

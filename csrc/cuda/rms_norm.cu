@@ -10,7 +10,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels_cuda.h"
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 namespace {
 
@@ -231,7 +231,7 @@ int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uint
                         int64_t h_stride, int64_t y_stride, int64_t s_stride, int x_dtype,
                         int w_dtype, float eps, int device, uintptr_t stream) {
   if (rows == 0) return 0;
-  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
     using TX = decltype(tx);
     using TW = decltype(tw);
@@ -256,7 +256,7 @@ int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, ui
                         int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
                         int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
                         uintptr_t stream) {
-  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
     using TX = decltype(tx);
@@ -275,7 +275,7 @@ int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, ui
               reinterpret_cast<float*>(dw_partial), rows, cols, dy_stride, ds_stride, x_stride,
               dx_stride);
     });
-    KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     const unsigned col_blocks = static_cast<unsigned>((cols + 31) / 32);
     column_sum_kernel<TW><<<col_blocks, dim3(32, 8), 0, cu_stream>>>(
         reinterpret_cast<const float*>(dw_partial), reinterpret_cast<TW*>(dw), num_partials, cols);
@@ -284,4 +284,4 @@ int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, ui
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

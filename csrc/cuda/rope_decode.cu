@@ -1,7 +1,7 @@
 // Fused RoPE + KV-cache append + split-K (flash-decoding) attention for one new token per
 // sequence, on tensor cores (mma.sync, fp16/bf16 inputs, fp32 accumulation).
 //
-// Semantics (kernels/rope_attention.py, rope_decode_attention_reference): for sequence b with
+// Semantics (llama_kernels/rope_attention.py, rope_decode_attention_reference): for sequence b with
 // L = seqlens[b] cached positions, q and k_new are rotated at position L (half-split RoPE in
 // fp32), the rotated key (rounded to the cache dtype) and v_new go to slot L of the caches, and
 // out[b, h] = softmax(scale * q_rot . K[0..L]) V[0..L] with query head h reading kv head
@@ -51,7 +51,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels_cuda.h"
 
-namespace kernels {
+namespace llama_kernels {
 namespace cuda {
 namespace {
 
@@ -642,12 +642,12 @@ int launch_typed(const DecodeArgs& a, int64_t batch, int64_t kv_heads, cudaStrea
     rope_decode_kernel<T, D, 2><<<grid, kThreads, 0, stream>>>(a);
   else
     rope_decode_kernel<T, D, 1><<<grid, kThreads, 0, stream>>>(a);
-  KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (a.splits > 1) {
     rope_decode_merge_kernel<T, D><<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(batch)),
                                      std::min(D, 128), 0, stream>>>(a.ws, a.planes, a.seqlens, a.seq64, a.max_pos,
                                                                     a.out, a.o_sb, a.o_sh, a.heads, a.splits);
-    KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return 0;
 }
@@ -676,7 +676,7 @@ int launch_rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, 
                                  int64_t out_stride_h, int64_t table_stride, int dtype, bool seqlens_int64,
                                  float softmax_scale, int64_t splits, int device, uintptr_t stream) {
   if (batch == 0) return 0;
-  KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
+  LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   DecodeArgs a{};
   a.q = reinterpret_cast<const void*>(q);
   a.k_new = reinterpret_cast<const void*>(k_new);
@@ -712,4 +712,4 @@ int launch_rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, 
 }
 
 }  // namespace cuda
-}  // namespace kernels
+}  // namespace llama_kernels

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine: build kernels._C, run the GPU tests, then the GPU benchmarks.
+# On a GPU machine: build llama_kernels._C, run the GPU tests, then the GPU benchmarks.
 # Everything it produces goes to the folder given as the only argument.
 #   usage: tests/gpu/run.sh OUTDIR
 # Environment (all optional):
@@ -26,7 +26,7 @@ if ! "$python" -m pip install -e . --no-build-isolation --no-deps >"$out/build.l
   echo "build failed; see $out/build.log"
   exit 1
 fi
-"$python" -c "import json, kernels; print(json.dumps(kernels.build_info(), indent=1))" | tee "$out/build_info.json"
+"$python" -c "import json, llama_kernels; print(json.dumps(llama_kernels.build_info(), indent=1))" | tee "$out/build_info.json"
 
 tests_rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then

@@ -6,13 +6,13 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels.int4_matmul  # noqa: F401
-from kernels import _dispatch
-from kernels.int4_matmul import cuda_iterations, cuda_splits, dequantize, quantize_int4, quantize_nf4
+import llama_kernels
+import llama_kernels.int4_matmul  # noqa: F401
+from llama_kernels import _dispatch
+from llama_kernels.int4_matmul import cuda_iterations, cuda_splits, dequantize, quantize_int4, quantize_nf4
 
 pytestmark = pytest.mark.gpu
-mod = sys.modules["kernels.int4_matmul"]
+mod = sys.modules["llama_kernels.int4_matmul"]
 
 # (N, K): LLaMA projections, and ragged ones: N not a multiple of the 16-row tile, K = 65 chunks
 # (the last iteration of 4 chunks is partial), and a tiny one.
@@ -148,13 +148,13 @@ def test_dispatch_by_dtype(monkeypatch, caplog):
     qw, w = _weight("nf4", 4096, 4096, 64)
     x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        y = kernels.int4_matmul(x, qw)
+        y = llama_kernels.int4_matmul(x, qw)
     assert calls == [10] and y.shape == (2, 5, 4096) and y.dtype == torch.float16
     assert _rel_err(y.reshape(10, -1), x.reshape(10, -1).float() @ w.t()) < REL_ERR[torch.float16]
-    with caplog.at_level("INFO", logger="kernels"), torch.no_grad():
-        kernels.int4_matmul(x.float(), qw)  # fp32 activations go to Triton
-        kernels.int4_matmul(torch.randn(40, 4096, device="cuda", dtype=torch.float16), qw)  # so do 17..127 rows
-        kernels.int4_matmul(torch.randn(200, 4096, device="cuda", dtype=torch.float16), qw)  # dequantize + cuBLAS
+    with caplog.at_level("INFO", logger="llama_kernels"), torch.no_grad():
+        llama_kernels.int4_matmul(x.float(), qw)  # fp32 activations go to Triton
+        llama_kernels.int4_matmul(torch.randn(40, 4096, device="cuda", dtype=torch.float16), qw)  # so do 17..127 rows
+        llama_kernels.int4_matmul(torch.randn(200, 4096, device="cuda", dtype=torch.float16), qw)  # dequantize + cuBLAS
     assert calls == [10, 200]
     assert any("using triton instead of cuda" in r.getMessage() for r in caplog.records)
 
@@ -162,7 +162,7 @@ def test_dispatch_by_dtype(monkeypatch, caplog):
 def test_autograd_uses_the_cuda_dequantize():
     qw, w = _weight("int4", 2048, 5504, 128)
     x = torch.randn(4, 64, 5504, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = kernels.int4_matmul(x, qw)
+    y = llama_kernels.int4_matmul(x, qw)
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, dy)
     assert _rel_err(y, x.detach().float() @ w.t()) < REL_ERR[torch.bfloat16]
@@ -176,11 +176,11 @@ def test_in_a_cuda_graph(m):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.no_grad():
-        kernels.int4_matmul(x, qw)
+        llama_kernels.int4_matmul(x, qw)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with kernels.use_backend("cuda"), torch.no_grad(), torch.cuda.graph(graph):
-        out = kernels.int4_matmul(x, qw)
+    with llama_kernels.use_backend("cuda"), torch.no_grad(), torch.cuda.graph(graph):
+        out = llama_kernels.int4_matmul(x, qw)
     first = x.float() @ w.t()
     for _ in range(2):
         x.copy_(torch.randn_like(x))

@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels.int4_matmul  # noqa: F401
-from kernels.int4_matmul import dequantize, quantize_int4, quantize_nf4
+import llama_kernels
+import llama_kernels.int4_matmul  # noqa: F401
+from llama_kernels.int4_matmul import dequantize, quantize_int4, quantize_nf4
 
 pytestmark = pytest.mark.gpu
-mod = sys.modules["kernels.int4_matmul"]
+mod = sys.modules["llama_kernels.int4_matmul"]
 
 # (N, K): LLaMA-7B-ish projections (4096x4096, 11008 -> 5504 halves) and their transposes.
 SHAPES = [(4096, 4096), (5504, 2048), (2048, 5504)]
@@ -21,14 +21,14 @@ REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def _op():
-    op = getattr(kernels, "int4_matmul", None)
+    op = getattr(llama_kernels, "int4_matmul", None)
     if not callable(op):
-        from kernels.int4_matmul import int4_matmul as op
+        from llama_kernels.int4_matmul import int4_matmul as op
     return op
 
 
 def _tri():
-    from kernels.triton import int4_matmul as tri
+    from llama_kernels.triton import int4_matmul as tri
 
     return tri
 
@@ -95,7 +95,7 @@ def test_public_op_on_cuda_reaches_triton(monkeypatch):
     monkeypatch.setitem(mod.BACKENDS, "triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     qw, w = _weight("nf4", 4096, 4096, 64)
     x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.bfloat16)
-    with kernels.use_backend("triton"), torch.no_grad():
+    with llama_kernels.use_backend("triton"), torch.no_grad():
         y = _op()(x, qw)
     assert calls == [10] and y.shape == (2, 5, 4096) and y.dtype == torch.bfloat16
     assert _rel_err(y.reshape(10, -1), x.reshape(10, -1).float() @ w.t()) < REL_ERR[torch.bfloat16]
@@ -104,7 +104,7 @@ def test_public_op_on_cuda_reaches_triton(monkeypatch):
 def test_autograd_bf16():
     qw, w = _weight("int4", 2048, 5504, 128)
     x = torch.randn(4, 64, 5504, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with kernels.use_backend("triton"):
+    with llama_kernels.use_backend("triton"):
         y = _op()(x, qw)
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, dy)
@@ -120,12 +120,12 @@ def test_decode_path_in_a_cuda_graph(m):
     op = _op()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), kernels.use_backend("triton"), torch.no_grad():
+    with torch.cuda.stream(stream), llama_kernels.use_backend("triton"), torch.no_grad():
         for _ in range(2):  # compile outside the capture
             op(x, qw)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with kernels.use_backend("triton"), torch.no_grad(), torch.cuda.graph(graph):
+    with llama_kernels.use_backend("triton"), torch.no_grad(), torch.cuda.graph(graph):
         out = op(x, qw)
     first = x.float() @ w.t()
     for _ in range(2):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.rope_attention import rope_attention_reference, rope_decode_attention_reference
+import llama_kernels
+from llama_kernels.rope_attention import rope_attention_reference, rope_decode_attention_reference
 from tests.attention_cases import check_training, cu_from_lengths, qkv, tables
 from tests.helpers import assert_close, poisoned
 
@@ -53,12 +53,12 @@ def test_dropout_matches_the_seeded_mask(dtype):
     q, k, v = qkv((2, 300, 4, 64), 2, dtype, "cuda")
     cos, sin = tables(300, 64, "cuda")
     out = check_training(q, k, v, cos, sin, dropout_p=0.2, seed=77)
-    again = kernels.rope_attention(q, k, v, cos, sin, dropout_p=0.2, dropout_seed=77)
+    again = llama_kernels.rope_attention(q, k, v, cos, sin, dropout_p=0.2, dropout_seed=77)
     assert torch.equal(out, again)
 
 
 def test_outputs_are_fully_written_and_forward_is_deterministic():
-    from kernels.triton import rope_attention as tri
+    from llama_kernels.triton import rope_attention as tri
 
     b, s, h, hk, d = 2, 1111, 8, 2, 128
     q, k, v = qkv((b, s, h, d), hk, torch.bfloat16, "cuda")
@@ -83,7 +83,7 @@ def test_strided_inputs_from_a_fused_qkv_projection():
     q, k, v = qkv_out[:, :, :h], qkv_out[:, :, h:h + hk], qkv_out[:, :, h + hk:]
     cos, sin = tables(s, d, "cuda")
     check_training(q, k, v, cos, sin)
-    out = kernels.rope_attention(q, k, v, cos, sin)
+    out = llama_kernels.rope_attention(q, k, v, cos, sin)
     assert_close(out, rope_attention_reference(q, k, v, cos, sin), torch.float16, scale=2)
 
 
@@ -92,7 +92,7 @@ def test_under_torch_compile():
     cos, sin = tables(257, 64, "cuda")
 
     def f(q, k, v):
-        return kernels.rope_attention(q, k, v, cos, sin).float().square().sum()
+        return llama_kernels.rope_attention(q, k, v, cos, sin).float().square().sum()
 
     eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
@@ -103,7 +103,7 @@ def test_under_torch_compile():
 def test_opcheck():
     q, k, v = qkv((1, 130, 4, 64), 2, torch.bfloat16, "cuda")
     cos, sin = tables(130, 64, "cuda")
-    torch.library.opcheck(torch.ops.kernels.rope_attention_fwd.default,
+    torch.library.opcheck(torch.ops.llama_kernels.rope_attention_fwd.default,
                           (q, k, v, cos, sin, None, None, 130, True, 0.125, 0.0, 0))
 
 
@@ -111,12 +111,12 @@ def test_wrong_device_is_named():
     q, k, v = qkv((1, 16, 4, 64), 2, torch.bfloat16, "cuda")
     cos, sin = tables(16, 64)  # left on the CPU
     with pytest.raises(ValueError, match="cos: is on cpu"):
-        kernels.rope_attention(q, k, v, cos, sin)
+        llama_kernels.rope_attention(q, k, v, cos, sin)
 
 
 # ----------------------------------------------------------------------------- decode
 def _decode_backends():
-    return [b for b in ("cuda", "triton") if b in kernels.available_backends("cuda")]
+    return [b for b in ("cuda", "triton") if b in llama_kernels.available_backends("cuda")]
 
 
 def _decode_case(batch, heads, kv_heads, head_dim, capacity, lengths, dtype):
@@ -139,15 +139,15 @@ def _decode_case(batch, heads, kv_heads, head_dim, capacity, lengths, dtype):
 ])
 def test_decode_matches_reference(backend, dtype, heads, kv_heads, head_dim, lengths, capacity):
     if backend not in _decode_backends():
-        pytest.fail(f"{backend} unavailable on this GPU machine: {kernels.build_info()}")
+        pytest.fail(f"{backend} unavailable on this GPU machine: {llama_kernels.build_info()}")
     q, k_new, v_new, k_cache, v_cache, seqlens = _decode_case(len(lengths), heads, kv_heads, head_dim, capacity,
                                                               lengths, dtype)
     cos, sin = tables(capacity, head_dim, "cuda")
     ref_k, ref_v = k_cache.double(), v_cache.double()
     expect = rope_decode_attention_reference(q.double(), k_new.double(), v_new.double(), ref_k, ref_v, seqlens, cos, sin)
     before_k = k_cache.clone()
-    with kernels.use_backend(backend):
-        out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
+    with llama_kernels.use_backend(backend):
+        out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
     assert_close(out, expect, dtype)
     rows = torch.arange(len(lengths), device="cuda")
     assert_close(k_cache[rows, seqlens], ref_k[rows, seqlens], dtype)
@@ -163,11 +163,11 @@ def test_decode_in_a_cuda_graph_follows_the_lengths(backend):
         pytest.fail(f"{backend} unavailable on this GPU machine")
     q, k_new, v_new, k_cache, v_cache, seqlens = _decode_case(4, 16, 4, 128, 4096, [10, 0, 4000, 77], torch.bfloat16)
     cos, sin = tables(4096, 128, "cuda")
-    with kernels.use_backend(backend):
-        kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)  # compile, warm up
+    with llama_kernels.use_backend(backend):
+        llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)  # compile, warm up
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
+            out = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
     for lengths in ([11, 1, 4001, 78], [2000, 3, 5, 4095]):
         seqlens.copy_(torch.tensor(lengths))
         ref_k, ref_v = k_cache.double(), v_cache.double()
@@ -181,6 +181,6 @@ def test_decode_under_torch_compile_matches_eager():
     q, k_new, v_new, k_cache, v_cache, seqlens = _decode_case(2, 16, 16, 128, 1024, [100, 900], torch.bfloat16)
     cos, sin = tables(1024, 128, "cuda")
     kc, vc = k_cache.clone(), v_cache.clone()
-    eager = kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
-    compiled = torch.compile(kernels.rope_decode_attention, fullgraph=True)(q, k_new, v_new, kc, vc, seqlens, cos, sin)
+    eager = llama_kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
+    compiled = torch.compile(llama_kernels.rope_decode_attention, fullgraph=True)(q, k_new, v_new, kc, vc, seqlens, cos, sin)
     assert torch.equal(eager, compiled) and torch.equal(k_cache, kc) and torch.equal(v_cache, vc)

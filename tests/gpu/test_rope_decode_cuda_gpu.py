@@ -1,5 +1,5 @@
 """The CUDA decode kernel (csrc/cuda/rope_decode.cu) called directly through
-kernels._rope_decode_cuda.decode: RoPE on q and k_new, the append to the cache and split-K
+llama_kernels._rope_decode_cuda.decode: RoPE on q and k_new, the append to the cache and split-K
 attention against an fp32 reference written here. Ragged lengths (0, 1, near capacity), GQA
 groups of 1 to 24 heads, every head dim, both dtypes, two cache layouts, unaligned inputs, split
 counts with empty splits; poisoned outputs and cache slots; determinism; CUDA-graph replay with
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from kernels import _dispatch
-from kernels import _rope_decode_cuda as rdc
+from llama_kernels import _dispatch
+from llama_kernels import _rope_decode_cuda as rdc
 
 pytestmark = pytest.mark.gpu
 

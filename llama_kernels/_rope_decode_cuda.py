@@ -2,7 +2,7 @@
 k_new, the append to the KV cache and split-K (flash-decoding) attention in one launch, plus a
 merge launch when the cache is split.
 
-Inputs arrive validated by kernels/rope_attention.py; `unsupported` names what this kernel cannot
+Inputs arrive validated by llama_kernels/rope_attention.py; `unsupported` names what this kernel cannot
 take (the caller falls back to Triton). The C++ entry point checks its arguments again and
 returns them as ValueError naming the argument.
 """
@@ -67,7 +67,7 @@ def unsupported(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
 def entry_args(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
                workspace: torch.Tensor, softmax_scale: float, splits: int) -> dict:
-    """The arguments of kernels._C.rope_decode_attention_cuda, by name and in order."""
+    """The arguments of llama_kernels._C.rope_decode_attention_cuda, by name and in order."""
     batch, _, heads, head_dim = q.shape
     return dict(
         q=q.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), k_cache=k_cache.data_ptr(),

@@ -189,7 +189,7 @@ def _dequantize_fast(packed, scales, zeros, lut, group_size, dtype) -> torch.Ten
     return _dequantize_any(packed, scales, zeros, lut, group_size, dtype)
 
 
-@torch.library.custom_op("kernels::int4_dequantize", mutates_args=())
+@torch.library.custom_op("llama_kernels::int4_dequantize", mutates_args=())
 def dequantize_op(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], lut: torch.Tensor,
                   group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized (N, K) weight in `dtype`, as one op for torch.compile and AOT autograd."""
@@ -444,7 +444,7 @@ def _forward(x, packed, scales, zeros, lut, group_size):
     return _forward_parts(x, ((packed, scales, zeros),), lut, group_size)
 
 
-@torch.library.custom_op("kernels::int4_matmul", mutates_args=())
+@torch.library.custom_op("llama_kernels::int4_matmul", mutates_args=())
 def _int4_matmul_op(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
     lut: torch.Tensor, group_size: int,

@@ -1,7 +1,7 @@
 """Compiled kernels for LLaMA-family models: Triton, CUDA and C++ CPU, each with a PyTorch reference.
 
-Public ops choose a backend per call (see kernels._dispatch): CUDA, then Triton, then C++ CPU
-or the reference. `KERNELS_BACKEND=torch|triton|cuda|cpu` or `use_backend(...)` forces one.
+Public ops choose a backend per call (see llama_kernels._dispatch): CUDA, then Triton, then C++ CPU
+or the reference. `LLAMA_KERNELS_BACKEND=torch|triton|cuda|cpu` or `use_backend(...)` forces one.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-from ._dispatch import BACKENDS, available_backends, capabilities, use_backend
+from ._dispatch import BACKENDS, available_backends, capabilities, use_backend, warn_old_env_names
 from .int4_matmul import (
     QuantizedWeight,
     dequantize,
@@ -29,6 +29,7 @@ from .rope_attention import (
 )
 
 __version__ = "0.1.0"
+DISTRIBUTION = "llama-kernels"  # the PyPI name; `llama` checks it, since its ops come from here
 __all__ = [
     "BACKENDS",
     "QuantizedWeight",
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 
+warn_old_env_names()
+
+
 def build_info() -> dict:
     """How the kernels were built and what this process can run."""
     caps = capabilities()
@@ -75,6 +79,6 @@ def build_info() -> dict:
             "cpu": available_backends("cpu"),
             **({"cuda": available_backends("cuda")} if caps.cuda_available else {}),
         },
-        forced_backend=os.environ.get("KERNELS_BACKEND") or None,
+        forced_backend=os.environ.get("LLAMA_KERNELS_BACKEND") or None,
     )
     return info

@@ -1,6 +1,6 @@
 """Triton int4 / NF4 weight-only matmul: y = x @ W^T with W = lut[q] * scale (+ zero).
 
-Two kernels, chosen by the number of rows M of x (see kernels/int4_matmul.py for the formats):
+Two kernels, chosen by the number of rows M of x (see llama_kernels/int4_matmul.py for the formats):
 
 * **GEMV** (M <= SMALL_M_MAX, decode): each program owns BLOCK_N output columns, up to 4 rows and
   a K range. It streams the packed bytes of its columns, dequantizes in fp32 and multiplies on
@@ -416,7 +416,7 @@ def gemm(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
 
 
 def int4_matmul(x2, packed, scales, zeros, lut, group_size, y):
-    """The backend entry point (see kernels/int4_matmul.py): writes y (M, N) = x2 @ W^T."""
+    """The backend entry point (see llama_kernels/int4_matmul.py): writes y (M, N) = x2 @ W^T."""
     kernel = gemv if x2.shape[0] <= SMALL_M_MAX else gemm
     # Triton launches on the current device: make it x's (a no-op in the usual one-GPU case).
     on_other_gpu = x2.is_cuda and x2.device.index != torch.cuda.current_device()

@@ -2,15 +2,15 @@
 
 Each op runs on one of four backends, tried in this order for the tensor's device:
 
-* ``cuda``   - hand-written CUDA kernels in ``kernels._C`` (CUDA tensors, module built with nvcc)
+* ``cuda``   - hand-written CUDA kernels in ``llama_kernels._C`` (CUDA tensors, module built with nvcc)
 * ``triton`` - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
   and then only when forced, since the interpreter is for testing, not speed)
-* ``cpu``    - C++ kernels in ``kernels._C`` (CPU tensors)
+* ``cpu``    - C++ kernels in ``llama_kernels._C`` (CPU tensors)
 * ``torch``  - the PyTorch reference, always available
 
-``KERNELS_BACKEND=torch|triton|cuda|cpu`` or ``with kernels.use_backend(...)`` forces one; a
+``LLAMA_KERNELS_BACKEND=torch|triton|cuda|cpu`` or ``with llama_kernels.use_backend(...)`` forces one; a
 forced backend that cannot run the call raises. An automatic fallback is logged once per op and
-reason on the ``kernels`` logger.
+reason on the ``llama_kernels`` logger.
 """
 from __future__ import annotations
 
@@ -25,21 +25,34 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("llama_kernels")
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # Codes for the dtypes the compiled kernels take; must match DType in csrc/common.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kernels_backend", default=None)
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("llama_kernels_backend", default=None)
 _logged: set[tuple[str, str]] = set()
+
+# Environment variables this project read before its ops package was renamed. Hugging Face's
+# `kernels` package reads KERNELS_*-prefixed variables too, so these names are no longer read.
+OLD_ENV_NAMES = ("KERNELS_BACKEND", "KERNELS_CPU_ISA", "KERNELS_CUDA_ARCHS", "KERNELS_NO_CUDA",
+                 "KERNELS_NATIVE", "KERNELS_DEBUG")
+
+
+def warn_old_env_names(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Log one line for each old variable name still set, naming its replacement; the names."""
+    stale = [name for name in OLD_ENV_NAMES if name in environ]
+    for name in stale:
+        log.warning("%s is set but no longer read; set LLAMA_%s instead", name, name)
+    return stale
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    ext: object  # the kernels._C module, or None
-    ext_error: Optional[str]  # why kernels._C could not be imported
-    ext_cuda: bool  # kernels._C was built with CUDA
+    ext: object  # the llama_kernels._C module, or None
+    ext_error: Optional[str]  # why llama_kernels._C could not be imported
+    ext_cuda: bool  # llama_kernels._C was built with CUDA
     triton_version: Optional[str]
     triton_error: Optional[str]
     interpreter: bool  # TRITON_INTERPRET=1
@@ -49,10 +62,10 @@ class Capabilities:
 @functools.lru_cache(maxsize=None)
 def capabilities() -> Capabilities:
     try:
-        ext = importlib.import_module("kernels._C")
+        ext = importlib.import_module("llama_kernels._C")
         ext_error = None
     except ImportError as e:  # not built (source checkout) or built for another Python
-        ext, ext_error = None, f"kernels._C is not importable ({e}); build it with `pip install -e .`"
+        ext, ext_error = None, f"llama_kernels._C is not importable ({e}); build it with `pip install -e .`"
     try:
         import triton
 
@@ -79,13 +92,13 @@ def ext():
 
 
 def forced_backend() -> Optional[str]:
-    """The backend forced by use_backend() or KERNELS_BACKEND, or None for automatic choice."""
-    name = _forced.get() or os.environ.get("KERNELS_BACKEND")
+    """The backend forced by use_backend() or LLAMA_KERNELS_BACKEND, or None for automatic choice."""
+    name = _forced.get() or os.environ.get("LLAMA_KERNELS_BACKEND")
     if not name:
         return None
     name = name.strip().lower() or None
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"KERNELS_BACKEND: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"LLAMA_KERNELS_BACKEND: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
 
@@ -119,7 +132,7 @@ def host_sync_allowed(t: torch.Tensor) -> bool:
 
 
 def cuda_call(fn: Callable[..., str], *args) -> None:
-    """Call a CUDA entry point of kernels._C, which returns "" or "ValueError: ..." /
+    """Call a CUDA entry point of llama_kernels._C, which returns "" or "ValueError: ..." /
     "RuntimeError: ..." instead of throwing (see csrc/cuda/kernels_cuda.h), and raise its error."""
     err = fn(*args)
     if err:
@@ -142,7 +155,7 @@ def _unavailable(backend: str, device_type: str) -> Optional[str]:
             return f"the cuda backend needs CUDA tensors, got {device_type}"
         if caps.ext is None:
             return caps.ext_error
-        return None if caps.ext_cuda else "kernels._C was built without CUDA"
+        return None if caps.ext_cuda else "llama_kernels._C was built without CUDA"
     if backend == "cpu":
         if device_type != "cpu":
             return f"the cpu backend needs CPU tensors, got {device_type}"

@@ -12,7 +12,7 @@ other, and each sequence's positions restart at 0. cos and sin are (positions, D
 (llama.model.rope_tables); RoPE is half-split (element i pairs with i + D/2), the model's
 convention.
 
-Backends: Triton for fp16/bf16 CUDA tensors (kernels/triton/rope_attention.py); for decoding also
+Backends: Triton for fp16/bf16 CUDA tensors (llama_kernels/triton/rope_attention.py); for decoding also
 a CUDA kernel (csrc/cuda/rope_decode.cu) and a C++ CPU kernel (csrc/cpu/rope_decode.cpp). fp32
 CUDA tensors, CPU training calls and anything a kernel cannot take go to the reference below,
 which computes in fp32.
@@ -265,7 +265,7 @@ def _lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, int]:
     return q.shape[-2], tokens
 
 
-@torch.library.custom_op("kernels::rope_attention_fwd", mutates_args=())
+@torch.library.custom_op("llama_kernels::rope_attention_fwd", mutates_args=())
 def rope_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor], max_seqlen: int, causal: bool,
@@ -288,7 +288,7 @@ def _(q, k, v, cos, sin, cu_seqlens, positions, max_seqlen, causal, softmax_scal
         _lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::rope_attention_bwd", mutates_args=())
+@torch.library.custom_op("llama_kernels::rope_attention_bwd", mutates_args=())
 def rope_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -390,7 +390,7 @@ def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optiona
         return reason
     ext = _dispatch.ext()
     if not hasattr(ext, "rope_decode_attention_cuda"):
-        return "kernels._C has no rope_decode_attention_cuda (rebuild it)"
+        return "llama_kernels._C has no rope_decode_attention_cuda (rebuild it)"
     from . import _rope_decode_cuda
 
     return _rope_decode_cuda.unsupported(q, *tensors)
@@ -410,7 +410,7 @@ def _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out,
 
 def _cpu_decode_unsupported() -> Optional[str]:
     ext = _dispatch.ext()
-    return None if hasattr(ext, "rope_decode_attention_cpu") else "kernels._C has no rope_decode_attention_cpu"
+    return None if hasattr(ext, "rope_decode_attention_cpu") else "llama_kernels._C has no rope_decode_attention_cpu"
 
 
 def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale: float) -> torch.Tensor:
@@ -447,7 +447,7 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     return out
 
 
-@torch.library.custom_op("kernels::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("llama_kernels::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def rope_decode_attention_op(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,

@@ -222,7 +222,7 @@ def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y, s
 
 
-@torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("llama_kernels::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, rstd): y like x, rstd = 1/rms per row in fp32 with shape x.shape[:-1]."""
     y, _, rstd = _forward(x, weight, eps)
@@ -234,7 +234,7 @@ def _(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("llama_kernels::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     grad_x_direct: Optional[torch.Tensor] = None,
@@ -280,7 +280,7 @@ def _backward(ctx, grad_y, _grad_rstd):
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("kernels::add_rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("llama_kernels::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(
     x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

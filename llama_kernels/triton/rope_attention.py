@@ -1,4 +1,4 @@
-"""Triton kernels for attention with the rotary embedding applied inside (see kernels/rope_attention.py).
+"""Triton kernels for attention with the rotary embedding applied inside (see llama_kernels/rope_attention.py).
 
 Layout: q (tokens, H, D) and k, v (tokens, Hkv, D) addressed through strides, so the dense
 (B, S, H, D) form and the packed varlen form (cu_seqlens) share every kernel. RoPE is half-split:
@@ -13,7 +13,7 @@ are two tl.dot's of width D/2. Rotated q and k never leave registers.
   head) that loops over the query heads of its GQA group, so dK and dV need no atomics. dQ and dK
   are rotated back (the transpose of the rotation) before they are stored.
 * Dropout: keep(row, col) comes from a counter-based hash of (seed, head, query token, key
-  index), recomputed in the backward; `dropout_keep_reference` in kernels/rope_attention.py is
+  index), recomputed in the backward; `dropout_keep_reference` in llama_kernels/rope_attention.py is
   the same hash in PyTorch, so tests compare against the exact mask.
 * Decode: flash-decoding over a KV cache, see `decode`.
 
