@@ -155,7 +155,13 @@ def time_cpu(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 
 
 def cpu_samples(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
                 min_reps: int = 5, max_reps: int = 10_000) -> list[float]:
-    """The per-call wall-clock samples (ms) behind :func:`time_cpu`."""
+    """The per-call wall-clock samples (ms) behind :func:`time_cpu`.
+
+    Not `torch.utils.benchmark.Timer.blocked_autorange`, which times blocks of calls and reports
+    block means: the records keep the spread of single calls (p20/p80), which is what shows a
+    busy host, and `--rounds` pools these samples across passes. The calls timed here take 10 µs
+    or more, so the clock's own cost (well under 1 µs) does not need blocks to amortize it.
+    `bench/micro` uses pytest-benchmark, which calibrates rounds itself, for single kernels."""
     fn = _cycle(calls)
     deadline = time.perf_counter() + warmup_s
     for i in itertools.count():
@@ -185,6 +191,12 @@ def time_cuda_graph(calls: Sequence[Call], *, rep_ms: float = 100, replays: int 
 
     The graph holds ``n`` calls cycling through ``calls``; each of ``replays``
     replays gives one sample of (replay time / n).
+
+    `triton.testing.do_bench_cudagraph` measures the same way (side-stream warm-up, a 5-call
+    estimate, unrolled calls in one graph, 10 replays) with one callable. This one stays because
+    it warms up every rotating copy before capture, not just the first call; captures whole
+    rounds, so each copy is replayed equally often; and caps the captured calls (a 5 µs op at
+    rep=100 ms would otherwise unroll 20,000 calls into one graph).
     """
     calls = list(calls)
     side = torch.cuda.Stream()

@@ -119,9 +119,9 @@ def main(argv=None) -> int:
 def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
     """Split counts for the Triton and CUDA decode kernels; one cache copy per call slot is enough
     past L2 at these lengths (the cache is 2*b*length*h*d*2 bytes)."""
-    from llama_kernels import _rope_decode_cuda
-    from llama_kernels import _dispatch
-    from llama_kernels.triton import rope_attention as tri
+    from llama_kernels import dispatch
+    from llama_kernels.cuda import rope_decode as cuda_decode
+    from llama_kernels.triton import rope_decode as tri
 
     capacity = length + 1
     q = torch.randn(b, 1, h, d, device="cuda", dtype=dtype)
@@ -135,15 +135,15 @@ def _tune_decode(f, b, h, length, dtype, dtype_name, device, d=128):
     copy_src = torch.empty(cache_bytes // 2, dtype=torch.uint8, device="cuda")
     copy_dst = torch.empty_like(copy_src)
     copy_ms = time_cuda_graph([lambda: copy_dst.copy_(copy_src)]).median_ms
-    sms = _dispatch.sm_count(q.device)
+    sms = dispatch.sm_count(q.device)
     defaults = {"triton": tri.decode_splits(b, h, capacity, sms),
-                "cuda": _rope_decode_cuda.splits_for(b, h, capacity, sms, d)}
+                "cuda": cuda_decode.splits_for(b, h, capacity, sms, d)}
     for backend in ("triton", "cuda"):
         for splits in sorted(set(DECODE_SPLITS + [defaults[backend]])):
             if backend == "triton":
                 fn = lambda: tri.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
             else:
-                fn = lambda: _rope_decode_cuda.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
+                fn = lambda: cuda_decode.decode(q, kn, vn, kc, vc, lens, cos, sin, out, 1 / math.sqrt(d), splits)  # noqa: E731
             ms = time_cuda_graph([fn]).median_ms  # launch overhead removed
             rec = {"kind": f"decode-{backend}", "splits": splits, "ms": ms, "gbps": cache_bytes / ms / 1e6,
                    "vs_copy": copy_ms / ms, "shape": [b, h, h, length, d], "dtype": dtype_name, "device": device,

@@ -1,6 +1,7 @@
 // llama_kernels._C: pybind11 bindings. No libtorch: arguments are addresses (Python ints), sizes,
-// strides, dtype codes and stream handles. The Python side (llama_kernels/*.py) validates tensors,
-// allocates outputs and passes tensor.data_ptr(). CPU kernels release the GIL while they run.
+// strides, dtype codes and stream handles. The Python side (llama_kernels/ops/*.py) validates tensors
+// and allocates outputs; its glue (llama_kernels/cpu/*.py, llama_kernels/cuda/*.py) passes
+// tensor.data_ptr(). CPU kernels release the GIL while they run.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -56,11 +57,19 @@ py::dict build_info() {
   return d;
 }
 
+// {"float32": 0, "float16": 1, "bfloat16": 2}: the DType codes the entry points take.
+py::dict dtype_codes() {
+  py::dict d;
+  for (llama_kernels::DType t : llama_kernels::kDTypes) d[llama_kernels::dtype_name(t)] = static_cast<int>(t);
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled kernels (C++ CPU and CUDA) behind the llama_kernels package";
   m.def("build_info", &build_info, "How this module was built");
+  m.def("dtype_codes", &dtype_codes, "The dtype codes the entry points take, by torch dtype name");
 
   // ------------------------------------------------------------------ CPU
   m.def("cpu_isas", &available_isas, "CPU instruction sets built in and supported here");

@@ -9,8 +9,10 @@
 
 namespace llama_kernels {
 
-// Must match DTYPE_CODES in llama_kernels/_dispatch.py.
+// The dtype codes of every entry point. Python reads them from the module (dtype_codes() in
+// bindings.cpp, built from kDTypes and dtype_name), so they are written down only here.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
 
 inline const char* dtype_name(DType t) {
   switch (t) {

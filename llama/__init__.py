@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer  # noqa: E402
 
 __version__ = llama_kernels.__version__
 
-# llama.generate (the module: generate(), Sampling, and `python -m llama.generate`) is imported on use.
+# Also importable: llama.generate (generate, Sampling), llama.quantize (quantize_, Int4Config, NF4Config),
+# llama.formats (one module per checkpoint format), llama.atomic (atomic writes), llama.data (sample data).
 __all__ = [
     "KVCache", "LLaMA", "ModelConfig", "PRESETS", "Tokenizer", "Transformer", "build", "checkpoint", "load", "save",
 ]

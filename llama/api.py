@@ -1,4 +1,4 @@
-"""The plain Python API: a model with its tokenizer.
+"""The plain Python API: `LLaMA` (a model with its tokenizer), `load`, `save` and `find_tokenizer`.
 
     import llama
     m = llama.load("stories42M.pt")                 # any checkpoint format; tokenizer found beside it
@@ -13,6 +13,7 @@ from typing import Optional, Sequence, TextIO, Union
 import torch
 
 from . import checkpoint
+from .generate import Sampling, generate
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -68,8 +69,6 @@ class LLaMA:
             raise TypeError("prompt: expected a string or a non-empty list of strings")
         if stream is not None and not single:
             raise ValueError("stream: only a single prompt can be streamed")
-        from .generate import Sampling, generate  # not at import: `python -m llama.generate` runs it
-
         tok = self.tokenizer
         ids = [tok.encode(p, bos=True) for p in prompts]
         decoder = tok.stream() if stream is not None else None

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama_kernels
-from llama_kernels._dispatch import host_sync_allowed
-from llama_kernels.rope_attention import rotate
+from llama_kernels.dispatch import host_sync_allowed
+from llama_kernels.ops.rope_attention import rotate
 
 from .config import ModelConfig
 
@@ -119,11 +119,11 @@ class Linear(nn.Linear):
     def _apply(self, fn, recurse=True):
         # .to() and friends give the weight new storage under the same Parameter: a joined
         # copy (see join_projections) no longer stands for it.
-        self.__dict__.pop("_joined", None)
+        forget_joined(self)
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
-        return _without_joined(self)
+        return without_joined(self)
 
     @staticmethod
     def store_joined(layers: Sequence["Linear"]) -> Optional[torch.Tensor]:
@@ -176,11 +176,17 @@ class _Joined:
     addresses: tuple[int, ...]  # where the parts' memory was (an in-place `.data =` moves it)
 
 
-def _without_joined(layer: nn.Module) -> dict:
+def without_joined(layer: nn.Module) -> dict:
     """A layer's state for copy and pickle, unjoined: a copy's weights no longer share memory."""
     state = nn.Module.__getstate__(layer)
     state.pop("_joined", None)
     return state
+
+
+def forget_joined(layer: nn.Module) -> None:
+    """Drop `layer`'s record of being joined (see join): for a layer whose weights are about to
+    move, so the joined copy no longer stands for them."""
+    layer.__dict__.pop("_joined", None)
 
 
 def _joined_parts(layers) -> tuple[torch.Tensor, ...]:

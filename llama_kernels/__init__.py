@@ -1,7 +1,10 @@
 """Compiled kernels for LLaMA-family models: Triton, CUDA and C++ CPU, each with a PyTorch reference.
 
-Public ops choose a backend per call (see llama_kernels._dispatch): CUDA, then Triton, then C++ CPU
+Public ops choose a backend per call (see llama_kernels.dispatch): CUDA, then Triton, then C++ CPU
 or the reference. `LLAMA_KERNELS_BACKEND=torch|triton|cuda|cpu` or `use_backend(...)` forces one.
+The ops live in llama_kernels/ops/, one module per op, with their backends beside them in
+llama_kernels/cpu/, llama_kernels/cuda/ and llama_kernels/triton/; the 4-bit weight format is
+llama_kernels/int4_format.py.
 """
 from __future__ import annotations
 
@@ -10,18 +13,12 @@ import platform
 
 import torch
 
-from ._dispatch import BACKENDS, available_backends, capabilities, use_backend, warn_old_env_names
-from .int4_matmul import (
-    QuantizedWeight,
-    dequantize,
-    int4_matmul,
-    int4_matmul_reference,
-    quantize_int4,
-    quantize_nf4,
-)
-from .linear import linear, linear_reference
-from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from .rope_attention import (
+from .dispatch import BACKENDS, available_backends, capabilities, use_backend, warn_old_env_names
+from .int4_format import QuantizedWeight, quantize_int4, quantize_nf4
+from .ops.int4_matmul import dequantize, int4_matmul, int4_matmul_reference
+from .ops.linear import linear, linear_reference
+from .ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from .ops.rope_attention import (
     rope_attention,
     rope_attention_reference,
     rope_decode_attention,

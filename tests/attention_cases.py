@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_kernels
-from llama_kernels.rope_attention import dropout_keep, rope_attention_reference, rotate
+from llama_kernels.ops.rope_attention import dropout_keep, rope_attention_reference, rotate
 
 FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from llama_kernels.triton import int4_matmul as tri_int4  # noqa: E402
 from llama_kernels.triton import rms_norm as tri_rms  # noqa: E402
 from llama_kernels.triton import rope_attention as tri  # noqa: E402
+from llama_kernels.triton import rope_decode as tri_decode  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KN", "VN", "KC", "VC"}
 FP32_TENSORS = {"COS", "SIN", "LSE", "DELTA", "PM", "PL", "PACC"}
@@ -58,18 +59,18 @@ def variants():
     for d, on, dtype in ((128, True, "bf16"), (64, False, "fp16"), (96, True, "fp16")):
         flags = dict(HEAD_DIM=d, HALF=d // 2, HPAD=tri.half_pad(d), DPAD=triton.next_power_of_2(d), CAUSAL=on,
                      VARLEN=on, DROPOUT=on, HAS_POS=on)
-        for kind, kernel in (("fwd", tri._fwd_kernel), ("dq", tri._bwd_dq_kernel), ("dkdv", tri._bwd_dkdv_kernel)):
-            block_m, block_n, warps, stages = tri._config(kind, d)
+        for kind, kernel in (("fwd", tri.fwd_kernel), ("dq", tri.bwd_dq_kernel), ("dkdv", tri.bwd_dkdv_kernel)):
+            block_m, block_n, warps, stages = tri.config(kind, d)
             c = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n)
             if kind == "fwd":
                 c["ROTATE_K"] = True
             yield f"{kind} D{d} flags={on} {dtype}", kernel, c, warps, stages, dtype
     for d, group, splits in ((128, 1, 33), (64, 8, 33), (128, 4, 1)):
-        c = dict(HEAD_DIM=d, HALF=d // 2, HPAD=d // 2, DPAD=d, G_PAD=max(16, group), BLOCK_N=tri.DECODE_BLOCK_N,
+        c = dict(HEAD_DIM=d, HALF=d // 2, HPAD=d // 2, DPAD=d, G_PAD=max(16, group), BLOCK_N=tri_decode.DECODE_BLOCK_N,
                  SPLITS=splits)
-        yield f"decode D{d} group {group} splits {splits}", tri._decode_kernel, c, 4, 2, "bf16"
+        yield f"decode D{d} group {group} splits {splits}", tri_decode.decode_kernel, c, 4, 2, "bf16"
     c = dict(HEAD_DIM=128, DPAD=128, SPLITS=33, SPLITS_PAD=64)
-    yield "decode combine", tri._decode_combine_kernel, c, 4, 1, "bf16"
+    yield "decode combine", tri_decode.decode_combine_kernel, c, 4, 1, "bf16"
 
 
 RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY": "*DT", "DS": "*DT", "DX": "*DT",
@@ -83,21 +84,21 @@ def other_variants():
         for one_block, block in ((True, 2048), (False, 4096)):
             for has_h in (False, True):
                 c = dict(BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=not has_h)
-                yield (f"rms_norm fwd one_block={one_block} add={has_h} {dtype}", tri_rms._fwd_kernel, c,
-                       tri_rms._num_warps(block), 3, dtype, RMS_TYPES)
+                yield (f"rms_norm fwd one_block={one_block} add={has_h} {dtype}", tri_rms.fwd_kernel, c,
+                       tri_rms.num_warps_for(block), 3, dtype, RMS_TYPES)
             for has_ds in (False, True):
-                yield (f"rms_norm bwd one_block={one_block} add={has_ds} {dtype}", tri_rms._bwd_kernel,
-                       dict(BLOCK=block, ONE_BLOCK=one_block, HAS_DS=has_ds), tri_rms._num_warps(block), 3, dtype,
+                yield (f"rms_norm bwd one_block={one_block} add={has_ds} {dtype}", tri_rms.bwd_kernel,
+                       dict(BLOCK=block, ONE_BLOCK=one_block, HAS_DS=has_ds), tri_rms.num_warps_for(block), 3, dtype,
                        RMS_TYPES)
     for group, linear in ((32, True), (128, False)):
         common = dict(GROUP=group, HAS_ZERO=linear, LINEAR_LUT=linear, SPLIT=True, EVEN_K=False)
         c = dict(common, GROUPS_PER_TILE=max(1, 256 // group), BLOCK_M=4, BLOCK_N=16)
-        yield f"int4 gemv group {group} lut={not linear}", tri_int4._gemv_kernel, c, 4, 2, "bf16", INT4_TYPES
+        yield f"int4 gemv group {group} lut={not linear}", tri_int4.gemv_kernel, c, 4, 2, "bf16", INT4_TYPES
         for m in (16, 64, 256):
-            cfg = tri_int4._gemm_config(m, None, group)
+            cfg = tri_int4.gemm_config(m, None, group)
             c = dict(common, GROUPS_PER_TILE=max(1, cfg["block_k"] // group), BLOCK_M=cfg["block_m"],
                      BLOCK_N=cfg["block_n"], DOT_K=min(cfg["dot_k"], group // 2), GROUP_M=8, FP32_DOT=False)
-            yield (f"int4 gemm M={m} group {group} lut={not linear}", tri_int4._gemm_kernel, c, cfg["num_warps"],
+            yield (f"int4 gemm M={m} group {group} lut={not linear}", tri_int4.gemm_kernel, c, cfg["num_warps"],
                    cfg["num_stages"], "bf16", INT4_TYPES)
 
 

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from llama_kernels import _dispatch
+from llama_kernels import dispatch
 
 # (atol, rtol) for a kernel's output against the fp32 reference cast to the same dtype.
 TOLERANCE = {
@@ -27,9 +27,9 @@ def assert_close(actual, expected, dtype, scale=1.0):
 def cpu_backends():
     """Backends testable on CPU tensors: the reference, the C++ kernels, Triton's interpreter."""
     backends = ["torch"]
-    if _dispatch.unavailable("cpu", torch.device("cpu")) is None:
+    if dispatch.unavailable("cpu", torch.device("cpu")) is None:
         backends.append("cpu")
-    if _dispatch.unavailable("triton", torch.device("cpu")) is None:
+    if dispatch.unavailable("triton", torch.device("cpu")) is None:
         backends.append("triton")
     return backends
 

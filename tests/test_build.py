@@ -44,12 +44,42 @@ def test_cpu_entry_points_check_their_arguments():
         ext.set_cpu_isa("sse9")
 
 
+def test_dtype_codes_come_from_the_extension():
+    """The entry points' dtype codes are the C++ enum's (csrc/common.h), read from the module."""
+    ext = llama_kernels.capabilities().ext
+    assert ext.dtype_codes() == {"float32": 0, "float16": 1, "bfloat16": 2}
+    assert llama_kernels.dispatch.DTYPE_CODES == {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def test_import_and_reference_ops_work_without_the_extension():
+    """Without llama_kernels._C the package imports and the ops fall back to the reference; the
+    dtype codes, which only compiled backends need, say why they are missing."""
+    probe = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'llama_kernels._C':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, llama_kernels\n"
+        "assert llama_kernels.capabilities().ext is None\n"
+        "x, w = torch.randn(3, 8), torch.randn(8)\n"
+        "assert torch.equal(llama_kernels.rms_norm(x, w), llama_kernels.rms_norm_reference(x, w))\n"
+        "try:\n    llama_kernels.dispatch.DTYPE_CODES\n"
+        "except RuntimeError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_KERNELS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llama_kernels._C is not importable (blocked by the test)" in result.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_entry_point_without_a_device_raises():
     ext = llama_kernels.capabilities().ext
     match = "CUDA error" if ext.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=match):
-        llama_kernels._dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
+        llama_kernels.dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
 
 
 @pytest.mark.slow
@@ -75,8 +105,9 @@ def test_wheel_without_cuda_installs_only_our_names(tmp_path):
         names = z.namelist()
         tops = {name.split("/")[0] for name in names}
         assert tops == {"llama", "llama_kernels", f"llama_kernels-{llama_kernels.__version__}.dist-info"}, tops
-        for module in ("llama/generate.py", "llama_kernels/__init__.py", "llama_kernels/triton/rope_attention.py"):
-            assert module in names
+        sources = {p.relative_to(ROOT).as_posix() for package in ("llama", "llama_kernels")
+                   for p in (ROOT / package).rglob("*.py") if "__pycache__" not in p.parts}
+        assert sources and not sources - set(names), sorted(sources - set(names))  # every module, subpackages too
         (so,) = [name for name in names if re.fullmatch(r"llama_kernels/_C\.[^/]+\.so", name)]
         z.extract(so, tmp_path / "unpacked")
     probe = (
@@ -85,6 +116,7 @@ def test_wheel_without_cuda_installs_only_our_names(tmp_path):
         "C = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(C)\n"
         "assert C.build_info()['cuda'] is False\n"
+        "assert C.dtype_codes() == {'float32': 0, 'float16': 1, 'bfloat16': 2}\n"
         "try:\n    C.rms_norm_fwd_cuda(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0.0, 0, 0)\n"
         "except RuntimeError as e:\n    print(e)\n"
     )

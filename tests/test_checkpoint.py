@@ -14,6 +14,7 @@ import torch
 
 from llama import checkpoint as ck
 from llama.config import ModelConfig
+from llama.formats import hf, llama2c_bin, native
 from llama.model import apply_rope, build, rope_tables
 from tests.helpers import require_transformers
 
@@ -567,7 +568,7 @@ def test_save_refuses_what_a_format_cannot_hold(models, tmp_path):
 def test_failed_file_save_leaves_previous_checkpoint(models, monkeypatch, tmp_path):
     path = ck.save(models["gqa-tied"], tmp_path / "model.bin", "llama2c-bin-v1")
     before = snapshot(tmp_path)
-    real, calls = ck._write_f32, []
+    real, calls = llama2c_bin._write_f32, []
 
     def failing(f, t):
         calls.append(1)
@@ -575,7 +576,7 @@ def test_failed_file_save_leaves_previous_checkpoint(models, monkeypatch, tmp_pa
         if len(calls) == 5:
             raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_write_f32", failing)
+    monkeypatch.setattr(llama2c_bin, "_write_f32", failing)
     with pytest.raises(OSError, match="disk full"):
         ck.save(models["mha-untied"], path, "llama2c-bin-v1")
     assert snapshot(tmp_path) == before
@@ -590,7 +591,8 @@ def test_failed_directory_save_leaves_previous_checkpoint(fmt, shard, models, mo
     path = ck.save(models["gqa-tied"], tmp_path / "ckpt", fmt, max_shard_bytes=shard)
     (path / "tokenizer.model").write_bytes(b"tokenizer")
     before = snapshot(tmp_path)
-    real, calls = ck._save_safetensors, []
+    writer = {"hf": hf, "native": native}[fmt]  # the format module that writes the safetensors files
+    real, calls = writer.save_safetensors, []
     fail_at = 2 if shard else 1  # sharded: after one shard was written in full
 
     def failing(tensors, p):
@@ -600,7 +602,7 @@ def test_failed_directory_save_leaves_previous_checkpoint(fmt, shard, models, mo
             raise OSError("disk full")
         real(tensors, p)
 
-    monkeypatch.setattr(ck, "_save_safetensors", failing)
+    monkeypatch.setattr(writer, "save_safetensors", failing)
     for target in (path, tmp_path / "fresh"):  # over the old checkpoint, and into a new directory
         calls.clear()
         with pytest.raises(OSError, match="disk full"):

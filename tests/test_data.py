@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llama import data
+from llama.data import __main__ as data_cli
 from llama.data import (ChecksumError, SampleFiles, SampleUnavailable, batches, fetch_sample, sample_files,
                         tokenize_file, train_val_split)
 from llama.tokenizer import Tokenizer
@@ -60,7 +61,7 @@ def test_cached_sample_is_not_downloaded_again(sample, no_download, capsys):
     root = sample.text.parent.parent
     assert sample_files() == sample
     assert fetch_sample(root) == sample
-    assert data.main(["fetch-sample", "--cache-dir", str(root)]) == 0
+    assert data_cli.main(["fetch-sample", "--cache-dir", str(root)]) == 0
     assert str(sample.text) in capsys.readouterr().out
     assert [sample.text.stat().st_mtime_ns, sample.tokenizer_model.stat().st_mtime_ns] == mtimes
 
@@ -129,7 +130,7 @@ def test_unavailable_and_cache_dir(tmp_path, monkeypatch, no_download):
     monkeypatch.setattr(data, "download_sdist", offline)
     with pytest.raises(SampleUnavailable, match="no network"):
         sample_files(tmp_path / "empty")
-    assert data.main(["fetch-sample", "--cache-dir", str(tmp_path / "empty")]) == 1
+    assert data_cli.main(["fetch-sample", "--cache-dir", str(tmp_path / "empty")]) == 1
 
 
 # --- token streams ---

@@ -1,15 +1,14 @@
 """4-bit formats and the CPU int4/NF4 matmul: quantization quality, packing, kernel vs reference."""
-import sys
-
 import pytest
 import torch
 
 import llama_kernels
-import llama_kernels.int4_matmul  # noqa: F401
 from llama_kernels import QuantizedWeight, dequantize, int4_matmul, int4_matmul_reference, quantize_int4, quantize_nf4
+from llama_kernels import int4_format
+from llama_kernels.cpu import int4_matmul as cpu_int4
+from llama_kernels.cuda import int4_matmul as cuda_int4
 from tests.helpers import poisoned
 
-im = sys.modules["llama_kernels.int4_matmul"]
 EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
 
@@ -41,15 +40,15 @@ def test_quantization_quality(fmt, group, double_quant, min_db):
 
 def test_pack_layout_and_round_trip():
     q = torch.randint(0, 16, (3, 64))
-    packed = im.pack_codes(q)
+    packed = int4_format.pack_codes(q)
     # byte j of a 32-code chunk: code j in the low nibble, code j + 16 in the high nibble
     assert packed[1, 5].item() == q[1, 5].item() | (q[1, 21].item() << 4)
     assert packed[2, 16 + 3].item() == q[2, 32 + 3].item() | (q[2, 48 + 3].item() << 4)
-    assert torch.equal(im.unpack_codes(packed), q)
+    assert torch.equal(int4_format.unpack_codes(packed), q)
 
 
 def test_nf4_code_book():
-    code = im.NF4_CODE
+    code = int4_format.NF4_CODE
     assert code.shape == (16,) and code[0] == -1 and code[-1] == 1 and (code == 0).sum() == 1
     assert torch.all(code[1:] > code[:-1])
     torch.testing.assert_close(code[8], torch.tensor(0.0796), atol=1e-4, rtol=0)
@@ -61,11 +60,11 @@ def test_nf4_picks_the_nearest_code():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
     w[0, :64] = torch.linspace(-1, 1, 64)  # the block's absmax is 1: the values are the normalised ones
     qw = quantize_nf4(w, 64)
-    codes = im.unpack_codes(qw.packed)
+    codes = int4_format.unpack_codes(qw.packed)
     normalized = (w.reshape(256, 8, 64) / qw.scales.float()[..., None]).reshape(256, 512)
-    nearest = (normalized[..., None] - im.NF4_CODE).abs().argmin(dim=-1)
+    nearest = (normalized[..., None] - int4_format.NF4_CODE).abs().argmin(dim=-1)
     differ = codes != nearest
-    mids = (im.NF4_CODE[1:] + im.NF4_CODE[:-1]) / 2
+    mids = (int4_format.NF4_CODE[1:] + int4_format.NF4_CODE[:-1]) / 2
     gap = (normalized[differ][:, None] - mids).abs().amin(dim=-1)
     assert differ.sum() <= 3 and torch.all(gap < 1e-6)
 
@@ -97,7 +96,7 @@ def test_cpu_kernel_matches_reference(isa, fmt, dtype, shape, group):
     y = poisoned((m, n), dtype)
     EXT.set_cpu_isa(isa)
     try:
-        im._cpu(x, qw.packed, qw.scales, qw.zeros, qw.lut, group, y)
+        cpu_int4.forward(x, qw.packed, qw.scales, qw.zeros, qw.lut, group, y)
     finally:
         EXT.set_cpu_isa("")
     ref = int4_matmul_reference(x.float(), qw)
@@ -119,7 +118,7 @@ def test_cpu_kernel_with_several_weights(isa, fmt, m, k, group):
     ys = [y[:, :13], y[:, 13:83], y[:, 83:88]]
     EXT.set_cpu_isa(isa)
     try:
-        im._cpu_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, group, ys)
+        cpu_int4.forward_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, group, ys)
     finally:
         EXT.set_cpu_isa("")
     for q, yp in zip(qws, ys):
@@ -189,10 +188,10 @@ def test_cpu_dequantize_matches_reference(isa, fmt, dtype, n, k, group):
     w = poisoned((n, k), dtype)
     EXT.set_cpu_isa(isa)
     try:
-        im._cpu_dequantize_into(qw.packed, qw.scales, qw.zeros, qw.lut, group, w)
+        cpu_int4.dequantize_into(qw.packed, qw.scales, qw.zeros, qw.lut, group, w)
     finally:
         EXT.set_cpu_isa("")
-    ref = im._dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, group)
+    ref = int4_format.dequantize_reference(qw.packed, qw.scales, qw.zeros, qw.lut, group)
     torch.testing.assert_close(w, ref.to(dtype), atol=0, rtol=0)  # the same fp32 math, one rounding
     assert torch.equal(dequantize(qw, dtype), w)  # the public helper takes the kernel
 
@@ -203,11 +202,11 @@ def test_cpu_dequantize_matches_reference(isa, fmt, dtype, n, k, group):
 def test_cpu_many_rows_dequantize_panels_then_gemm(fmt, dtype, monkeypatch):
     """Past MAX_CPU_ROWS the CPU backend dequantizes panels of weight rows (here 32 rows, so the
     parts span several panels and end in ragged ones) and multiplies them with a GEMM."""
-    monkeypatch.setattr(im, "CPU_PANEL_BYTES", 32 * 4 * 128)
+    monkeypatch.setattr(cpu_int4, "CPU_PANEL_BYTES", 32 * 4 * 128)
     qws = [_quantize(fmt, torch.randn(n, 128), 32) for n in (45, 70, 3)]
-    x = torch.randn(im.MAX_CPU_ROWS + 13, 128).to(dtype)
+    x = torch.randn(cpu_int4.MAX_CPU_ROWS + 13, 128).to(dtype)
     y = poisoned((x.shape[0], 45 + 70 + 3), dtype)
-    im._cpu_gemm(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, 32, y)
+    cpu_int4.panel_gemm(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, 32, y)
     ref = torch.cat([int4_matmul_reference(x.float(), q) for q in qws], dim=-1)
     tol = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2}[dtype] * 2
     torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
@@ -218,13 +217,13 @@ def test_cpu_dispatch_by_rows(monkeypatch):
     """Up to MAX_CPU_ROWS rows the kernel multiplies the codes; more go to dequantize + GEMM; the
     backward dequantizes with the C++ kernel too."""
     calls = []
-    real_call, real_gemm, real_deq = im._cpu_call, im._cpu_gemm, im._cpu_dequantize_into
-    monkeypatch.setattr(im, "_cpu_call", lambda *a: calls.append("kernel") or real_call(*a))
-    monkeypatch.setattr(im, "_cpu_gemm", lambda *a: calls.append("gemm") or real_gemm(*a))
-    monkeypatch.setattr(im, "_cpu_dequantize_into", lambda *a: calls.append("dequantize") or real_deq(*a))
+    real_call, real_gemm, real_deq = cpu_int4.forward_rows, cpu_int4.panel_gemm, cpu_int4.dequantize_into
+    monkeypatch.setattr(cpu_int4, "forward_rows", lambda *a: calls.append("kernel") or real_call(*a))
+    monkeypatch.setattr(cpu_int4, "panel_gemm", lambda *a: calls.append("gemm") or real_gemm(*a))
+    monkeypatch.setattr(cpu_int4, "dequantize_into", lambda *a: calls.append("dequantize") or real_deq(*a))
     qw = quantize_int4(torch.randn(8, 64), 32)
     with torch.no_grad():
-        for rows in (im.MAX_CPU_ROWS, im.MAX_CPU_ROWS + 1):
+        for rows in (cpu_int4.MAX_CPU_ROWS, cpu_int4.MAX_CPU_ROWS + 1):
             x = torch.randn(rows, 64)
             torch.testing.assert_close(int4_matmul(x, qw), int4_matmul_reference(x, qw), atol=1e-4, rtol=1e-4)
     assert calls == ["kernel", "gemm", "dequantize"]
@@ -232,7 +231,8 @@ def test_cpu_dispatch_by_rows(monkeypatch):
     x = torch.randn(3, 64, requires_grad=True)
     (dx,) = torch.autograd.grad(int4_matmul(x, qw).sum(), x)
     assert calls == ["kernel", "dequantize"]
-    torch.testing.assert_close(dx, torch.ones(3, 8) @ im._dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, 32))
+    w = int4_format.dequantize_reference(qw.packed, qw.scales, qw.zeros, qw.lut, 32)
+    torch.testing.assert_close(dx, torch.ones(3, 8) @ w)
 
 
 def test_opcheck():
@@ -284,10 +284,8 @@ def test_quantized_weight_helpers():
 @pytest.mark.parametrize("sms", [1, 78, 132])
 def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
     """The C++ side refuses a split count that its even division of iterations would not reproduce."""
-    from llama_kernels.int4_matmul import cuda_iterations, cuda_splits
-
-    iters = cuda_iterations(k)
-    splits = cuda_splits(n, k, sms)
+    iters = cuda_int4.cuda_iterations(k)
+    splits = cuda_int4.cuda_splits(n, k, sms)
     per = -(-iters // splits)
     assert 1 <= splits <= iters and -(-iters // per) == splits
     assert splits == 1 or iters // splits >= 2
@@ -295,14 +293,14 @@ def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
 
 def test_cuda_entry_points_check_arguments_before_touching_a_device():
     """The CUDA kernel's argument checks run on the host, so a CUDA build tests them anywhere."""
-    ext = llama_kernels._dispatch.ext()
+    ext = llama_kernels.dispatch.ext()
     if not llama_kernels.build_info()["cuda"]:
         pytest.skip("llama_kernels._C was built without CUDA")
-    bf16 = llama_kernels._dispatch.DTYPE_CODES[torch.bfloat16]
+    bf16 = llama_kernels.dispatch.DTYPE_CODES[torch.bfloat16]
 
     def call(m=1, k=256, group=128, x=4096, packed=4096, splits=1, workspace=0):
-        llama_kernels._dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
-                                    group, k, 64, bf16, True, splits, 0, 0)
+        llama_kernels.dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
+                                         group, k, 64, bf16, True, splits, 0, 0)
 
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows, got 17"):
         call(m=17)
@@ -321,4 +319,4 @@ def test_cuda_entry_points_check_arguments_before_touching_a_device():
     assert ext.int4_matmul_cuda(4096, 4096, 0, 0, 0, 0, 0, 0, 17, 64, 256, 128, 256, 64, bf16, True, 1, 0, 0) \
         .startswith("ValueError: x: the CUDA int4 kernel takes at most 16 rows")  # returned, never thrown
     # The dispatcher's row limit is the kernel's.
-    assert ext.int4_matmul_max_rows_cuda() == im.CUDA_MMA_MAX_ROWS
+    assert ext.int4_matmul_max_rows_cuda() == cuda_int4.CUDA_MMA_MAX_ROWS

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import llama_kernels
-from llama_kernels.int4_matmul import GROUP_SIZES, dequantize, int4_matmul_reference, quantize_int4, quantize_nf4
+from llama_kernels import dequantize, int4_matmul_reference
+from llama_kernels.int4_format import GROUP_SIZES, quantize_int4, quantize_nf4
+from llama_kernels.ops import int4_matmul as int4_op
 from tests.helpers import TOLERANCE, cpu_backends, poisoned
 
 pytestmark = pytest.mark.skipif("triton" not in cpu_backends(), reason="triton (interpreter) is not available")
@@ -28,11 +30,8 @@ def _tri():
 
 
 def _op():
-    """llama_kernels.int4_matmul once it is exported, else the op from its module."""
-    op = getattr(llama_kernels, "int4_matmul", None)
-    if not callable(op):  # `llama_kernels.int4_matmul` may name the submodule
-        from llama_kernels.int4_matmul import int4_matmul as op
-    return op
+    """The public op, llama_kernels.int4_matmul."""
+    return llama_kernels.int4_matmul
 
 
 def _quantize(fmt, n, k, g):
@@ -195,12 +194,9 @@ def test_public_op_forward_and_grad(fmt, dtype, lead):
 
 
 def test_public_op_without_grad_uses_triton(monkeypatch):
-    import sys
-
-    mod = sys.modules["llama_kernels.int4_matmul"]
     calls = []
-    real = mod.BACKENDS["triton"]
-    monkeypatch.setitem(mod.BACKENDS, "triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = int4_op.BACKENDS["triton"]
+    monkeypatch.setitem(int4_op.BACKENDS, "triton", lambda *a: calls.append(a[0].shape) or real(*a))
     qw = _quantize("nf4", 16, 64, 32)
     x = torch.randn(3, 64, dtype=torch.float16)
     with llama_kernels.use_backend("triton"), torch.no_grad():

@@ -1,16 +1,15 @@
 """llama_kernels.linear: the C++ decode GEMV against the reference, in every ISA, plus dispatch."""
 import logging
-import sys
 
 import pytest
 import torch
 
 import llama_kernels
-import llama_kernels.linear  # noqa: F401
-from llama_kernels import _dispatch
+from llama_kernels import dispatch
+from llama_kernels.cpu import linear as cpu_linear
+from llama_kernels.ops import linear as lin
 from tests.helpers import TOLERANCE, poisoned
 
-lin = sys.modules["llama_kernels.linear"]
 EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
 pytestmark = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
@@ -45,7 +44,7 @@ def test_cpu_kernel_matches_reference(isa, x_dtype, w_dtype, m, n, k, with_bias)
     y = poisoned((m, n), x_dtype)
     EXT.set_cpu_isa(isa)
     try:
-        lin._cpu(x, w, bias, y)
+        cpu_linear.forward(x, w, bias, y)
     finally:
         EXT.set_cpu_isa("")
     _close(y, lin.linear_reference(x.double(), w.double(), None if bias is None else bias.double()), x_dtype, k)
@@ -59,7 +58,7 @@ def test_every_half_value_converts_exactly(isa):
     y = poisoned((1, w.shape[0]), torch.float32)
     EXT.set_cpu_isa(isa)
     try:
-        lin._cpu(torch.ones(1, 1), w, None, y)
+        cpu_linear.forward(torch.ones(1, 1), w, None, y)
     finally:
         EXT.set_cpu_isa("")
     expected = w.float().t()
@@ -79,7 +78,7 @@ def test_cpu_kernel_with_several_weights(isa, m, k):
     ys = [y[:, :13], y[:, 13:83], y[:, 83:88]]
     EXT.set_cpu_isa(isa)
     try:
-        lin._cpu_parts(x, ws, [bias[:13], None, bias[83:]], ys)
+        cpu_linear.forward_parts(x, ws, [bias[:13], None, bias[83:]], ys)
     finally:
         EXT.set_cpu_isa("")
     for w, yp, b in zip(ws, ys, [bias[:13], None, bias[83:]]):
@@ -124,9 +123,9 @@ def test_strided_inputs(make_x):
 
 def test_dispatch_uses_the_kernel_for_few_rows(monkeypatch, caplog):
     calls = []
-    real = lin._cpu_call
-    monkeypatch.setattr(lin, "_cpu_call", lambda *a: calls.append(a[1]) or real(*a))
-    monkeypatch.setattr(_dispatch, "_logged", set())
+    real = cpu_linear.forward_rows
+    monkeypatch.setattr(cpu_linear, "forward_rows", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(dispatch, "logged", set())
     w = torch.randn(8, 32)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="llama_kernels"):
         llama_kernels.linear(torch.randn(3, 32), w)

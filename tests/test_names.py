@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import llama_kernels
-from llama_kernels import _dispatch
+from llama_kernels import dispatch
 from tests.helpers import transformers_installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _env(*front: Path) -> dict:
     not installed (a plain checkout), so the test runs either way."""
     paths = [str(p) for p in front] + ([] if _installed() else [str(ROOT)])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    for name in ("LLAMA_KERNELS_BACKEND", *_dispatch.OLD_ENV_NAMES):
+    for name in ("LLAMA_KERNELS_BACKEND", *dispatch.OLD_ENV_NAMES):
         env.pop(name, None)
     return env
 
@@ -90,7 +90,7 @@ def test_nothing_of_ours_is_a_kernels_package():
     assert not (ROOT / "kernels").exists()
     assert llama_kernels.__name__ == "llama_kernels"
     assert llama_kernels.capabilities().ext.__name__ == "llama_kernels._C"
-    assert logging.getLogger("llama_kernels") is _dispatch.log
+    assert logging.getLogger("llama_kernels") is dispatch.log
 
 
 @pytest.mark.hf
@@ -115,18 +115,18 @@ def test_transformers_imports_beside_us(where, tmp_path):
     assert "llama-kernels" not in owners and "llama_kernels" not in owners, owners
 
 
-@pytest.mark.parametrize("old", _dispatch.OLD_ENV_NAMES)
+@pytest.mark.parametrize("old", dispatch.OLD_ENV_NAMES)
 def test_old_environment_names_are_pointed_out(old, caplog):
     with caplog.at_level(logging.WARNING, logger="llama_kernels"):
-        assert _dispatch.warn_old_env_names({old: "1", "PATH": "/bin"}) == [old]
+        assert dispatch.warn_old_env_names({old: "1", "PATH": "/bin"}) == [old]
     (record,) = caplog.records
     assert record.getMessage() == f"{old} is set but no longer read; set LLAMA_{old} instead"
-    assert _dispatch.warn_old_env_names({"LLAMA_" + old: "1", "KERNELS_CACHE": "/tmp"}) == []
+    assert dispatch.warn_old_env_names({"LLAMA_" + old: "1", "KERNELS_CACHE": "/tmp"}) == []
 
 
 def test_old_backend_variable_warns_once_at_import_and_is_not_read(tmp_path):
     env = {**_env(), "KERNELS_BACKEND": "triton"}
-    code = "import llama_kernels, torch; print(llama_kernels._dispatch.forced_backend())"
+    code = "import llama_kernels, torch; print(llama_kernels.dispatch.forced_backend())"
     result = _run(["-c", code], tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "None"

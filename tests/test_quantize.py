@@ -67,6 +67,9 @@ def test_config_validation():
         quantize_(tiny(), "int4")
     with pytest.raises(TypeError, match="filter_fn"):
         quantize_(tiny(), Int4Config(), filter_fn=3)
+    for wrong_arity in (lambda module: True, lambda module, fqn, extra: True):
+        with pytest.raises(TypeError, match=r"filter_fn: expected a callable \(module, fqn\)"):
+            quantize_(tiny(), Int4Config(), filter_fn=wrong_arity)
 
 
 def test_already_quantized_is_refused():
@@ -108,7 +111,7 @@ def test_quantize_swaps_layers_and_logits_stay_close(name):
 def test_cpu_projections_that_share_an_input_run_as_one_call(monkeypatch):
     """Q/K/V and gate/up of a 4-bit model are one int4_matmul call each on the CPU, and give
     the logits that one call per layer gives."""
-    im = sys.modules["llama_kernels.int4_matmul"]
+    from llama_kernels.ops import int4_matmul as im
     model = quantize_(tiny(), Int4Config(64))
     calls, real = [], im._forward_parts
     monkeypatch.setattr(im, "_forward_parts", lambda x, parts, *a: calls.append(len(parts)) or real(x, parts, *a))
@@ -133,9 +136,9 @@ def test_smaller_groups_are_more_accurate():
 def test_filter_fn_is_respected():
     seen = []
 
-    def attention_only(name, module):
-        seen.append((name, type(module)))
-        return ".attention." in name
+    def attention_only(module, fqn):
+        seen.append((fqn, type(module)))
+        return ".attention." in fqn
 
     model = quantize_(tiny(), Int4Config(64), filter_fn=attention_only)
     assert ("output", Linear) in seen and ("layers.1.feed_forward.w3", Linear) in seen
@@ -386,7 +389,7 @@ def test_quantized_perplexity_stays_close_to_fp32(tmp_path, sample):
 def test_joined_4bit_projections_run_as_one_call_and_round_trip(name, tmp_path, monkeypatch):
     """join_projections stores Q/K/V (and gate/up) codes side by side: one int4_matmul call per
     group for any number of rows, the same logits, and checkpoints that load back unchanged."""
-    im = sys.modules["llama_kernels.int4_matmul"]
+    from llama_kernels.ops import int4_matmul as im
     model = quantize_(tiny(), CONFIGS[name])
     with torch.no_grad():
         before, before_step = model(TOKENS), model(TOKENS[:1, :1])

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import llama_kernels
-from llama_kernels import _dispatch
-import llama_kernels.rms_norm  # noqa: F401  (the module; `llama_kernels.rms_norm` names the function)
-import sys
-
-rms_mod = sys.modules["llama_kernels.rms_norm"]
+from llama_kernels import dispatch
+from llama_kernels.cpu import rms_norm as cpu_rms_norm
+from llama_kernels.ops import rms_norm as rms_mod
 from tests.helpers import assert_close, cpu_backends, poisoned
 
 # Ragged hidden sizes (1000, 4097) and odd row counts, plus leading batch dims.
@@ -211,19 +209,19 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
 
 def test_env_backend_is_honoured(monkeypatch):
     calls = []
-    monkeypatch.setitem(rms_mod.FORWARD, "torch", lambda *a: calls.append("torch") or rms_mod._torch_fwd(*a))
+    monkeypatch.setitem(rms_mod.FORWARD, "torch", lambda *a: calls.append("torch") or rms_mod.torch_fwd(*a))
     monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "torch")
     llama_kernels.rms_norm(torch.randn(2, 8), torch.randn(8))
     assert calls == ["torch"]
 
 
 def test_automatic_fallback_is_logged_once(monkeypatch, caplog, request):
-    caps = _dispatch.capabilities()
+    caps = dispatch.capabilities()
     missing = type(caps)(**{**caps.__dict__, "ext": None, "ext_error": "llama_kernels._C is not importable (test)"})
-    monkeypatch.setattr(_dispatch, "capabilities", lambda: missing)
-    monkeypatch.setattr(_dispatch, "_logged", set())
-    _dispatch.clear_caches()  # availability is cached per backend and device type
-    request.addfinalizer(_dispatch.clear_caches)
+    monkeypatch.setattr(dispatch, "capabilities", lambda: missing)
+    monkeypatch.setattr(dispatch, "logged", set())
+    dispatch.clear_caches()  # availability is cached per backend and device type
+    request.addfinalizer(dispatch.clear_caches)
     x, w = torch.randn(3, 16), torch.randn(16)
     with caplog.at_level(logging.WARNING, logger="llama_kernels"):
         for _ in range(3):
@@ -239,8 +237,8 @@ def test_cpu_kernel_without_rstd_gives_the_same_output():
         pytest.skip("llama_kernels._C is not built")
     x, w = torch.randn(5, 37), torch.randn(37)
     y, y_none, rstd = poisoned((5, 37), torch.float32), poisoned((5, 37), torch.float32), torch.empty(5)
-    rms_mod._cpu_fwd(x, w, 1e-5, y, rstd)
-    rms_mod._cpu_fwd(x, w, 1e-5, y_none, None)
+    cpu_rms_norm.forward(x, w, 1e-5, y, rstd)
+    cpu_rms_norm.forward(x, w, 1e-5, y_none, None)
     assert torch.equal(y, y_none)
     assert_close(y_none, llama_kernels.rms_norm_reference(x, w, 1e-5), torch.float32)
 
@@ -248,8 +246,8 @@ def test_cpu_kernel_without_rstd_gives_the_same_output():
 def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
     if "cpu" not in BACKENDS:
         pytest.skip("llama_kernels._C is not built")
-    calls, real = [], rms_mod._cpu_fwd_rows
-    monkeypatch.setattr(rms_mod, "_cpu_fwd_rows", lambda *a: calls.append("cpu") or real(*a))
+    calls, real = [], cpu_rms_norm.forward_rows
+    monkeypatch.setattr(cpu_rms_norm, "forward_rows", lambda *a: calls.append("cpu") or real(*a))
     llama_kernels.rms_norm(torch.randn(2, 8), torch.randn(8))  # contiguous: straight to the kernel
     llama_kernels.rms_norm(torch.randn(2, 12)[:, :8], torch.randn(8))  # strided rows: through FORWARD
     assert calls == ["cpu", "cpu"]
@@ -294,7 +292,7 @@ def test_torch_compile_on_cpu():
 def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch):
     """Autograd runs CUDA backwards on worker threads; use_backend() must still hold there."""
     seen = []
-    monkeypatch.setitem(rms_mod.BACKWARD, "torch", lambda *a: seen.append("torch") or rms_mod._torch_bwd(*a))
+    monkeypatch.setitem(rms_mod.BACKWARD, "torch", lambda *a: seen.append("torch") or rms_mod.torch_bwd(*a))
     x = torch.randn(3, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
     with llama_kernels.use_backend("torch"):

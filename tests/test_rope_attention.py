@@ -7,20 +7,26 @@ import pytest
 import torch
 
 import llama_kernels
-import llama_kernels.rope_attention  # noqa: F401
-from llama_kernels import _dispatch
-from llama_kernels.rope_attention import dropout_keep, rope_attention_reference, rope_decode_attention_reference
+from llama_kernels import dispatch
+from llama_kernels.cpu import rope_decode as cpu_decode
+from llama_kernels.ops import rope_attention as mod
+from llama_kernels.ops.rope_attention import dropout_keep, rope_attention_reference, rope_decode_attention_reference
 from tests.attention_cases import check_training, cu_from_lengths, qkv, tables
 from tests.helpers import assert_close, poisoned
 
-mod = sys.modules["llama_kernels.rope_attention"]
 needs_triton = pytest.mark.skipif(
-    _dispatch.unavailable("triton", torch.device("cpu")) is not None, reason="needs triton (interpreter on CPU)")
+    dispatch.unavailable("triton", torch.device("cpu")) is not None, reason="needs triton (interpreter on CPU)")
 F16 = torch.float16
 
 
 def _tri():
     from llama_kernels.triton import rope_attention as tri
+
+    return tri
+
+
+def _tri_decode():
+    from llama_kernels.triton import rope_decode as tri
 
     return tri
 
@@ -246,7 +252,7 @@ def _decode_inputs(batch, heads, kv_heads, head_dim, capacity, lengths, dtype=F1
 ])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_matches_reference(heads, kv_heads, head_dim, lengths, capacity, splits):
-    tri = _tri()
+    tri = _tri_decode()
     q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(len(lengths), heads, kv_heads, head_dim, capacity, lengths)
     cos, sin = tables(capacity + 3, head_dim)
     ref_k, ref_v = k_cache.double(), v_cache.double()
@@ -282,17 +288,17 @@ def test_decode_public_op_and_length_checks():
     assert torch.equal(k_cache[1], before[1])
 
 
-needs_cpu_kernel = pytest.mark.skipif(_dispatch.unavailable("cpu", torch.device("cpu")) is not None,
+needs_cpu_kernel = pytest.mark.skipif(dispatch.unavailable("cpu", torch.device("cpu")) is not None,
                                       reason="needs llama_kernels._C")
 
 
-ISAS = _dispatch.capabilities().ext.cpu_isas() if _dispatch.capabilities().ext is not None else []
+ISAS = dispatch.capabilities().ext.cpu_isas() if dispatch.capabilities().ext is not None else []
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Each instruction set this build has and this CPU runs."""
-    ext = _dispatch.ext()
+    ext = dispatch.ext()
     ext.set_cpu_isa(request.param)
     yield request.param
     ext.set_cpu_isa("")
@@ -317,7 +323,7 @@ def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_d
     expect = rope_decode_attention_reference(q.double(), k_new.double(), v_new.double(), ref_k, ref_v, seqlens, cos, sin)
     before_k, before_v = k_cache.clone(), v_cache.clone()
     out = poisoned(q.shape, dtype)
-    mod._cpu_decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / math.sqrt(head_dim))
+    cpu_decode.decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / math.sqrt(head_dim))
     assert_close(out, expect, dtype)
     rows = torch.arange(len(lengths))
     assert_close(k_cache[rows, seqlens.long()], ref_k[rows, seqlens.long()], dtype)
@@ -341,7 +347,7 @@ def test_decode_cpu_kernel_peaked_softmax(isa, sharpness):
     expect = rope_decode_attention_reference(q.double(), k_new.double(), v_new.double(), k_cache.double(),
                                              v_cache.double(), seqlens, cos, sin)
     out = poisoned(q.shape, torch.float32)
-    mod._cpu_decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / 8)
+    cpu_decode.decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / 8)
     torch.testing.assert_close(out.double(), expect, atol=1e-5 * sharpness, rtol=1e-4)
 
 
@@ -379,7 +385,7 @@ def test_decode_bad_inputs_name_the_argument(name, value, words):
 
 
 def test_decode_splits_fill_the_gpu_but_not_past_the_cache():
-    tri = _tri()
+    tri = _tri_decode()
     assert tri.decode_splits(1, 16, 8192, 132) == 33  # 16 * 33 programs: four per multiprocessor
     assert tri.decode_splits(8, 32, 8192, 132) == 3
     assert tri.decode_splits(1, 16, 100, 132) == 1  # a short cache is not cut into slivers
@@ -401,10 +407,10 @@ def test_model_on_the_fused_kernels_matches_the_reference_path(monkeypatch):
     with torch.no_grad():
         expect = model(tokens).float()
     # Only the attention ops take Triton (the other ops have no CPU Triton path to force).
-    shim = types.SimpleNamespace(**{n: getattr(_dispatch, n) for n in dir(_dispatch) if not n.startswith("__")})
+    shim = types.SimpleNamespace(**{n: getattr(dispatch, n) for n in dir(dispatch) if not n.startswith("__")})
     chosen = []
     shim.choose = lambda op, *a, **k: chosen.append(op) or "triton"
-    monkeypatch.setattr(mod, "_dispatch", shim)
+    monkeypatch.setattr(mod, "dispatch", shim)
     with torch.no_grad():
         got = model(tokens).float()
         cache = KVCache.allocate(cfg, 2, 32, dtype=F16)

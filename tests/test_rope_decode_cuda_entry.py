@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import llama_kernels
-from llama_kernels import _dispatch
-from llama_kernels import _rope_decode_cuda as rdc
+from llama_kernels import dispatch
+from llama_kernels.cuda import rope_decode as rdc
 
 
 def _cuda_ext():
-    ext = _dispatch.ext()
+    ext = dispatch.ext()
     if not llama_kernels.build_info()["cuda"]:
         pytest.skip("llama_kernels._C was built without CUDA")
     return ext
@@ -34,7 +34,7 @@ def _args(monkeypatch, ws_splits=1, **change):
     """Arguments for rope_decode_attention_cuda built by the wrapper from CPU tensors (their
     addresses are never dereferenced: every call here fails its checks, or finds no device), with
     a workspace sized for `ws_splits`, then `change` applied."""
-    monkeypatch.setattr(_dispatch, "cuda_stream", lambda t: 0)
+    monkeypatch.setattr(dispatch, "cuda_stream", lambda t: 0)
     q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out = _tensors()
     ws = torch.zeros(rdc.workspace_elems(q.shape[0], q.shape[2], q.shape[3], ws_splits))
     args = rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, ws, 0.125, ws_splits)
@@ -88,7 +88,7 @@ def test_entry_point_rejects_bad_arguments_by_name(monkeypatch, change, message)
     err = ext.rope_decode_attention_cuda(*args.values())  # returned, never thrown
     assert err.startswith("ValueError: "), err
     with pytest.raises(ValueError, match=message):
-        _dispatch.cuda_call(ext.rope_decode_attention_cuda, *args.values())
+        dispatch.cuda_call(ext.rope_decode_attention_cuda, *args.values())
 
 
 def test_a_workspace_that_fits_passes_the_checks(monkeypatch):
@@ -104,11 +104,21 @@ def test_a_workspace_that_fits_passes_the_checks(monkeypatch):
     assert ext.rope_decode_attention_cuda(*ok.values()) == ""  # an empty batch launches nothing
 
 
+@pytest.mark.parametrize("batch,heads,head_dim", [(1, 1, 32), (2, 8, 64), (3, 24, 128), (64, 40, 256)])
+@pytest.mark.parametrize("splits", [1, 2, 7, 256])
+def test_workspace_size_is_the_entry_points(batch, heads, head_dim, splits):
+    """The wrapper's workspace formula is rope_decode_workspace_elems (kernels_cuda.h), which the
+    module exposes only when built with CUDA."""
+    ext = _cuda_ext()
+    expected = ext.rope_decode_workspace_elems_cuda(batch, heads, head_dim, splits)
+    assert rdc.workspace_elems(batch, heads, head_dim, splits) == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_valid_arguments_without_a_device_give_a_cuda_error(monkeypatch):
     ext = _cuda_ext()
     with pytest.raises(RuntimeError, match="rope_decode_attention: CUDA error"):
-        _dispatch.cuda_call(ext.rope_decode_attention_cuda, *_args(monkeypatch).values())
+        dispatch.cuda_call(ext.rope_decode_attention_cuda, *_args(monkeypatch).values())
 
 
 @pytest.mark.parametrize("batch,kv_heads", [(1, 1), (1, 4), (1, 8), (8, 8), (8, 32), (64, 8)])

@@ -1,4 +1,5 @@
 """Tokenizer: training, encode/decode, streaming, the llama2.c tokenizer.bin, errors."""
+import os
 import random
 import shutil
 import struct
@@ -13,7 +14,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama.tokenizer import StreamDecoder, Tokenizer, export_llama2c, main, train
+from llama.tokenizer import StreamDecoder, Tokenizer, export_llama2c, train
+from llama.tokenizer.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_TEXTS = [
@@ -324,6 +326,29 @@ def test_load_errors(trained, tmp_path):
         assert str(path) in str(exc.value), name
 
 
+def test_llama2c_pieces_sentencepiece_cannot_load(trained, tmp_path):
+    """A tokenizer.bin becomes a SentencePiece model: one with neither <unk> nor all 256 byte
+    pieces, or with a piece twice, is refused by name; byte fallback needs no <unk>."""
+    data = (trained / "tokenizer.bin").read_bytes()
+    max_len, pos, records = data[:4], 4, []
+    while pos < len(data):
+        _, length = struct.unpack_from("<fi", data, pos)
+        records.append(data[pos:pos + 8 + length])
+        pos += 8 + length
+    assert records[0][8:] == b"<unk>" and records[3][8:] == b"<0x00>"
+    no_unk = tmp_path / "no-unk.bin"
+    no_unk.write_bytes(max_len + b"".join(records[1:]))
+    assert Tokenizer(no_unk).unk_id is None and Tokenizer(no_unk).byte_fallback
+    cases = {"no-unk-no-0x00.bin": (records[1:3] + records[4:], "unk is not defined"),
+             "twice.bin": (records + [records[-1]], "already defined")}
+    for name, (kept, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(max_len + b"".join(kept))
+        with pytest.raises(ValueError, match=message) as exc:
+            Tokenizer(path)
+        assert str(path) in str(exc.value) and "llama2.c tokenizer.bin" in str(exc.value), name
+
+
 def test_argument_errors(tok, tok_bin, tmp_path):
     for t in (tok, tok_bin):
         with pytest.raises(TypeError, match="text"):
@@ -365,3 +390,71 @@ def test_argument_errors(tok, tok_bin, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exact export warns about nothing
         tok.save_llama2c(tmp_path / "quiet.bin")
+
+
+# --- the real LLaMA tokenizer: tokenizer.model and llama2.c's tokenizer.bin export of it ---
+
+def _llama_tokenizer_dir() -> Path:
+    """Folder with LLaMA's tokenizer.model and tokenizer.bin: ``$LLAMA_KERNELS_TEST_DATA/llama-tokenizer``,
+    by default the shared data folder beside the repository."""
+    root = os.environ.get("LLAMA_KERNELS_TEST_DATA")
+    return (Path(root) if root else REPO.parent / "shared" / "data") / "llama-tokenizer"
+
+
+LLAMA_TRICKY_TEXTS = [
+    "", " ", "  ", "\n", " \n ", "  two leading", "   three leading", "trailing ", "trailing   ",
+    "many     spaces  between", "line one\nline two\n\n\nthree blank\n", "\ttab\t and \r\n crlf",
+    "emoji 🙂😀👍🏽 and 🇯🇵 flags", "🙂", "👨‍👩‍👧‍👦 family", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math letters", "\x00\x01\x7f controls",
+    "日本語のテキストです。", "中文分词测试", "한국어 문장", "混合 mixed 文字 text",
+    "digits 0123456789 3.14159 1,000,000 and 2024-12-06", "007 x 42", "naïve café résumé",
+    "e\u0301 combining", "\ufeffbom first", "Ünïcödé ﬁ ligature １２３ full-width", "<s> </s> <unk> <0x41>",
+    "x" * 500, "ab " * 200, "Hello, world! How are you?",
+]
+
+
+@pytest.fixture(scope="module")
+def llama_files():
+    folder = _llama_tokenizer_dir()
+    model, binary = folder / "tokenizer.model", folder / "tokenizer.bin"
+    if not (model.is_file() and binary.is_file()):
+        pytest.skip(f"LLaMA tokenizer files not found in {folder} (set LLAMA_KERNELS_TEST_DATA)")
+    return model, binary
+
+
+def test_llama_tokenizer_bin_matches_model(llama_files, lines, tmp_path):
+    model_path, bin_path = llama_files
+    model, binary = Tokenizer(model_path), Tokenizer(bin_path)
+    ref = spm.SentencePieceProcessor(model_file=str(model_path))
+    assert (model.format, binary.format) == ("sentencepiece", "llama2c")
+    for t in (model, binary):
+        assert (t.vocab_size, t.bos_id, t.eos_id, t.unk_id, t.pad_id) == (32000, 1, 2, 0, 3)
+        assert t.byte_fallback
+    assert [binary.id_to_piece(i) for i in range(32000)] == [model.id_to_piece(i) for i in range(32000)]
+
+    # Every line of botchan.txt: the same ids as SentencePiece itself, the same text back.
+    expected = ref.encode(lines)
+    assert model.encode_batch(lines, bos=False) == expected
+    assert binary.encode_batch(lines, bos=False) == expected
+    for line, ids in zip(lines, expected):
+        assert binary.decode(ids) == model.decode(ids) == line
+    for text in LLAMA_TRICKY_TEXTS:
+        ids = ref.encode(text)
+        assert model.encode(text, bos=False) == ids, text
+        assert binary.encode(text, bos=False) == ids, text
+        assert binary.encode(text, eos=True) == model.encode(text, eos=True) == [1] + ids + [2], text
+        assert binary.decode(ids) == model.decode(ids) == ref.decode(ids) == text, text
+        assert stream_decode(binary, [1] + ids + [2]) == stream_decode(model, [1] + ids + [2]) == text, text
+    # Random ids (bytes that form no character included) decode alike.
+    rng = random.Random(2)
+    for _ in range(300):
+        ids = [rng.choice(rng.choice([range(32000), range(3, 259), [0, 1, 2, 29871]]))
+               for _ in range(rng.randint(0, 10))]
+        assert binary.decode(ids) == model.decode(ids) == ref.decode(ids), ids
+
+    # Exporting the .model reproduces llama2.c's export byte for byte, and the .bin rewrites itself.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_llama2c(tmp_path / "from-model.bin")
+        binary.save(tmp_path / "from-bin.bin")
+    assert (tmp_path / "from-model.bin").read_bytes() == bin_path.read_bytes()
+    assert (tmp_path / "from-bin.bin").read_bytes() == bin_path.read_bytes()

@@ -50,7 +50,7 @@ def _ours_calls(ctx, m, k, n, dtype, fmt, backend):
 def _tinygemm_calls(ctx, m, k, n, dtype):
     """tinygemm's int4 (same (q - 8) * scale + zero convention as ours, group 128)."""
     import llama_kernels
-    from llama_kernels.int4_matmul import unpack_codes
+    from llama_kernels.int4_format import unpack_codes
 
     def convert(w):
         qw = llama_kernels.quantize_int4(w, GROUP)

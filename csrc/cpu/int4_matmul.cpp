@@ -1,7 +1,7 @@
 // y = x @ W^T for 4-bit group-quantized W (int4 or NF4) and a few rows of x (decode-sized M).
 //
 // W[n, k] = lut[q] * scale[n, k / group] (+ zero[n, k / group]), the codes packed two per byte
-// in chunks of 32 (byte j = code j | code j + 16 << 4; see llama_kernels/int4_matmul.py). Per group,
+// in chunks of 32 (byte j = code j | code j + 16 << 4; see llama_kernels/int4_format.py). Per group,
 // the row sums of x carry the zero term: sum_k x*(v*s + z) = s*sum x*v + z*sum x. The weights
 // stream once: a tile of rows at a time serves all rows of x.
 //

@@ -1,6 +1,6 @@
 // One decoding step of attention on the CPU, fused: RoPE on q and the new key at each sequence's
 // own position L, the append of that key and value to slot L of the KV cache, and attention over
-// slots 0..L. The same semantics as the CUDA and Triton decode kernels (llama_kernels/rope_attention.py).
+// slots 0..L. The same semantics as the CUDA and Triton decode kernels (llama_kernels/ops/rope_attention.py).
 //
 // Three phases in one parallel region. (1) Per (sequence, kv head): the append, and the group's
 // rotated queries. (2) Per unit, a run of consecutive slots of one sequence (split-K, as in

@@ -1,5 +1,5 @@
 // The CUDA kernels' validating entry points. They return "" on success, else "ValueError: ..."
-// or "RuntimeError: ...", which llama_kernels/_dispatch.py raises: no C++ exception crosses this
+// or "RuntimeError: ...", which llama_kernels/dispatch.py raises: no C++ exception crosses this
 // module on the GPU path. Throwing from this module segfaulted in one GPU image (gcc 13.3,
 // torch 2.11 and triton 3.6 loaded in the process), before any catch, for reasons not found.
 #include <cmath>

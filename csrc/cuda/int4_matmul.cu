@@ -1,7 +1,7 @@
 // 4-bit weight-only matmul on CUDA: a tensor-core kernel for small M (decode and short
 // prefills), and a dequantize kernel that feeds cuBLAS for large M.
 //
-// Weight layout (llama_kernels/int4_matmul.py): W (N, K) as packed codes, uint8 (N, K/2); each row is
+// Weight layout (llama_kernels/int4_format.py): W (N, K) as packed codes, uint8 (N, K/2); each row is
 // cut into chunks of 32 codes and byte j of a chunk holds code j in its low nibble and code
 // j + 16 in its high nibble. fp16 scales (and zeros) per group of 32/64/128 codes of a row.
 // w = lut[q] * scale (+ zero); for int4 lut[q] = q - 8.

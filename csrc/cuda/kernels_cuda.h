@@ -6,7 +6,7 @@
 // and return a status: 0, a cudaError_t, or a kStatus* code below. A C++ exception thrown from
 // this module segfaulted in one GPU image, so nothing on the GPU path throws. The entry points
 // (entry.cpp) check the arguments, call a launcher and return "" or "ValueError: ..." /
-// "RuntimeError: ...", which llama_kernels/_dispatch.py turns into the Python exception.
+// "RuntimeError: ...", which llama_kernels/dispatch.py turns into the Python exception.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -1,7 +1,7 @@
 // Fused RoPE + KV-cache append + split-K (flash-decoding) attention for one new token per
 // sequence, on tensor cores (mma.sync, fp16/bf16 inputs, fp32 accumulation).
 //
-// Semantics (llama_kernels/rope_attention.py, rope_decode_attention_reference): for sequence b with
+// Semantics (llama_kernels/ops/rope_attention.py, rope_decode_attention_reference): for sequence b with
 // L = seqlens[b] cached positions, q and k_new are rotated at position L (half-split RoPE in
 // fp32), the rotated key (rounded to the cache dtype) and v_new go to slot L of the caches, and
 // out[b, h] = softmax(scale * q_rot . K[0..L]) V[0..L] with query head h reading kv head

@@ -1,6 +1,6 @@
 """Triton int4 / NF4 weight-only matmul: y = x @ W^T with W = lut[q] * scale (+ zero).
 
-Two kernels, chosen by the number of rows M of x (see llama_kernels/int4_matmul.py for the formats):
+Two kernels, chosen by the number of rows M of x (see llama_kernels/int4_format.py for the formats):
 
 * **GEMV** (M <= SMALL_M_MAX, decode): each program owns BLOCK_N output columns, up to 4 rows and
   a K range. It streams the packed bytes of its columns, dequantizes in fp32 and multiplies on
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..int4_matmul import _lut
+from ..int4_format import device_lut
 
 SMALL_M_MAX = 4  # rows up to which the CUDA-core GEMV is used (see above)
 _INTERPRETER_SMS = 4  # pretend SM count under TRITON_INTERPRET=1: small, so split-K still runs
@@ -66,7 +66,7 @@ def _gemv_row_store(acc, row, M, N, offs_n, rn, pid_k, Y, WS, stride_ym, SPLIT: 
 
 
 @triton.jit
-def _gemv_kernel(
+def gemv_kernel(
     X, P, S, Z, LUT, Y, WS,
     M, N, K, half_k, n_groups, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,7 +150,7 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _gemm_kernel(
+def gemm_kernel(
     X, P, S, Z, LUT, Y, WS,
     M, N, K, half_k, n_groups, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -270,7 +270,7 @@ def _num_sms(device: torch.device) -> int:
 def _is_linear_lut(lut: torch.Tensor) -> bool:
     """True for the int4 table (q - 8), known by identity with the one QuantizedWeight.lut hands
     out (reading the values would sync with the GPU). Any other table is looked up: correct, slower."""
-    return lut is _lut("int4", lut.device)
+    return lut is device_lut("int4", lut.device)
 
 
 def _split_k(tiles: int, k_tiles: int, target_programs: int, min_k_tiles: int) -> tuple[int, int]:
@@ -347,7 +347,7 @@ def gemv(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
     split, per = _splits(split, tiles, k_tiles, 4 * _num_sms(x2.device), min_k_tiles=2)
     ws = _workspace(split, m, n, x2.device) if split > 1 else y
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
-    _gemv_kernel[grid](
+    gemv_kernel[grid](
         x2, packed, scales, scales if zeros is None else zeros, lut, y, ws,
         m, n, k, k // 2, k // group_size, x2.stride(0), y.stride(0), per * block_k,
         GROUP=group_size, GROUPS_PER_TILE=block_k // group_size, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -358,7 +358,7 @@ def gemv(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
         _reduce(ws, y, split)
 
 
-def _gemm_config(m: int, dtype: torch.dtype, group_size: int) -> dict:
+def gemm_config(m: int, dtype: torch.dtype, group_size: int) -> dict:
     """Launch parameters by row count. 16-bit x: tensor-core dots over a group's G/2 bytes at once.
     fp32 x: exact fp32 dots run on FMAs, which hold each dot's K slice in registers: 16 at a time,
     and no software pipelining (with it, sm_90 builds use 220-255 registers; without, under 100)."""
@@ -385,7 +385,7 @@ def gemm(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
     if m == 0 or n == 0 or k == 0:
         y.zero_()
         return
-    cfg = _gemm_config(m, x2.dtype, group_size)
+    cfg = gemm_config(m, x2.dtype, group_size)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     block_k = block_k or max(cfg["block_k"], group_size)
@@ -403,7 +403,7 @@ def gemm(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
     # Compute-bound: one wave of tiles; split K only for skinny M.
     split, per = _splits(split, tiles, k_tiles, _num_sms(x2.device), min_k_tiles=4)
     ws = _workspace(split, m, n, x2.device) if split > 1 else y
-    _gemm_kernel[(tiles, split)](
+    gemm_kernel[(tiles, split)](
         x2, packed, scales, scales if zeros is None else zeros, lut, y, ws,
         m, n, k, k // 2, k // group_size, x2.stride(0), y.stride(0), per * block_k,
         GROUP=group_size, GROUPS_PER_TILE=block_k // group_size, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -416,7 +416,7 @@ def gemm(x2, packed, scales, zeros, lut, group_size, y, *, block_m: Optional[int
 
 
 def int4_matmul(x2, packed, scales, zeros, lut, group_size, y):
-    """The backend entry point (see llama_kernels/int4_matmul.py): writes y (M, N) = x2 @ W^T."""
+    """The backend entry point (see llama_kernels/ops/int4_matmul.py): writes y (M, N) = x2 @ W^T."""
     kernel = gemv if x2.shape[0] <= SMALL_M_MAX else gemm
     # Triton launches on the current device: make it x's (a no-op in the usual one-GPU case).
     on_other_gpu = x2.is_cuda and x2.device.index != torch.cuda.current_device()

@@ -28,7 +28,7 @@ def _load_row(x_row, h_row, s_row, offs, mask, HAS_H: tl.constexpr, WRITE_S: tl.
 
 
 @triton.jit
-def _fwd_kernel(
+def fwd_kernel(
     X, H, W, Y, S, RSTD, stride_x, stride_h, stride_y, stride_s, N, eps,
     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_H: tl.constexpr, HAS_RSTD: tl.constexpr,
 ):
@@ -62,7 +62,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def bwd_kernel(
     DY, DS, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_ds, stride_x, stride_dx, M, N,
     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_DS: tl.constexpr,
 ):
@@ -129,7 +129,7 @@ def _block(n: int, max_block: int) -> tuple[int, bool]:
     return min(LOOP_BLOCK, max_block), False
 
 
-def _num_warps(block: int) -> int:
+def num_warps_for(block: int) -> int:
     return min(max(block // 256, 1), 16)
 
 
@@ -148,10 +148,10 @@ def rms_norm_fwd(x, w, eps, y, rstd, max_block: int = MAX_FUSED_BLOCK, h=None, s
         return
     block, one_block = _block(n, max_block)
     has_h = h is not None
-    _fwd_kernel[(m,)](
+    fwd_kernel[(m,)](
         x, h if has_h else x, w, y, s if has_h else y, rstd if rstd is not None else y,
         x.stride(0), h.stride(0) if has_h else 0, y.stride(0), s.stride(0) if has_h else 0, n, eps,
-        BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=rstd is not None, num_warps=_num_warps(block),
+        BLOCK=block, ONE_BLOCK=one_block, HAS_H=has_h, HAS_RSTD=rstd is not None, num_warps=num_warps_for(block),
     )
 
 
@@ -162,10 +162,10 @@ def rms_norm_bwd(dy, x, w, rstd, dx, dw, max_block: int = MAX_FUSED_BLOCK, ds=No
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     block, one_block = _block(n, max_block)
     if m > 0:
-        _bwd_kernel[(programs,)](
+        bwd_kernel[(programs,)](
             dy, dy if ds is None else ds, x, w, rstd, dx, partial, dy.stride(0), 0 if ds is None else ds.stride(0),
             x.stride(0), dx.stride(0), m, n, BLOCK=block, ONE_BLOCK=one_block, HAS_DS=ds is not None,
-            num_warps=_num_warps(block),
+            num_warps=num_warps_for(block),
         )
     else:
         partial.zero_()

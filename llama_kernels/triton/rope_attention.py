@@ -1,10 +1,11 @@
-"""Triton kernels for attention with the rotary embedding applied inside (see llama_kernels/rope_attention.py).
+"""Triton kernels for training attention with the rotary embedding applied inside: forward and
+backward (see llama_kernels/ops/rope_attention.py; the decode step's kernels are in rope_decode.py).
 
 Layout: q (tokens, H, D) and k, v (tokens, Hkv, D) addressed through strides, so the dense
 (B, S, H, D) form and the packed varlen form (cu_seqlens) share every kernel. RoPE is half-split:
 a head vector is held as two halves x1 = x[:D/2], x2 = x[D/2:] (each padded to HPAD, a power of
 two), rotated in fp32 as (x1 c - x2 s, x2 c + x1 s) and rounded to the input dtype, so the scores
-are two tl.dot's of width D/2. Rotated q and k never leave registers.
+are two tl.dot's of width D/2 (rope_common.py). Rotated q and k never leave registers.
 
 * Forward: one program per (query block, batch * head); online softmax in base 2 with the
   softmax scale * log2(e) folded into the rotated q; saves the logsumexp (natural log, fp32).
@@ -13,30 +14,19 @@ are two tl.dot's of width D/2. Rotated q and k never leave registers.
   head) that loops over the query heads of its GQA group, so dK and dV need no atomics. dQ and dK
   are rotated back (the transpose of the rotation) before they are stored.
 * Dropout: keep(row, col) comes from a counter-based hash of (seed, head, query token, key
-  index), recomputed in the backward; `dropout_keep_reference` in llama_kernels/rope_attention.py is
+  index), recomputed in the backward; `dropout_keep` in llama_kernels/ops/rope_attention.py is
   the same hash in PyTorch, so tests compare against the exact mask.
-* Decode: flash-decoding over a KV cache, see `decode`.
 
 Causal masking is only evaluated on the blocks that cross the diagonal; ragged ends are masked on
 the last block only. Under TRITON_INTERPRET=1 every kernel runs with one small configuration.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def half_pad(head_dim: int) -> int:
-    """Width of a half head vector in the kernels: D/2 rounded up to a power of two, >= 16."""
-    return max(16, triton.next_power_of_2(head_dim // 2))
-
+from .rope_common import INTERPRET, LOG2E, half_pad, load_rotated
 
 # ----------------------------------------------------------------------------- shared pieces
 @triton.jit
@@ -72,30 +62,6 @@ def _keep_t(seed, row_base, offs_m, offs_n, threshold):
     r = _row_keys(seed, row_base, offs_m)
     cols = offs_n.to(tl.uint32) * 0x9E3779B9
     return _mix32(r[None, :] + cols[:, None]) >= threshold
-
-
-@triton.jit
-def _load_rotated(base, stride_s, offs_s, offs_d, s_ok, COS, SIN, stride_c, pos, HALF: tl.constexpr,
-                  HPAD: tl.constexpr, scale, MASK_S: tl.constexpr):
-    """Rows offs_s of a head (D contiguous): the rotated halves (x1 c - x2 s, x2 c + x1 s) * scale,
-    in fp32, for table positions pos."""
-    ptr = base + offs_s[:, None] * stride_s + offs_d[None, :]
-    cptr = pos[:, None] * stride_c + offs_d[None, :]
-    if MASK_S or HALF != HPAD:
-        if MASK_S:
-            m = s_ok[:, None] & (offs_d[None, :] < HALF)
-        else:
-            m = (offs_s[:, None] >= 0) & (offs_d[None, :] < HALF)
-        x1 = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + HALF, mask=m, other=0.0).to(tl.float32)
-        c = tl.load(COS + cptr, mask=m, other=0.0)
-        s = tl.load(SIN + cptr, mask=m, other=0.0)
-    else:
-        x1 = tl.load(ptr).to(tl.float32)
-        x2 = tl.load(ptr + HALF).to(tl.float32)
-        c = tl.load(COS + cptr)
-        s = tl.load(SIN + cptr)
-    return (x1 * c - x2 * s) * scale, (x2 * c + x1 * s) * scale
 
 
 @triton.jit
@@ -161,8 +127,8 @@ def _query_tile(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c, POS
                 row_base, HALF: tl.constexpr, HPAD: tl.constexpr, HAS_POS: tl.constexpr, DROPOUT: tl.constexpr):
     """A block of queries, rotated and scaled by softmax scale * log2(e), in the input dtype, and
     their dropout row keys (row_base = head * tokens + the sequence's first token)."""
-    q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
-                           _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD, qk_scale, True)
+    q1, q2 = load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+                          _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD, qk_scale, True)
     dtype = q_base.dtype.element_ty
     row_keys = offs_m
     if DROPOUT:
@@ -182,9 +148,9 @@ def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
         if ROTATE_K:
-            k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
-                                   _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD,
-                                   1.0, BOUNDS_MASK)
+            k1, k2 = load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+                                  _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD,
+                                  1.0, BOUNDS_MASK)
         else:  # timing hook only (see forward): keys used as stored
             kp = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
             k1 = tl.load(kp, mask=n_ok[:, None] & (offs_d[None, :] < HALF), other=0.0)
@@ -210,7 +176,7 @@ def _fwd_inner(acc, m_i, l_i, q1, q2, k_base, v_base, stride_ks, stride_vs, COS,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fwd_kernel(
+def fwd_kernel(
     Q, K, V, COS, SIN, O, LSE, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_c, stride_lh,
@@ -276,7 +242,7 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, 
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
-        k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+        k1, k2 = load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
                                    _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD,
                                1.0, BOUNDS_MASK)
         k1, k2 = k1.to(dtype), k2.to(dtype)
@@ -299,7 +265,7 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_ks, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_dq_kernel(
+def bwd_dq_kernel(
     Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
@@ -371,7 +337,7 @@ def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen
-        q1, q2 = _load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
+        q1, q2 = load_rotated(q_base, stride_qs, offs_m, offs_d, m_ok, COS, SIN, stride_c,
                            _table_rows(POS, offs_m, m_ok, table_len, HAS_POS), HALF, HPAD,
                                qk_scale, True)
         q1, q2 = q1.to(dtype), q2.to(dtype)
@@ -399,7 +365,7 @@ def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, stride_qs, stride_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_dkdv_kernel(
+def bwd_dkdv_kernel(
     Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, CU, POS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
@@ -429,7 +395,7 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, DPAD)
     n_ok = offs_n < seqlen
     dtype = Q.dtype.element_ty
-    k1, k2 = _load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
+    k1, k2 = load_rotated(k_base, stride_ks, offs_n, offs_d, n_ok, COS, SIN, stride_c,
                                    _table_rows(POS, offs_n, n_ok, table_len, HAS_POS), HALF, HPAD, 1.0, True)
     k1, k2 = k1.to(dtype), k2.to(dtype)
     row_mask = n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
@@ -468,127 +434,6 @@ def _bwd_dkdv_kernel(
     tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=row_mask)
 
 
-# ----------------------------------------------------------------------------- decode
-@triton.jit
-def _decode_kernel(
-    Q, KN, VN, KC, VC, LENS, COS, SIN, PM, PL, PACC, O,
-    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_cs, stride_ch,
-    stride_vcb, stride_vcs, stride_vch, stride_c, stride_ob, stride_oh,
-    H, GROUP, capacity, table_len, qk_scale,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HPAD: tl.constexpr, DPAD: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr,
-):
-    """Program (b, kv head, split): the GQA group's queries against one chunk of cache slots
-    [0, L). The last split also takes the new key and value from registers and writes them to
-    slot L, which no program reads from memory, so there is no race. With one split (short
-    caches) the program writes the output itself and no merge launch follows."""
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
-    split = tl.program_id(2)
-    L = tl.load(LENS + b).to(tl.int32)
-    valid = (L >= 0) & (L < capacity) & (L < table_len)
-    L = tl.where(valid, L, 0)
-    b64 = b.to(tl.int64)
-    dtype = Q.dtype.element_ty
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HPAD)
-    offs_dv = tl.arange(0, DPAD)
-    d_ok = offs_d < HALF
-    dv_ok = offs_dv < HEAD_DIM
-    g_ok = offs_g < GROUP
-    heads = hk * GROUP + offs_g
-    q1, q2 = _load_rotated(Q + b64 * stride_qb, stride_qh, heads, offs_d, g_ok, COS, SIN, stride_c,
-                           L + offs_g * 0, HALF, HPAD, qk_scale, True)
-    q1, q2 = q1.to(dtype), q2.to(dtype)
-
-    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, L)
-    k_base = KC + b64 * stride_cb + hk * stride_ch
-    v_base = VC + b64 * stride_vcb + hk * stride_vch
-    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc = tl.zeros([G_PAD, DPAD], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        kp = k_base + offs_n[:, None].to(tl.int64) * stride_cs + offs_d[None, :]
-        k1 = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        k2 = tl.load(kp + HALF, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q2, tl.trans(k2), tl.dot(q1, tl.trans(k1)))
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vcs + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-        m_i = m_new
-
-    if split == SPLITS - 1:
-        kn = KN + b64 * stride_knb + hk * stride_knh
-        c = tl.load(COS + L * stride_c + offs_d, mask=d_ok, other=0.0)
-        s = tl.load(SIN + L * stride_c + offs_d, mask=d_ok, other=0.0)
-        x1 = tl.load(kn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        x2 = tl.load(kn + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        r1 = (x1 * c - x2 * s).to(KC.dtype.element_ty)
-        r2 = (x2 * c + x1 * s).to(KC.dtype.element_ty)
-        vn = tl.load(VN + b64 * stride_vnb + hk * stride_vnh + offs_dv, mask=dv_ok, other=0.0)
-        score = tl.sum(q1.to(tl.float32) * r1.to(tl.float32)[None, :], 1) + \
-            tl.sum(q2.to(tl.float32) * r2.to(tl.float32)[None, :], 1)
-        m_new = tl.maximum(m_i, score)
-        p = tl.exp2(score - m_new)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * vn.to(VC.dtype.element_ty).to(tl.float32)[None, :]
-        m_i = m_new
-        slot_k = KC + b64 * stride_cb + L.to(tl.int64) * stride_cs + hk * stride_ch
-        slot_v = VC + b64 * stride_vcb + L.to(tl.int64) * stride_vcs + hk * stride_vch
-        # An out-of-range length writes nothing (the bounds collapse to 0).
-        half_w = tl.where(valid, HALF, 0)
-        tl.store(slot_k + offs_d, r1, mask=offs_d < half_w)
-        tl.store(slot_k + HALF + offs_d, r2, mask=offs_d < half_w)
-        tl.store(slot_v + offs_dv, vn.to(VC.dtype.element_ty), mask=offs_dv < tl.where(valid, HEAD_DIM, 0))
-
-    if SPLITS == 1:
-        out = acc / l_i[:, None]
-        out = tl.where(valid, out, float("nan"))
-        o_ptr = O + b64 * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
-    else:
-        part = (b64 * H + heads) * SPLITS + split
-        tl.store(PM + part, m_i, mask=g_ok)
-        tl.store(PL + part, l_i, mask=g_ok)
-        tl.store(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
-
-
-@triton.jit
-def _decode_combine_kernel(PM, PL, PACC, LENS, O, stride_ob, stride_oh, H, capacity, table_len,
-                           HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, SPLITS: tl.constexpr,
-                           SPLITS_PAD: tl.constexpr):
-    """Program (b, head): merge the splits' (max, sum, acc) in a fixed order; NaN for a sequence
-    whose length was out of range."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    L = tl.load(LENS + b).to(tl.int32)
-    valid = (L >= 0) & (L < capacity) & (L < table_len)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_dv = tl.arange(0, DPAD)
-    s_ok = offs_s < SPLITS
-    dv_ok = offs_dv < HEAD_DIM
-    part = (b.to(tl.int64) * H + h) * SPLITS + offs_s
-    m = tl.load(PM + part, mask=s_ok, other=float("-inf"))
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - m_max)
-    l_sum = tl.sum(w * tl.load(PL + part, mask=s_ok, other=0.0), 0)
-    acc = tl.load(PACC + part[:, None] * HEAD_DIM + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / l_sum
-    out = tl.where(valid, out, float("nan"))
-    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_dv, out.to(O.dtype.element_ty), mask=dv_ok)
-
-
 # ----------------------------------------------------------------------------- launch configurations
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket, fixed (no autotuning: launches stay
 # cheap and every config is compiled once). Causal masking needs BLOCK_M % BLOCK_N == 0 in the
@@ -599,8 +444,8 @@ DKDV_CONFIGS = {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 8, 2)}
 _INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 
 
-def _config(kind: str, head_dim: int) -> tuple[int, int, int, int]:
-    if _INTERPRET:
+def config(kind: str, head_dim: int) -> tuple[int, int, int, int]:
+    if INTERPRET:
         return _INTERPRETER_CONFIGS[kind]
     table = {"fwd": FWD_CONFIGS, "dq": DQ_CONFIGS, "dkdv": DKDV_CONFIGS}[kind]
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
@@ -640,9 +485,9 @@ def forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax
     hook for bench/tune_attention.py (what the key rotation costs); its results are wrong."""
     varlen, batch, seq, total, heads, head_dim, group, cu = _common(q, k, cu_seqlens, max_seqlen)
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    block_m, block_n, warps, stages = _config("fwd", head_dim)
+    block_m, block_n, warps, stages = config("fwd", head_dim)
     grid = (triton.cdiv(seq, block_m), batch * heads)
-    _fwd_kernel[grid](
+    fwd_kernel[grid](
         q, k, v, cos, sin, out, lse, cu, cu if positions is None else positions,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         cos.stride(0), lse.stride(0),
@@ -661,8 +506,8 @@ def backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen
     delta = torch.empty_like(lse)
     pos = cu if positions is None else positions
     half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
-    block_m, block_n, warps, stages = _config("dq", head_dim)
-    _bwd_dq_kernel[(triton.cdiv(seq, block_m), batch * heads)](
+    block_m, block_n, warps, stages = config("dq", head_dim)
+    bwd_dq_kernel[(triton.cdiv(seq, block_m), batch * heads)](
         q, k, v, cos, sin, out, do, lse, delta, dq, cu, pos,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_strides3(do, varlen), *_strides3(dq, varlen), cos.stride(0), lse.stride(0),
@@ -671,8 +516,8 @@ def backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen
         CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, HAS_POS=positions is not None,
         num_warps=warps, num_stages=stages,
     )
-    block_m, block_n, warps, stages = _config("dkdv", head_dim)
-    _bwd_dkdv_kernel[(triton.cdiv(seq, block_n), batch * (heads // group))](
+    block_m, block_n, warps, stages = config("dkdv", head_dim)
+    bwd_dkdv_kernel[(triton.cdiv(seq, block_n), batch * (heads // group))](
         q, k, v, cos, sin, do, lse, delta, dk, dv, cu, pos,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen), cos.stride(0), lse.stride(0),
@@ -680,47 +525,4 @@ def backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen
         HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, DROPOUT=dropout_p > 0, HAS_POS=positions is not None,
         num_warps=warps, num_stages=stages,
-    )
-
-
-DECODE_BLOCK_N = 64
-
-
-@functools.lru_cache(maxsize=None)
-def decode_splits(batch: int, kv_heads: int, capacity: int, sm_count: int) -> int:
-    """Splits of the cache per (sequence, kv head): about four programs per multiprocessor (on an
-    H200 at batch 1, 32 splits read an 8k cache at 0.74 of copy bandwidth against 0.67 for 16,
-    and a 32k one at 0.94 against 0.83), each taking at least two blocks of keys at full capacity.
-    Fixed by the shapes, so a captured graph stays valid."""
-    want = triton.cdiv(4 * sm_count, batch * kv_heads)
-    most = max(1, capacity // (2 * DECODE_BLOCK_N))
-    return max(1, min(want, most, 128))
-
-
-def decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, softmax_scale, splits):
-    """q (B, 1, H, D), k_new/v_new (B, 1, Hkv, D), caches (B, capacity, Hkv, D); out like q."""
-    batch, _, heads, head_dim = q.shape
-    kv_heads, capacity = k_cache.shape[2], k_cache.shape[1]
-    group = heads // kv_heads
-    parts = splits if splits > 1 else 0  # one split writes the output directly
-    partial_m = torch.empty((batch, heads, parts), dtype=torch.float32, device=q.device)
-    partial_l = torch.empty_like(partial_m)
-    partial_acc = torch.empty((batch, heads, parts, head_dim), dtype=torch.float32, device=q.device)
-    half, dpad = head_dim // 2, triton.next_power_of_2(head_dim)
-    block_n = 16 if _INTERPRET else (DECODE_BLOCK_N if head_dim <= 128 else 32)
-    _decode_kernel[(batch, kv_heads, splits)](
-        q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, partial_m, partial_l, partial_acc, out,
-        q.stride(0), q.stride(2), k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), cos.stride(0), out.stride(0), out.stride(2),
-        heads, group, capacity, cos.shape[0], softmax_scale * LOG2E,
-        HEAD_DIM=head_dim, HALF=half, HPAD=half_pad(head_dim), DPAD=dpad,
-        G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SPLITS=splits, num_warps=4, num_stages=2,
-    )
-    if splits == 1:
-        return
-    _decode_combine_kernel[(batch, heads)](
-        partial_m, partial_l, partial_acc, seqlens, out, out.stride(0), out.stride(2), heads, capacity,
-        cos.shape[0], HEAD_DIM=head_dim, DPAD=dpad, SPLITS=splits,
-        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
     )

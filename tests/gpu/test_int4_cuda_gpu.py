@@ -1,18 +1,17 @@
 """The CUDA int4/NF4 kernels: the tensor-core small-M kernel (split K or not), the dequantize
 kernel behind the large-M path, dispatch, errors, autograd and CUDA-graph capture."""
 import functools
-import sys
 
 import pytest
 import torch
 
 import llama_kernels
-import llama_kernels.int4_matmul  # noqa: F401
-from llama_kernels import _dispatch
-from llama_kernels.int4_matmul import cuda_iterations, cuda_splits, dequantize, quantize_int4, quantize_nf4
+from llama_kernels import dequantize, dispatch, quantize_int4, quantize_nf4
+from llama_kernels.cuda import int4_matmul as cuda_int4
+from llama_kernels.cuda.int4_matmul import cuda_iterations, cuda_splits
+from llama_kernels.ops import int4_matmul as mod
 
 pytestmark = pytest.mark.gpu
-mod = sys.modules["llama_kernels.int4_matmul"]
 
 # (N, K): LLaMA projections, and ragged ones: N not a multiple of the 16-row tile, K = 65 chunks
 # (the last iteration of 4 chunks is partial), and a tiny one.
@@ -81,16 +80,16 @@ def test_split_k_is_deterministic_and_matches_one_split(m, shape):
     n, k = shape
     qw, w = _weight("int4", n, k, _group(k))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ext = _dispatch.ext()
+    ext = dispatch.ext()
     iters = cuda_iterations(k)
 
     def run(splits):
         y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
         ws = torch.empty(splits * m * n, dtype=torch.float32, device="cuda")
-        _dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
-                            qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k,
-                            qw.group_size, k, n, _dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
-                            torch.cuda.current_stream().cuda_stream)
+        dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
+                           qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k,
+                           qw.group_size, k, n, dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
+                           torch.cuda.current_stream().cuda_stream)
         return y
 
     one, most = run(1), run(iters)
@@ -104,7 +103,7 @@ def test_split_k_is_deterministic_and_matches_one_split(m, shape):
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 def test_dequantize_kernel(fmt, dtype):
     qw, w = _weight(fmt, 1000, 2080, 32)
-    got = mod._cuda_dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size, dtype)
+    got = cuda_int4.dequantize(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size, dtype)
     eps = torch.finfo(dtype).eps
     # The kernel works in the output dtype: the fp16 scale and zero (and the NF4 table value) are
     # rounded to it first, then (q - 8) * scale + zero is rounded once. Bound per element:
@@ -118,14 +117,14 @@ def test_dequantize_kernel(fmt, dtype):
 
 def test_errors_name_the_argument():
     qw, _ = _weight("int4", 256, 256, 128)
-    ext, code = _dispatch.ext(), _dispatch.DTYPE_CODES
+    ext, code = dispatch.ext(), dispatch.DTYPE_CODES
     stream = torch.cuda.current_stream().cuda_stream
 
     def call(x, m, dtype=torch.bfloat16, splits=1, x_stride=256):
         y = torch.empty(m, 256, dtype=dtype, device="cuda")
-        _dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
-                            qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride,
-                            256, code[dtype], True, splits, 0, stream)
+        dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
+                           qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride,
+                           256, code[dtype], True, splits, 0, stream)
 
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows"):
@@ -144,7 +143,7 @@ def test_dispatch_by_dtype(monkeypatch, caplog):
     calls = []
     real = mod.BACKENDS["cuda"]
     monkeypatch.setitem(mod.BACKENDS, "cuda", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "logged", set())
     qw, w = _weight("nf4", 4096, 4096, 64)
     x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.float16)
     with torch.no_grad():

@@ -1,17 +1,15 @@
 """int4/NF4 matmul on a GPU: the Triton kernels at LLaMA sizes in bf16/fp16 (and fp32), both
 kernels forced at decode sizes, dispatch, and CUDA-graph capture of the decode path."""
 import functools
-import sys
 
 import pytest
 import torch
 
 import llama_kernels
-import llama_kernels.int4_matmul  # noqa: F401
-from llama_kernels.int4_matmul import dequantize, quantize_int4, quantize_nf4
+from llama_kernels import dequantize, quantize_int4, quantize_nf4
+from llama_kernels.ops import int4_matmul as mod
 
 pytestmark = pytest.mark.gpu
-mod = sys.modules["llama_kernels.int4_matmul"]
 
 # (N, K): LLaMA-7B-ish projections (4096x4096, 11008 -> 5504 halves) and their transposes.
 SHAPES = [(4096, 4096), (5504, 2048), (2048, 5504)]
@@ -21,10 +19,7 @@ REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def _op():
-    op = getattr(llama_kernels, "int4_matmul", None)
-    if not callable(op):
-        from llama_kernels.int4_matmul import int4_matmul as op
-    return op
+    return llama_kernels.int4_matmul
 
 
 def _tri():

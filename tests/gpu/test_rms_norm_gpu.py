@@ -1,16 +1,14 @@
 """RMSNorm on a GPU: the CUDA and Triton kernels against the reference at full sizes, in bf16 too."""
-import sys
-
 import pytest
 import torch
 
 import llama_kernels
-from llama_kernels import _dispatch
-import llama_kernels.rms_norm  # noqa: F401
+from llama_kernels import dispatch
+from llama_kernels.cuda import rms_norm as cuda_rms_norm
+from llama_kernels.ops import rms_norm as rms_mod
 from tests.helpers import assert_close, poisoned
 
 pytestmark = pytest.mark.gpu
-rms_mod = sys.modules["llama_kernels.rms_norm"]
 
 # LLaMA widths (2048, 4096, 8192, 16384), FFN 5504, and ragged ones that defeat vector loads.
 SHAPES = [(4096, 2048), (333, 4097), (1000, 8192), (64, 16384), (7, 5504), (5, 1000), (2, 40000)]
@@ -22,7 +20,7 @@ def _backends():
 
 
 def _fits_cuda(x2, w):
-    return rms_mod._cuda_unsupported(x2, w) is None
+    return cuda_rms_norm.unsupported(x2, w) is None
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -98,7 +96,7 @@ def test_add_autograd_bf16():
 
 
 def test_unaligned_long_rows_fall_back_to_triton(caplog, monkeypatch):
-    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "logged", set())
     x = torch.randn(3, 10001, device="cuda", dtype=torch.float16)
     w = torch.randn(10001, device="cuda", dtype=torch.float16)
     with caplog.at_level("INFO", logger="llama_kernels"):

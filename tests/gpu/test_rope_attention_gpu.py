@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llama_kernels
-from llama_kernels.rope_attention import rope_attention_reference, rope_decode_attention_reference
+from llama_kernels.ops.rope_attention import rope_attention_reference, rope_decode_attention_reference
 from tests.attention_cases import check_training, cu_from_lengths, qkv, tables
 from tests.helpers import assert_close, poisoned
 

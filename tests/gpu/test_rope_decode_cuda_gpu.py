@@ -1,5 +1,5 @@
 """The CUDA decode kernel (csrc/cuda/rope_decode.cu) called directly through
-llama_kernels._rope_decode_cuda.decode: RoPE on q and k_new, the append to the cache and split-K
+llama_kernels.cuda.rope_decode.decode: RoPE on q and k_new, the append to the cache and split-K
 attention against an fp32 reference written here. Ragged lengths (0, 1, near capacity), GQA
 groups of 1 to 24 heads, every head dim, both dtypes, two cache layouts, unaligned inputs, split
 counts with empty splits; poisoned outputs and cache slots; determinism; CUDA-graph replay with
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from llama_kernels import _dispatch
-from llama_kernels import _rope_decode_cuda as rdc
+from llama_kernels import dispatch
+from llama_kernels.cuda import rope_decode as rdc
 
 pytestmark = pytest.mark.gpu
 
@@ -203,7 +203,7 @@ def test_in_a_cuda_graph_with_changing_lengths(seq_dtype):
     q, k_new, v_new, k_cache, v_cache, cos, sin = _inputs(batch, heads, kv_heads, head_dim, capacity, dtype)
     seqlens = torch.tensor([3, 5, 7, 9], dtype=seq_dtype, device="cuda")
     out = torch.empty_like(q)
-    splits = rdc.splits_for(batch, kv_heads, capacity, _dispatch.sm_count(q.device), head_dim)
+    splits = rdc.splits_for(batch, kv_heads, capacity, dispatch.sm_count(q.device), head_dim)
     assert splits > 1  # the merge kernel is in the graph too
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -247,14 +247,14 @@ def test_errors_name_the_argument():
     q, k_new, v_new, k_cache, v_cache, cos, sin = _inputs(batch, heads, kv_heads, head_dim, capacity, dtype)
     seqlens = torch.tensor([3, 4], dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    fn = _dispatch.ext().rope_decode_attention_cuda
+    fn = dispatch.ext().rope_decode_attention_cuda
 
     def call(splits=1, **change):
         ws = torch.empty(rdc.workspace_elems(batch, heads, head_dim, splits), dtype=torch.float32, device="cuda")
         args = rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, ws, 0.125, splits)
         assert set(change) <= set(args)
         args.update(change)
-        _dispatch.cuda_call(fn, *args.values())
+        dispatch.cuda_call(fn, *args.values())
 
     call()  # the unchanged call is fine
     with pytest.raises(ValueError, match="head_dim: the CUDA decode attention takes 32, 64, 128 or 256, got 65"):
@@ -266,7 +266,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="q: unknown dtype code 7"):
         call(dtype=7)
     with pytest.raises(ValueError, match="q: the CUDA decode attention takes float16 or bfloat16, got float32"):
-        call(dtype=_dispatch.DTYPE_CODES[torch.float32])
+        call(dtype=dispatch.DTYPE_CODES[torch.float32])
     with pytest.raises(ValueError, match="k_cache: must be 16-byte aligned"):
         call(k_cache=k_cache.data_ptr() + 2)
     with pytest.raises(ValueError, match="k_cache: strides must be non-negative multiples of 8"):

@@ -3,8 +3,8 @@
 Generating a token multiplies a handful of activation rows by every weight matrix, so the
 time is the time to stream the weights. On the CPU, the C++ kernel reads each fp32 weight row
 once for all rows of x and runs near memory bandwidth (1.7-3.3x `F.linear` for 1-16 rows on two
-cores); 16-bit weights, larger inputs, autograd and torch.compile go to `F.linear` (the `torch`
-backend).
+cores; llama_kernels/cpu/linear.py); 16-bit weights, larger inputs, autograd and torch.compile go
+to `F.linear` (the `torch` backend).
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from .. import dispatch
+from ..cpu import linear as cpu_linear
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_ROWS = 16  # beyond this a blocked GEMM (MKL/oneDNN) wins
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,31 +30,6 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _torch(x, weight, bias):
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def _cpu_parts(x2, weights, biases, ys):
-    """One kernel call for several weights against the same x2: writes ys[p] = x2 @ weights[p]^T
-    + biases[p] (all ys with one row stride; biases entries may be None)."""
-    codes = _dispatch.DTYPE_CODES
-    bias_dtype = next((codes[b.dtype] for b in biases if b is not None), 0)
-    _cpu_call(x2, x2.shape[0], x2.stride(0), weights, [0 if b is None else b.data_ptr() for b in biases], bias_dtype,
-              [y.data_ptr() for y in ys], ys[0].stride(0))
-
-
-def _cpu_call(x, rows, x_stride, weights, bias_ptrs, bias_dtype, outs, y_stride):
-    """The C++ kernel over `rows` rows of x (row stride x_stride, last dim contiguous): outs[p] is
-    the address of part p's first output, y_stride the output row stride."""
-    codes = _dispatch.DTYPE_CODES
-    _dispatch.ext().linear_cpu(
-        x.data_ptr(), [w.data_ptr() for w in weights], bias_ptrs, outs, [w.shape[0] for w in weights],
-        rows, x.shape[-1], x_stride, y_stride, codes[x.dtype], codes[weights[0].dtype], bias_dtype,
-        torch.get_num_threads(),
-    )
-
-
-def _cpu(x2, weight, bias, y):
-    """The kernel for one weight into a caller-allocated y (tests poison it first)."""
-    _cpu_parts(x2, (weight,), (bias,), (y,))
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -83,19 +58,6 @@ def _check_bias(x: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
         raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
 
 
-def _cpu_unsupported(rows: int, weights: Sequence[torch.Tensor]) -> str | None:
-    if weights[0].dtype != torch.float32:  # one dtype for all (see _weights)
-        # Measured on AVX-512: oneDNN's bf16/fp16 GEMV is as fast or faster; the kernel's 16-bit
-        # paths exist (and are tested) for the 4-bit work to build on.
-        return "16-bit weights (F.linear is as fast)"
-    if rows > MAX_ROWS:
-        return f"more than {MAX_ROWS} rows (a blocked GEMM is faster)"
-    for w in weights:
-        if not w.is_contiguous():
-            return "a non-contiguous weight"
-    return None
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -118,8 +80,8 @@ def linear(
         return _torch_parts(x, weights, bias)
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    backend = _dispatch.choose("linear", x.device, {"cpu": lambda: _cpu_unsupported(rows, weights)},
-                               implemented=("cpu", "torch"))
+    backend = dispatch.choose("linear", x.device, {"cpu": lambda: cpu_linear.unsupported(rows, weights)},
+                              implemented=("cpu", "torch"))
     if backend == "torch":
         return _torch_parts(x, weights, bias)
     y = x.new_empty((*x.shape[:-1], n))
@@ -141,8 +103,8 @@ def linear(
         outs.append(y.data_ptr() + offset * size)
         bias_ptrs.append(0 if bias is None else bias.data_ptr() + offset * bias.element_size())
         offset += w.shape[0]
-    _cpu_call(x2, rows, x_stride, weights, bias_ptrs, 0 if bias is None else _dispatch.DTYPE_CODES[bias.dtype],
-              outs, n)
+    cpu_linear.forward_rows(x2, rows, x_stride, weights, bias_ptrs,
+                            0 if bias is None else dispatch.DTYPE_CODES[bias.dtype], outs, n)
     return y
 
 

@@ -1,7 +1,10 @@
-"""Text generation with a preallocated KV cache.
+"""Text generation with a preallocated KV cache: `generate`, `Sampling`, and the `Decoder` that
+runs the model step by step.
+
+    new_ids = generate(model, [prompt_ids], max_new_tokens=200, sampling=Sampling(temperature=0.8))
 
     python -m llama.generate --checkpoint PATH [--tokenizer PATH] --prompt "Once upon a time" \
-        --max-new-tokens 200 --temperature 0.8 --top-p 0.9 --seed 0
+        --max-new-tokens 200 --temperature 0.8 --top-p 0.9 --seed 0     # see __main__.py
 
 Prompts of different lengths are batched with right padding: every sequence keeps its own
 position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding. Sampling filters
@@ -10,15 +13,12 @@ one-token decode step is compiled and replayed as a CUDA graph over the static c
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .model import KVCache, Transformer
+from ..model import KVCache, Transformer
 
 
 @dataclass(frozen=True)
@@ -236,68 +236,3 @@ def generate(
         return out
     finally:
         model.train(was_training)
-
-
-# ----------------------------------------------------------------------------- CLI
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m llama.generate", description="Generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="any format llama.load reads")
-    p.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: found beside the checkpoint)")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: empty, i.e. BOS only)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--epsilon", type=float, help="drop tokens whose probability is below this")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step (default: on for CUDA)")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the decode step as a CUDA graph (default: on for CUDA)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config changes that keep the weights, e.g. rope_scaling=dynamic rope_scaling_factor=4")
-    return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run
-
-    return run(_parse, _run, argv)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from . import load  # the high-level API: model plus tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype, overrides=args.overrides)
-    prompts = args.prompt or [""]
-    if len(prompts) == 1:
-        sys.stdout.write(prompts[0])  # the continuation streams after it
-    start = time.perf_counter()
-    texts = lm.generate(
-        prompts if len(prompts) > 1 else prompts[0],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        epsilon=args.epsilon,
-        seed=args.seed,
-        stream=sys.stdout if len(prompts) == 1 else None,
-        compile=args.compile,
-        cuda_graph=args.cuda_graph,
-    )
-    elapsed = time.perf_counter() - start
-    if len(prompts) > 1:
-        for prompt, text in zip(prompts, texts):
-            print(f"--- {prompt!r}\n{prompt}{text}")
-    else:
-        print()
-    print(f"[{lm.last_generated_tokens} tokens in {elapsed:.2f} s]", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

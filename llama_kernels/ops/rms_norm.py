@@ -16,7 +16,10 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch
+from .. import dispatch
+from ..cpu import rms_norm as cpu_rms_norm
+from ..cuda import rms_norm as cuda_rms_norm
+from ..triton import kernels as triton_kernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,7 +42,7 @@ def add_rms_norm_reference(x: torch.Tensor, h: torch.Tensor, weight: torch.Tenso
 
 # Every forward backend: fwd(x, w, eps, y, rstd, h=None, s=None) writes y = norm(x) (and rstd
 # unless it is None); with h it normalises s = x + h (rounded to x's dtype) and writes s too.
-def _torch_fwd(x, w, eps, y, rstd, h=None, s=None):
+def torch_fwd(x, w, eps, y, rstd, h=None, s=None):
     if h is not None:
         x = torch.add(x, h, out=s)
     xf = x.float()
@@ -51,7 +54,7 @@ def _torch_fwd(x, w, eps, y, rstd, h=None, s=None):
 
 # Every backward backend: bwd(dy, x, w, rstd, dx, dw, ds=None) writes dx and dw; ds (like dy) is
 # a gradient that reached x directly (the residual stream's, for add_rms_norm), added to dx.
-def _torch_bwd(dy, x, w, rstd, dx, dw, ds=None):
+def torch_bwd(dy, x, w, rstd, dx, dw, ds=None):
     xhat = x.float() * rstd[:, None]
     g = dy.float()
     gw = g * w.float()
@@ -61,79 +64,18 @@ def _torch_bwd(dy, x, w, rstd, dx, dw, ds=None):
     dw.copy_((g * xhat).sum(dim=0))
 
 
-# ----------------------------------------------------------------------------- compiled backends
-def _code(t: torch.Tensor) -> int:
-    return _dispatch.DTYPE_CODES[t.dtype]
-
-
-def _cpu_fwd(x, w, eps, y, rstd, h=None, s=None):
-    strides = (0, 0) if h is None else (h.stride(0), s.stride(0))
-    _cpu_fwd_rows(x, x.shape[0], x.stride(0), w, eps, y, y.stride(0), rstd, h, strides[0], s, strides[1])
-
-
-def _cpu_fwd_rows(x, rows, x_stride, w, eps, y, y_stride, rstd, h=None, h_stride=0, s=None, s_stride=0):
-    """The C++ forward over `rows` rows of x and y (row strides given, last dims contiguous); with
-    h and s, over the sum s = x + h."""
-    _dispatch.ext().rms_norm_fwd_cpu(
-        x.data_ptr(), 0 if h is None else h.data_ptr(), w.data_ptr(), y.data_ptr(), 0 if s is None else s.data_ptr(),
-        0 if rstd is None else rstd.data_ptr(), rows, x.shape[-1], x_stride, h_stride, y_stride, s_stride,
-        _code(x), _code(w), eps, torch.get_num_threads(),
-    )
-
-
-def _cpu_bwd(dy, x, w, rstd, dx, dw, ds=None):
-    _dispatch.ext().rms_norm_bwd_cpu(
-        dy.data_ptr(), 0 if ds is None else ds.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr(), dw.data_ptr(), x.shape[0], x.shape[1], dy.stride(0), 0 if ds is None else ds.stride(0),
-        x.stride(0), dx.stride(0), _code(x), _code(w), torch.get_num_threads(),
-    )
-
-
-def _cuda_fwd(x, w, eps, y, rstd, h=None, s=None):
-    has_h = h is not None
-    _dispatch.cuda_call(
-        _dispatch.ext().rms_norm_fwd_cuda,
-        x.data_ptr(), h.data_ptr() if has_h else 0, w.data_ptr(), y.data_ptr(), s.data_ptr() if has_h else 0,
-        0 if rstd is None else rstd.data_ptr(), x.shape[0], x.shape[1], x.stride(0), h.stride(0) if has_h else 0,
-        y.stride(0), s.stride(0) if has_h else 0, _code(x), _code(w), eps, x.device.index, _dispatch.cuda_stream(x),
-    )
-
-
-def _cuda_bwd(dy, x, w, rstd, dx, dw, ds=None):
-    partials = max(1, min(x.shape[0], 2 * _dispatch.sm_count(x.device)))
-    workspace = torch.empty((partials, x.shape[1]), dtype=torch.float32, device=x.device)
-    _dispatch.cuda_call(
-        _dispatch.ext().rms_norm_bwd_cuda,
-        dy.data_ptr(), 0 if ds is None else ds.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr(), dw.data_ptr(), workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0),
-        0 if ds is None else ds.stride(0), x.stride(0), dx.stride(0), _code(x), _code(w), x.device.index,
-        _dispatch.cuda_stream(x),
-    )
-
-
-def _cuda_unsupported(x: torch.Tensor, *others: torch.Tensor) -> Optional[str]:
-    """Mirrors the CUDA kernel's limit: rows are held in registers, 2048 packs (vectors or elements) at most."""
-    n = x.shape[-1]
-    vec = 16 // x.element_size()
-    aligned = n % vec == 0 and all(t.data_ptr() % 16 == 0 for t in (x, *others))
-    limit = _dispatch.ext().rms_norm_max_cols_cuda(_code(x), aligned)
-    return None if n <= limit else f"rows of {n} elements exceed the CUDA kernel's {limit}"
-
-
+# ----------------------------------------------------------------------------- Triton backend
 def _triton_fwd(x, w, eps, y, rstd, h=None, s=None):
-    from .triton import rms_norm as tri
-
-    tri.rms_norm_fwd(x, w, eps, y, rstd, h=h, s=s)
+    triton_kernels("rms_norm").rms_norm_fwd(x, w, eps, y, rstd, h=h, s=s)
 
 
 def _triton_bwd(dy, x, w, rstd, dx, dw, ds=None):
-    from .triton import rms_norm as tri
-
-    tri.rms_norm_bwd(dy, x, w, rstd, dx, dw, ds=ds)
+    triton_kernels("rms_norm").rms_norm_bwd(dy, x, w, rstd, dx, dw, ds=ds)
 
 
-FORWARD = {"torch": _torch_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd, "triton": _triton_fwd}
-BACKWARD = {"torch": _torch_bwd, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
+# The compiled backends are in llama_kernels/cpu/rms_norm.py and llama_kernels/cuda/rms_norm.py.
+FORWARD = {"torch": torch_fwd, "cpu": cpu_rms_norm.forward, "cuda": cuda_rms_norm.forward, "triton": _triton_fwd}
+BACKWARD = {"torch": torch_bwd, "cpu": cpu_rms_norm.backward, "cuda": cuda_rms_norm.backward, "triton": _triton_bwd}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -184,8 +126,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(x2: torch.Tensor, w: torch.Tensor, *others: torch.Tensor) -> str:
-    checks = {"cuda": lambda: _cuda_unsupported(x2, w, *others)} if x2.is_cuda else None
-    return _dispatch.choose("rms_norm", x2.device, checks)
+    checks = {"cuda": lambda: cuda_rms_norm.unsupported(x2, w, *others)} if x2.is_cuda else None
+    return dispatch.choose("rms_norm", x2.device, checks)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -216,7 +158,7 @@ def _inference(x: torch.Tensor, weight: torch.Tensor, eps: float,
             s = None if h is None else torch.empty_like(x)
             cols = x.shape[-1]
             if x.numel():
-                _cpu_fwd_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None, h, cols, s, cols)
+                cpu_rms_norm.forward_rows(x, x.numel() // cols, cols, w, float(eps), y, cols, None, h, cols, s, cols)
             return y, s
     y, s, _ = _forward(x, weight, eps, h, rstd=False)
     return y, s
@@ -265,14 +207,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, _eps = inputs
     ctx.save_for_backward(x, weight, output[1])
     # Autograd may run the backward on a worker thread that does not see use_backend().
-    ctx.forced_backend = _dispatch.forced_backend()
+    ctx.forced_backend = dispatch.forced_backend()
 
 
 def _backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     if grad_y is None:
         return None, None, None
-    with _dispatch.use_backend(ctx.forced_backend):
+    with dispatch.use_backend(ctx.forced_backend):
         dx, dw = rms_norm_bwd(grad_y, x, weight, rstd)
     return dx, dw, None
 
@@ -297,7 +239,7 @@ def _(x, h, weight, eps):
 def _add_setup_context(ctx, inputs, output):
     _x, _h, weight, _eps = inputs
     ctx.save_for_backward(output[1], weight, output[2])
-    ctx.forced_backend = _dispatch.forced_backend()
+    ctx.forced_backend = dispatch.forced_backend()
 
 
 def _add_backward(ctx, grad_y, grad_s, _grad_rstd):
@@ -306,7 +248,7 @@ def _add_backward(ctx, grad_y, grad_s, _grad_rstd):
     s, weight, rstd = ctx.saved_tensors
     if grad_y is None:
         return grad_s, grad_s, None, None
-    with _dispatch.use_backend(ctx.forced_backend):  # grad_s is added inside the kernel
+    with dispatch.use_backend(ctx.forced_backend):  # grad_s is added inside the kernel
         ds, dw = rms_norm_bwd(grad_y, s, weight, rstd, grad_s)
     return ds, ds, dw, None
 

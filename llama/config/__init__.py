@@ -3,11 +3,14 @@
     cfg = ModelConfig.preset("stories42M")
     cfg = ModelConfig.from_spec("configs/sheared-1.3b.yaml", ["max_seq_len=8192", "rope_scaling=dynamic"])
 
-The config travels inside every checkpoint this project writes (`to_dict` / `from_dict`).
+    python -m llama.config stories42M tie_embeddings=false     # show a config (see __main__.py)
+
+The config travels inside every checkpoint this project writes (`to_dict` / `from_dict`). This
+module also holds `ensure_own_package`, run on import: the check that the `llama` package around
+our modules is this project's.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -21,8 +24,9 @@ import yaml
 DISTRIBUTION = "llama-kernels"
 
 
-def ensure_own_package(package: str = __package__) -> None:
-    """Raise ImportError when `package` (the parent of this module) is not this project's `llama`.
+def ensure_own_package(package: str = __name__.split(".")[0]) -> None:
+    """Raise ImportError when `package` (the top-level package of this module) is not this
+    project's `llama`.
 
     PyPI's unrelated `llama`, or a folder named `llama` earlier on sys.path, could otherwise be
     imported around this project's modules and fail later with an obscure error."""
@@ -208,17 +212,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000, max_seq_len=4096),
 }
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.config", description="Show a model config")
-    parser.add_argument("spec", nargs="?", help="preset name or YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value")
-    args = parser.parse_args(argv)
-    cfg = ModelConfig.from_spec(args.spec, args.overrides)
-    sys.stdout.write(cfg.to_yaml())
-    print(f"# parameters: {cfg.num_params():,}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

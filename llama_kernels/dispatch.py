@@ -1,4 +1,4 @@
-"""Capability detection and backend choice.
+"""Capability detection, backend choice, and the helpers every compiled backend calls.
 
 Each op runs on one of four backends, tried in this order for the tensor's device:
 
@@ -11,6 +11,10 @@ Each op runs on one of four backends, tried in this order for the tensor's devic
 ``LLAMA_KERNELS_BACKEND=torch|triton|cuda|cpu`` or ``with llama_kernels.use_backend(...)`` forces one; a
 forced backend that cannot run the call raises. An automatic fallback is logged once per op and
 reason on the ``llama_kernels`` logger.
+
+The glue of the compiled backends (llama_kernels/cpu/, llama_kernels/cuda/) reaches
+``llama_kernels._C`` through ``ext()``, passes dtypes as ``DTYPE_CODES`` (read from the module
+itself), and raises the errors of CUDA entry points through ``cuda_call()``.
 """
 from __future__ import annotations
 
@@ -28,11 +32,10 @@ import torch
 log = logging.getLogger("llama_kernels")
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
-# Codes for the dtypes the compiled kernels take; must match DType in csrc/common.h.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("llama_kernels_backend", default=None)
-_logged: set[tuple[str, str]] = set()
+# (op, message) pairs already logged by log_once(); tests replace it with an empty set.
+logged: set[tuple[str, str]] = set()
 
 # Environment variables this project read before its ops package was renamed. Hugging Face's
 # `kernels` package reads KERNELS_*-prefixed variables too, so these names are no longer read.
@@ -89,6 +92,26 @@ def ext():
     if caps.ext is None:
         raise RuntimeError(caps.ext_error)
     return caps.ext
+
+
+def dtype_codes() -> dict[torch.dtype, int]:
+    """The codes of the dtypes the compiled kernels take, as llama_kernels._C defines them (DType
+    in csrc/common.h). Without llama_kernels._C no compiled backend runs and nothing needs them:
+    this raises why the module is missing."""
+    module = ext()
+    if not hasattr(module, "dtype_codes"):
+        raise RuntimeError("llama_kernels._C has no dtype_codes (built from older sources); rebuild it with "
+                           "`pip install -e .`")
+    return {getattr(torch, name): code for name, code in module.dtype_codes().items()}
+
+
+def __getattr__(name: str):
+    # DTYPE_CODES ({torch.float32: 0, ...}) is read from llama_kernels._C on first use, not at
+    # import (which must work without the module), and then kept as a plain module attribute.
+    if name == "DTYPE_CODES":
+        codes = globals()["DTYPE_CODES"] = dtype_codes()
+        return codes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def forced_backend() -> Optional[str]:
@@ -196,8 +219,8 @@ def _candidates(device_type: str, implemented: tuple[str, ...]) -> tuple[tuple[s
 
 def log_once(op: str, message: str, level: int = logging.WARNING) -> None:
     key = (op, message)
-    if key not in _logged:
-        _logged.add(key)
+    if key not in logged:
+        logged.add(key)
         log.log(level, "%s: %s", op, message)
 
 

@@ -4,11 +4,12 @@
     quantize_(model, Int4Config(group_size=64))     # every nn.Linear -> QuantLinear
     llama.save(model, "out/")                        # native format; llama.load reads it back
 
-    python -m llama.quantize --checkpoint IN --out OUT --format int4 --group-size 64
+    python -m llama.quantize --checkpoint IN --out OUT --format int4 --group-size 64     # see __main__.py
     python -m llama.quantize --checkpoint IN --out OUT --format nf4 [--group-size 64] [--no-double-quant]
 
-Which layers: every `nn.Linear` (our `llama.model.Linear` included) that `filter_fn(name,
-module)` accepts; by default all of them, so an untied output head is quantized too. The
+Which layers: every `nn.Linear` (our `llama.model.Linear` included) that `filter_fn(module,
+fqn)` accepts (torchao's order: the module, then its fully qualified name such as
+"layers.0.attention.wq"); by default all of them, so an untied output head is quantized too. The
 embedding is not a Linear and stays dense, as do the norms. A tied output head (its weight *is*
 the embedding) is always kept dense and tied: quantizing it would untie it and store the
 embedding twice. A layer whose in_features is not a multiple of the group size stays dense too;
@@ -20,27 +21,27 @@ so adapters on top of it train (QLoRA).
 """
 from __future__ import annotations
 
-import argparse
+import inspect
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from llama_kernels.int4_matmul import (
-    DOUBLE_QUANT_BLOCK, FORMATS, GROUP_SIZES, SCALE_DTYPE, QuantizedWeight, _double_dequantize, int4_matmul,
-    quantize_int4, quantize_nf4,
+from llama_kernels import int4_matmul
+from llama_kernels.int4_format import (
+    DOUBLE_QUANT_BLOCK, FORMATS, GROUP_SIZES, SCALE_DTYPE, QuantizedWeight, double_dequantize, quantize_int4,
+    quantize_nf4,
 )
 
-from .model import _without_joined
+from ..model import forget_joined, without_joined
 
 __all__ = [
-    "Int4Config", "NF4Config", "QuantConfig", "QuantLinear", "config_from_dict", "is_quantized", "main",
-    "model_size_bytes", "quantization_info", "quantize_", "quantized_layers",
+    "Int4Config", "NF4Config", "QuantConfig", "QuantLinear", "config_from_dict", "is_quantized", "model_size_bytes",
+    "prepare_quantized", "quantization_info", "quantize_", "quantized_layers",
 ]
 
 log = logging.getLogger("llama")
@@ -230,7 +231,7 @@ class QuantLinear(nn.Module):
                                first.config.group_size, (sum(sizes), first.in_features))
 
     def __getstate__(self):
-        return _without_joined(self)
+        return without_joined(self)
 
     @staticmethod
     def joined_parts(layer: "QuantLinear") -> tuple[Optional[torch.Tensor], ...]:
@@ -259,13 +260,13 @@ class QuantLinear(nn.Module):
     def _decode_scales(self) -> None:
         stored = {"absmax_q": self.absmax_q, "absmax_step": self.absmax_step, "absmax_mean": self.absmax_mean}
         shape = (self.out_features, self.in_features // self.config.group_size)
-        self.scales = _double_dequantize(stored, shape).to(SCALE_DTYPE)
+        self.scales = double_dequantize(stored, shape).to(SCALE_DTYPE)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating buffer; the scales must stay fp16 (and the
         # double-quant tensors fp32). A buffer whose dtype changed is moved again, from the original.
         before = {name: b for name, b in self._buffers.items() if b is not None}
-        self.__dict__.pop("_joined", None)  # the joined copy stays where it was (see store_joined)
+        forget_joined(self)  # the joined copy stays where it was (see store_joined)
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -320,13 +321,31 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+FilterFn = Callable[[nn.Module, str], bool]  # (module, fqn) -> quantize it?
+
+
+def _check_filter_fn(filter_fn: Any) -> None:
+    """TypeError naming filter_fn unless it is a callable that takes (module, fqn)."""
+    if not callable(filter_fn):
+        raise TypeError(f"filter_fn: expected a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    try:
+        signature = inspect.signature(filter_fn)
+    except (TypeError, ValueError):  # some builtins have no signature to check
+        return
+    try:
+        signature.bind(nn.Identity(), "")
+    except TypeError:
+        raise TypeError(f"filter_fn: expected a callable (module, fqn) -> bool that takes two positional "
+                        f"arguments, got one with signature {signature}") from None
+
+
 def _select(model: nn.Module, config: QuantConfig,
-            filter_fn: Optional[Callable[[str, nn.Module], bool]]) -> tuple[list[str], list[str]]:
+            filter_fn: Optional[FilterFn]) -> tuple[list[str], list[str]]:
     """The Linear layers to quantize, and notes on those kept dense."""
     shared = _shared_parameters(model)
     chosen, kept = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or (filter_fn is not None and not filter_fn(name, module)):
+        if not isinstance(module, nn.Linear) or (filter_fn is not None and not filter_fn(module, name)):
             continue
         if id(module.weight) in shared:
             kept.append(f"{name} (its weight is tied to another parameter)")
@@ -339,9 +358,13 @@ def _select(model: nn.Module, config: QuantConfig,
 
 
 def quantize_(model: nn.Module, config: QuantConfig,
-              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, *, progress: bool = False) -> nn.Module:
-    """Replace the `nn.Linear` layers of `model` that `filter_fn(name, module)` accepts (default:
+              filter_fn: Optional[FilterFn] = None, *, progress: bool = False) -> nn.Module:
+    """Replace the `nn.Linear` layers of `model` that `filter_fn(module, fqn)` accepts (default:
     all) by QuantLinear layers holding their weights in 4 bits, in place; returns `model`.
+
+    `filter_fn` takes torchao's arguments in torchao's order: the module, then its fully
+    qualified name in `model` (e.g. "layers.0.attention.wq"); a callable that cannot take two
+    positional arguments is a TypeError.
 
     Kept dense, with one note on the "llama" logger: tied layers (a tied output head) and layers
     whose in_features is not a multiple of the group size. The sizes before and after are logged
@@ -351,8 +374,8 @@ def quantize_(model: nn.Module, config: QuantConfig,
     config = _as_config(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(filter_fn).__name__}")
+    if filter_fn is not None:
+        _check_filter_fn(filter_fn)
     already = quantized_layers(model)
     if already:
         raise ValueError(f"model: already quantized ({len(already)} 4-bit layers, e.g. {next(iter(already))}); "
@@ -363,8 +386,6 @@ def quantize_(model: nn.Module, config: QuantConfig,
     before = model_size_bytes(model)
     layers = chosen
     if progress:
-        from tqdm import tqdm
-
         layers = tqdm(chosen, desc=f"{config.format} g{config.group_size}", unit="layer", file=sys.stderr)
     with torch.no_grad():
         for name in layers:
@@ -397,60 +418,3 @@ def prepare_quantized(model: nn.Module, config: QuantConfig, layers: Sequence[st
         _set_module(model, name, QuantLinear(linear.in_features, linear.out_features, config,
                                              bias=linear.bias is not None, device=w.device, dtype=w.dtype))
     return model
-
-
-# ----------------------------------------------------------------------------- CLI
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m llama.quantize",
-                                description="Quantize a checkpoint's linear layers to 4 bits (native format out)")
-    p.add_argument("--checkpoint", required=True, help="any format llama.load reads")
-    p.add_argument("--out", required=True, help="directory for the quantized native checkpoint")
-    p.add_argument("--format", default="int4", help="int4 or nf4 (default: int4)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="inputs per scale: 32, 64 or 128 (default: 128 for int4, 64 for nf4)")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
-                   help="nf4: store the absmax values in 8 bits (default: on)")
-    return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run
-
-    return run(_parse, _run, argv)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .api import find_tokenizer
-
-    settings: dict[str, Any] = {"format": args.format}
-    if args.group_size is not None:
-        settings["group_size"] = args.group_size
-    if args.double_quant is not None:
-        if args.format == "int4":
-            raise ValueError("double_quant: applies only to format 'nf4'")
-        settings["double_quant"] = args.double_quant
-    config = config_from_dict(settings)
-    source, out = Path(args.checkpoint), Path(args.out)
-    if out.exists() and source.exists() and out.resolve() == source.resolve():
-        raise ValueError("out: is the input checkpoint; write the quantized model elsewhere")
-    model = checkpoint.load_model(source, device="cpu")
-    before = model_size_bytes(model)
-    quantize_(model, config, progress=True)
-    after = model_size_bytes(model)
-    checkpoint.save(model, out, format="native")
-    tokenizer = find_tokenizer(source)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / tokenizer.name)
-    n = len(quantized_layers(model))
-    print(f"wrote {out}: {n} layers in {config.format} (group {config.group_size}"
-          f"{', double quant' if config.double_quant else ''}), {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB"
-          + (f", with {tokenizer.name}" if tokenizer is not None else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the importable module's main, so that llama.checkpoint and this CLI share one QuantLinear.
-    from llama.quantize import main as _main
-
-    sys.exit(_main())

@@ -12,10 +12,11 @@ other, and each sequence's positions restart at 0. cos and sin are (positions, D
 (llama.model.rope_tables); RoPE is half-split (element i pairs with i + D/2), the model's
 convention.
 
-Backends: Triton for fp16/bf16 CUDA tensors (llama_kernels/triton/rope_attention.py); for decoding also
-a CUDA kernel (csrc/cuda/rope_decode.cu) and a C++ CPU kernel (csrc/cpu/rope_decode.cpp). fp32
-CUDA tensors, CPU training calls and anything a kernel cannot take go to the reference below,
-which computes in fp32.
+Backends: Triton for fp16/bf16 CUDA tensors (llama_kernels/triton/rope_attention.py, and
+triton/rope_decode.py for decoding); for decoding also a CUDA kernel (csrc/cuda/rope_decode.cu,
+through llama_kernels/cuda/rope_decode.py) and a C++ CPU kernel (csrc/cpu/rope_decode.cpp, through
+llama_kernels/cpu/rope_decode.py). fp32 CUDA tensors, CPU training calls and anything a kernel
+cannot take go to the reference below, which computes in fp32.
 
 Dropout inside the kernel is reproducible: the keep mask is a counter-based hash of
 (dropout_seed, head, query token, key index), the same in every backend (see `dropout_keep`), so
@@ -29,7 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from .. import dispatch
+from ..cpu import rope_decode as cpu_decode
+from ..cuda import rope_decode as cuda_decode
+from ..triton import kernels as triton_kernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -218,7 +222,7 @@ def _check_positions(positions, q, packed: bool, table_rows: int) -> None:
                          f"{positions.dtype} of shape {tuple(positions.shape)}")
     if positions.device != q.device:
         raise ValueError(f"positions: is on {positions.device} but q is on {q.device}")
-    if positions.numel() and _dispatch.host_sync_allowed(q):
+    if positions.numel() and dispatch.host_sync_allowed(q):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= table_rows:
             raise ValueError(f"positions: must index the {table_rows} rows of cos/sin, got [{lo}, {hi}]")
@@ -255,8 +259,8 @@ def _attention_backend(device_type: str, dtype: torch.dtype, head_dim: int) -> s
     """The training op's backend. It depends only on constants, so torch.compile evaluates it
     once while tracing (the forced-backend context is not traceable) and bakes the answer in."""
     reason = _kernel_unsupported(dtype, head_dim)
-    return _dispatch.choose("rope_attention", torch.device(device_type), {"triton": lambda: reason},
-                            implemented=("triton", "torch"))
+    return dispatch.choose("rope_attention", torch.device(device_type), {"triton": lambda: reason},
+                           implemented=("triton", "torch"))
 
 
 # ----------------------------------------------------------------------------- training op
@@ -272,13 +276,11 @@ def rope_attention_fwd(
     softmax_scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out like q, lse (H, tokens) fp32: the natural-log logsumexp of each query row)."""
-    from .triton import rope_attention as tri
-
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32, device=q.device)
     if q.numel():
-        tri.forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed,
-                    positions)
+        triton_kernels("rope_attention").forward(q, k, v, cos, sin, out, lse, cu_seqlens, max_seqlen, causal,
+                                                 softmax_scale, dropout_p, seed, positions)
     return out, lse
 
 
@@ -296,15 +298,13 @@ def rope_attention_bwd(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv), gradients w.r.t. the unrotated q and k."""
-    from .triton import rope_attention as tri
-
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel():
         do = _last_contiguous(grad_out.to(q.dtype))
-        tri.backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens, max_seqlen, causal,
-                     softmax_scale, dropout_p, seed, positions)
+        triton_kernels("rope_attention").backward(do, q, k, v, out, lse, cos, sin, dq, dk, dv, cu_seqlens,
+                                                  max_seqlen, causal, softmax_scale, dropout_p, seed, positions)
     return dq, dk, dv
 
 
@@ -388,28 +388,14 @@ def _cuda_decode_unsupported(q: torch.Tensor, *tensors: torch.Tensor) -> Optiona
     reason = _kernel_unsupported(q.dtype, q.shape[-1])
     if reason:
         return reason
-    ext = _dispatch.ext()
+    ext = dispatch.ext()
     if not hasattr(ext, "rope_decode_attention_cuda"):
         return "llama_kernels._C has no rope_decode_attention_cuda (rebuild it)"
-    from . import _rope_decode_cuda
-
-    return _rope_decode_cuda.unsupported(q, *tensors)
-
-
-def _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale: float) -> None:
-    strides = [q.stride(0), q.stride(2), k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
-               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(2), cos.stride(0)]
-    batch, _, heads, head_dim = q.shape
-    _dispatch.ext().rope_decode_attention_cpu(
-        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        cache_seqlens.data_ptr(), cache_seqlens.dtype == torch.int64, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-        batch, heads, k_cache.shape[2], head_dim, k_cache.shape[1], cos.shape[0], strides,
-        _dispatch.DTYPE_CODES[q.dtype], softmax_scale, torch.get_num_threads(),
-    )
+    return cuda_decode.unsupported(q, *tensors)
 
 
 def _cpu_decode_unsupported() -> Optional[str]:
-    ext = _dispatch.ext()
+    ext = dispatch.ext()
     return None if hasattr(ext, "rope_decode_attention_cpu") else "llama_kernels._C has no rope_decode_attention_cpu"
 
 
@@ -418,8 +404,8 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     checks = {"triton": lambda: _kernel_unsupported(q.dtype, q.shape[-1]),
               "cuda": lambda: _cuda_decode_unsupported(q, k_new, v_new, k_cache, v_cache),
               "cpu": _cpu_decode_unsupported}
-    backend = _dispatch.choose("rope_decode_attention", q.device, checks,
-                               implemented=("cuda", "triton", "cpu", "torch"))
+    backend = dispatch.choose("rope_decode_attention", q.device, checks,
+                              implemented=("cuda", "triton", "cpu", "torch"))
     if backend == "torch":
         return rope_decode_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin,
                                                softmax_scale)
@@ -430,18 +416,14 @@ def _decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_
     if q.shape[0] == 0:
         return out
     if backend == "cpu":
-        _cpu_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale)
+        cpu_decode.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale)
         return out
-    sms = _dispatch.sm_count(q.device) if q.is_cuda else 4
+    sms = dispatch.sm_count(q.device) if q.is_cuda else 4
     if backend == "cuda":
-        from . import _rope_decode_cuda
-
-        splits = _rope_decode_cuda.splits_for(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms, q.shape[-1])
-        _rope_decode_cuda.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale,
-                                 splits)
+        splits = cuda_decode.splits_for(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms, q.shape[-1])
+        cuda_decode.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale, splits)
     else:
-        from .triton import rope_attention as tri
-
+        tri = triton_kernels("rope_decode")
         splits = tri.decode_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1], sms)
         tri.decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, softmax_scale, splits)
     return out
@@ -522,7 +504,7 @@ def rope_decode_attention(
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if check_bounds and q.shape[0] and _dispatch.host_sync_allowed(q):
+    if check_bounds and q.shape[0] and dispatch.host_sync_allowed(q):
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         limit = min(k_cache.shape[1], cos.shape[0])
         if lo < 0 or hi >= limit:

@@ -5,14 +5,13 @@ The sample is an English novel (``botchan.txt``) and a real SentencePiece BPE mo
 0.2.3 source distribution on PyPI. They are fetched with pip, checked against SHA-256
 sums kept here, and cached outside the repository::
 
-    python -m llama.data fetch-sample [--cache-dir DIR]
+    python -m llama.data fetch-sample [--cache-dir DIR]        # see __main__.py
 
 The cache is ``--cache-dir``, else ``$LLAMA_KERNELS_CACHE``, else
 ``$XDG_CACHE_HOME/llama-kernels``, else ``~/.cache/llama-kernels``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import itertools
@@ -28,11 +27,12 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .tokenizer import Tokenizer, _file_mode
+from ..atomic import atomic_file
+from ..tokenizer import Tokenizer
 
 __all__ = [
     "ChecksumError", "SampleFiles", "SampleUnavailable", "batches", "default_cache_dir",
-    "download_sdist", "fetch_sample", "main", "sample_files", "tokenize_file", "train_val_split",
+    "download_sdist", "fetch_sample", "sample_files", "tokenize_file", "train_val_split",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -209,23 +209,13 @@ def _extract(archive: Path, folder: Path) -> None:
             if source is None:
                 raise ChecksumError(f"{archive.name}: {member_name} is not a regular file")
             target = folder / Path(member_name).name
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-            try:
+            with atomic_file(target) as tmp, open(tmp, "wb") as out:
                 digest = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out:
-                    for block in iter(lambda: source.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
                 if digest.hexdigest() != sha256:
                     raise ChecksumError(f"{member_name}: SHA-256 {digest.hexdigest()}, expected {sha256}")
-                os.chmod(tmp, _file_mode())
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
 
 
 # --- token streams for training ---------------------------------------------------------------
@@ -331,24 +321,3 @@ def _batches(tokens, batch_size, seq_len, generator, num_batches, device):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         yield x, y
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Command line: ``fetch-sample``."""
-    parser = argparse.ArgumentParser(prog="python -m llama.data", description="Sample data for tests and demos.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch-sample", help="download and cache botchan.txt and a BPE model")
-    fetch.add_argument("--cache-dir", metavar="DIR", default=None,
-                       help=f"default: ${CACHE_ENV}, else $XDG_CACHE_HOME/llama-kernels or ~/.cache/llama-kernels")
-    fetch.add_argument("--force", action="store_true", help="download again even if cached")
-    args = parser.parse_args(argv)
-    try:
-        files = fetch_sample(args.cache_dir, force=args.force)
-    except (SampleUnavailable, ChecksumError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"text: {files.text}\ntokenizer_model: {files.tokenizer_model}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,8 @@
 k_new, the append to the KV cache and split-K (flash-decoding) attention in one launch, plus a
 merge launch when the cache is split.
 
-Inputs arrive validated by llama_kernels/rope_attention.py; `unsupported` names what this kernel cannot
-take (the caller falls back to Triton). The C++ entry point checks its arguments again and
+Inputs arrive validated by llama_kernels/ops/rope_attention.py; `unsupported` names what this kernel
+cannot take (the caller falls back to Triton). The C++ entry point checks its arguments again and
 returns them as ValueError naming the argument.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch
+from .. import dispatch
 
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -42,7 +42,8 @@ def splits_for(batch: int, kv_heads: int, capacity: int, sm_count: int, head_dim
 
 def workspace_elems(batch: int, heads: int, head_dim: int, splits: int) -> int:
     """fp32 elements of the workspace: (B, H, splits) {max, sum} pairs, then (B, H, splits, D)
-    accumulators; none for one split. Mirrors rope_decode_workspace_elems in kernels_cuda.h."""
+    accumulators; none for one split. The formula of rope_decode_workspace_elems in kernels_cuda.h,
+    which llama_kernels._C exposes only when built with CUDA (tests compare the two)."""
     return batch * heads * splits * (head_dim + 2) if splits > 1 else 0
 
 
@@ -77,9 +78,9 @@ def entry_args(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cach
         q_stride_b=q.stride(0), q_stride_h=q.stride(2), knew_stride_b=k_new.stride(0), knew_stride_h=k_new.stride(2),
         vnew_stride_b=v_new.stride(0), vnew_stride_h=v_new.stride(2), cache_stride_b=k_cache.stride(0),
         cache_stride_s=k_cache.stride(1), cache_stride_h=k_cache.stride(2), out_stride_b=out.stride(0),
-        out_stride_h=out.stride(2), table_stride=cos.stride(0), dtype=_dispatch.DTYPE_CODES[q.dtype],
+        out_stride_h=out.stride(2), table_stride=cos.stride(0), dtype=dispatch.DTYPE_CODES[q.dtype],
         seqlens_int64=seqlens.dtype == torch.int64, softmax_scale=float(softmax_scale), splits=splits,
-        device=q.device.index, stream=_dispatch.cuda_stream(q),
+        device=q.device.index, stream=dispatch.cuda_stream(q),
     )
 
 
@@ -92,7 +93,7 @@ def decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: t
     splits_for(). Capturable in a CUDA graph (the workspace comes from the graph's pool)."""
     batch, _, heads, head_dim = q.shape
     if splits is None:
-        splits = splits_for(batch, k_cache.shape[2], k_cache.shape[1], _dispatch.sm_count(q.device), head_dim)
+        splits = splits_for(batch, k_cache.shape[2], k_cache.shape[1], dispatch.sm_count(q.device), head_dim)
     workspace = torch.empty(workspace_elems(batch, heads, head_dim, splits), dtype=torch.float32, device=q.device)
     args = entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, workspace, softmax_scale, splits)
-    _dispatch.cuda_call(_dispatch.ext().rope_decode_attention_cuda, *args.values())
+    dispatch.cuda_call(dispatch.ext().rope_decode_attention_cuda, *args.values())

@@ -1,0 +1,105 @@
+"""Micro-benchmarks of the C++ CPU kernels against PyTorch, with pytest-benchmark.
+
+    pytest bench/micro --benchmark-only [--benchmark-group-by=group] [--benchmark-compare]
+
+They sit outside `tests/`, so the normal test run never collects them. Each group holds our
+kernel (forced to the `cpu` backend) and the PyTorch computation a user would otherwise run, on
+the same inputs, at the decode-time shapes of Sheared-LLaMA-1.3B (d_model 2048, FFN 5504, 16
+heads of 128). Repeated calls find their operands in cache, so these are warm-cache times;
+`bench/run.py` rotates inputs, times cold, and remains the place for suites, peers and charts.
+These exist to time one kernel quickly while changing it, with pytest-benchmark's saved runs and
+comparisons (`--benchmark-autosave`, `--benchmark-compare`).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama_kernels
+
+if "cpu" not in llama_kernels.available_backends("cpu"):
+    pytest.skip("llama_kernels._C (the C++ CPU kernels) is not built", allow_module_level=True)
+
+D, FFN, HEADS, HEAD_DIM = 2048, 5504, 16, 128
+
+
+def _ours(fn):
+    def call(*args, **kwargs):
+        with llama_kernels.use_backend("cpu"), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _torch(fn):
+    def call(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_rms_norm(benchmark, impl, rows):
+    benchmark.group = f"rms_norm {rows}x{D} fp32"
+    x, w = torch.randn(rows, D), torch.rand(D) + 0.5
+    fn = _ours(llama_kernels.rms_norm) if impl == "llama_kernels" else _torch(
+        lambda x, w, eps: F.rms_norm(x, (D,), w, eps))
+    y = benchmark(fn, x, w, 1e-5)
+    torch.testing.assert_close(y, llama_kernels.rms_norm_reference(x, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+def test_add_rms_norm(benchmark, impl):
+    benchmark.group = f"add_rms_norm 1x{D} fp32"
+    x, h, w = torch.randn(1, D), torch.randn(1, D), torch.rand(D) + 0.5
+
+    def eager(x, h, w, eps):
+        s = x + h
+        return F.rms_norm(s, (D,), w, eps), s
+
+    fn = _ours(llama_kernels.add_rms_norm) if impl == "llama_kernels" else _torch(eager)
+    y, s = benchmark(fn, x, h, w, 1e-5)
+    torch.testing.assert_close(s, x + h)
+    torch.testing.assert_close(y, llama_kernels.rms_norm_reference(x + h, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+def test_linear_gemv(benchmark, impl):
+    benchmark.group = f"linear 1x{D} @ {FFN}x{D} fp32"
+    x, w = torch.randn(1, D), torch.randn(FFN, D) / D**0.5
+    fn = _ours(llama_kernels.linear) if impl == "llama_kernels" else _torch(F.linear)
+    y = benchmark(fn, x, w)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels-int4", "llama_kernels-nf4", "torch-dense"])
+def test_int4_gemv(benchmark, impl):
+    benchmark.group = f"4-bit matmul 1x{D} @ {FFN}x{D}, groups of 64, fp32 activations"
+    x, w = torch.randn(1, D), torch.randn(FFN, D) / D**0.5
+    if impl == "torch-dense":
+        y = benchmark(_torch(F.linear), x, w)
+        torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-4)
+        return
+    qw = llama_kernels.quantize_int4(w, 64) if impl.endswith("int4") else llama_kernels.quantize_nf4(w, 64)
+    y = benchmark(_ours(llama_kernels.int4_matmul), x, qw)
+    torch.testing.assert_close(y, llama_kernels.int4_matmul_reference(x, qw), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+@pytest.mark.parametrize("context", [1024, 4096])
+def test_rope_decode_attention(benchmark, impl, context):
+    benchmark.group = f"decode attention B1 H{HEADS} D{HEAD_DIM} context {context} fp32"
+    capacity = context + 1
+    q = torch.randn(1, 1, HEADS, HEAD_DIM)
+    k_new, v_new = torch.randn(1, 1, HEADS, HEAD_DIM), torch.randn(1, 1, HEADS, HEAD_DIM)
+    k_cache, v_cache = torch.randn(1, capacity, HEADS, HEAD_DIM), torch.randn(1, capacity, HEADS, HEAD_DIM)
+    seqlens = torch.tensor([context], dtype=torch.int32)
+    angles = torch.arange(capacity)[:, None] * 10000.0 ** (-torch.arange(HEAD_DIM // 2) / (HEAD_DIM // 2))
+    cos, sin = angles.cos(), angles.sin()
+    fn = (_ours(llama_kernels.rope_decode_attention) if impl == "llama_kernels"
+          else _torch(llama_kernels.rope_decode_attention_reference))
+    out = benchmark(fn, q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin)
+    expected = llama_kernels.rope_decode_attention_reference(
+        q, k_new, v_new, k_cache.clone(), v_cache.clone(), seqlens, cos, sin)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,13 @@
+"""The checkpoint formats, one module each; `llama.checkpoint` is the front door that uses them.
+
+    common        what they share: FORMATS, RoPE permutations, `Source` (a checkpoint's tensors
+                  before they become parameters) and the strict `gather` of them, safetensors I/O
+    detect        which format a path holds, by content
+    native        this project's directory format (dense or 4-bit weights)
+    hf            Hugging Face LlamaForCausalLM directories (safetensors, sharded or not)
+    llama2c_pt    llama2.c and minllama `.pt` training checkpoints
+    llama2c_bin   llama2.c `.bin` exports, versions 0, 1 and 2 (Q8_0)
+
+Each format module documents its own layout, and reads (`open_*`, yielding a `Source`) and
+writes (`save_*`, atomically through llama.atomic) it.
+"""

@@ -1,0 +1,82 @@
+"""The C++ CPU entry points behind int4_matmul and dequantize (csrc/cpu/int4_matmul.cpp): the
+int4/NF4 kernel that multiplies the 4-bit codes directly, the dequantization kernel, and, past the
+rows where the kernel pays, panels of dequantized weight rows handed to a BLAS GEMM.
+
+Inputs arrive validated by llama_kernels/ops/int4_matmul.py, which takes the kernel up to
+MAX_CPU_ROWS rows and the panel GEMM past it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+
+# Rows up to which the C++ CPU kernel multiplies the 4-bit codes directly. Past it, the weight is
+# dequantized (C++, into a scratch buffer) for a BLAS GEMM, whose efficiency grows with M while
+# the kernel's cost per row stays flat; the two meet near 64 rows on the shapes measured.
+MAX_CPU_ROWS = 64
+CPU_PANEL_BYTES = 1 << 21  # fp32 weight rows dequantized at a time past MAX_CPU_ROWS: cache-sized
+
+
+def forward(x2, packed, scales, zeros, lut, group_size, y):
+    """The kernel for one weight: writes y (M, N) = x2 (M, K) @ dequant(W)^T."""
+    forward_parts(x2, ((packed, scales, zeros),), lut, group_size, (y,))
+
+
+def forward_parts(x2, parts, lut, group_size, ys):
+    """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
+    zeros) writes ys[p] (all with one row stride)."""
+    forward_rows(x2, x2.shape[0], x2.stride(0), parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
+
+
+def forward_rows(x, rows, x_stride, parts, lut, group_size, outs, y_stride):
+    """The C++ kernel over `rows` rows of x (row stride x_stride, last dim contiguous): outs[p] is
+    the address of part p's first output, y_stride the output row stride."""
+    packed, scales, zeros, n = [], [], [], []
+    for p, s, z in parts:
+        packed.append(p.data_ptr())
+        scales.append(s.data_ptr())
+        zeros.append(0 if z is None else z.data_ptr())
+        n.append(p.shape[0])
+    dispatch.ext().int4_matmul_cpu(
+        x.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, n, rows, x.shape[-1], group_size, x_stride,
+        y_stride, dispatch.DTYPE_CODES[x.dtype], torch.get_num_threads(),
+    )
+
+
+def panel_gemm(x2, parts, lut, group_size, y):
+    """Past MAX_CPU_ROWS: panels of weight rows dequantized by the C++ kernel into one reused,
+    cache-sized fp32 buffer, each followed by a BLAS GEMM into its columns of y (rows, sum N).
+    The dense weight never exists whole, so there is no weight-sized allocation to fault in."""
+    xf = x2.float()
+    k = x2.shape[1]
+    step = max(16, CPU_PANEL_BYTES // (4 * k) // 16 * 16)
+    buffer = torch.empty((step, k), dtype=torch.float32)
+    offset = 0
+    for packed, scales, zeros in parts:
+        n = packed.shape[0]
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            panel = buffer[: r1 - r0]
+            dequantize_into(packed[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], lut,
+                            group_size, panel)
+            y[:, offset + r0:offset + r1] = xf @ panel.t()
+        offset += n
+
+
+def dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
+    """The dequantized (N, K) weight in `dtype`."""
+    w = torch.empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+    dequantize_into(packed, scales, zeros, lut, group_size, w)
+    return w
+
+
+def dequantize_into(packed, scales, zeros, lut, group_size, w) -> None:
+    """Writes the dequantized rows into w (contiguous, fp32/fp16/bf16)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    packed, scales = packed.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    dispatch.ext().int4_dequantize_cpu(
+        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.contiguous().data_ptr(),
+        w.data_ptr(), n, k, group_size, dispatch.DTYPE_CODES[w.dtype], torch.get_num_threads(),
+    )
