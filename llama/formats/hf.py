@@ -201,6 +201,9 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path, max_sh
     exceed `max_shard_bytes`."""
     tensors = {_hf_name(name): t for name, t in dense(state, cfg).items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    # Shards are filled in order, as huggingface_hub's split_torch_state_dict_into_shards does;
+    # that library is not a dependency of this project (it brings an HTTP stack), and the files
+    # and index written here are the ones transformers reads (tests load them with it).
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
