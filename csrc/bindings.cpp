@@ -1,7 +1,10 @@
-// llama_kernels._C: pybind11 bindings. No libtorch: arguments are addresses (Python ints), sizes,
-// strides, dtype codes and stream handles. The Python side (llama_kernels/ops/*.py) validates tensors
-// and allocates outputs; its glue (llama_kernels/cpu/*.py, llama_kernels/cuda/*.py) passes
-// tensor.data_ptr(). CPU kernels release the GIL while they run.
+// llama_kernels._C: pybind11 bindings. No libtorch. The CUDA entry points take tensors as
+// TensorArg descriptors (address, dtype code, device, sizes, strides; csrc/tensor_arg.h), which
+// llama_kernels.dispatch.tensor_arg() builds, plus their scalars and a stream handle. The CPU entry
+// points, called on every decode step of a CPU model where Python overhead counts, take raw
+// addresses (tensor.data_ptr()), sizes, strides and dtype codes. The Python side
+// (llama_kernels/ops/*.py) validates tensors and allocates outputs. CPU kernels release the GIL
+// while they run.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,6 +14,7 @@
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
+#include "tensor_arg.h"
 #ifdef LLAMA_KERNELS_WITH_CUDA
 #include "cuda/kernels_cuda.h"
 #endif
@@ -57,7 +61,8 @@ py::dict build_info() {
   return d;
 }
 
-// {"float32": 0, "float16": 1, "bfloat16": 2}: the DType codes the entry points take.
+// {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3, "int32": 4, "int64": 5}: the DType
+// codes the entry points take.
 py::dict dtype_codes() {
   py::dict d;
   for (llama_kernels::DType t : llama_kernels::kDTypes) d[llama_kernels::dtype_name(t)] = static_cast<int>(t);
@@ -70,6 +75,37 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled kernels (C++ CPU and CUDA) behind the llama_kernels package";
   m.def("build_info", &build_info, "How this module was built");
   m.def("dtype_codes", &dtype_codes, "The dtype codes the entry points take, by torch dtype name");
+
+  using llama_kernels::TensorArg;
+  py::class_<TensorArg>(m, "TensorArg", "A tensor as the CUDA entry points take it (csrc/tensor_arg.h)")
+      .def(py::init<>(), "An absent tensor (address 0)")
+      .def(py::init<uintptr_t, int, int, std::vector<int64_t>, std::vector<int64_t>>(), py::arg("address"),
+           py::arg("dtype"), py::arg("device"), py::arg("sizes"), py::arg("strides"),
+           "address, dtype code (dtype_codes()), CUDA ordinal or -1 for the CPU, sizes and strides in elements")
+      .def_readonly("address", &TensorArg::address)
+      .def_readonly("dtype", &TensorArg::dtype)
+      .def_readonly("device", &TensorArg::device)
+      .def_readonly("sizes", &TensorArg::sizes)
+      .def_readonly("strides", &TensorArg::strides)
+      .def("dim", &TensorArg::dim)
+      .def("size", [](const TensorArg& t, int64_t i) {
+        if (i < 0 || i >= t.dim()) throw py::index_error("dim out of range");
+        return t.size(i);
+      })
+      .def("stride", [](const TensorArg& t, int64_t i) {
+        if (i < 0 || i >= t.dim()) throw py::index_error("dim out of range");
+        return t.stride(i);
+      })
+      .def("defined", &TensorArg::defined)
+      .def("__repr__", [](const TensorArg& t) {
+        llama_kernels::Message m;
+        m << "TensorArg(address=" << t.address << ", dtype=" << t.dtype << ", device=" << t.device << ", sizes=[";
+        for (size_t i = 0; i < t.sizes.size(); ++i) m << (i ? ", " : "") << t.sizes[i];
+        m << "], strides=[";
+        for (size_t i = 0; i < t.strides.size(); ++i) m << (i ? ", " : "") << t.strides[i];
+        m << "])";
+        return m.str();
+      });
 
   // ------------------------------------------------------------------ CPU
   m.def("cpu_isas", &available_isas, "CPU instruction sets built in and supported here");
@@ -165,14 +201,22 @@ PYBIND11_MODULE(_C, m) {
 
   // ------------------------------------------------------------------ CUDA
 #ifdef LLAMA_KERNELS_WITH_CUDA
-  m.def("rms_norm_fwd_cuda", &llama_kernels::cuda::rms_norm_fwd);
-  m.def("rms_norm_bwd_cuda", &llama_kernels::cuda::rms_norm_bwd);
-  m.def("rms_norm_max_cols_cuda", &llama_kernels::cuda::rms_norm_max_cols);
-  m.def("int4_matmul_cuda", &llama_kernels::cuda::int4_matmul);
-  m.def("int4_matmul_max_rows_cuda", &llama_kernels::cuda::int4_matmul_max_rows);
-  m.def("int4_dequantize_cuda", &llama_kernels::cuda::int4_dequantize);
-  m.def("rope_decode_attention_cuda", &llama_kernels::cuda::rope_decode_attention);
-  m.def("rope_decode_workspace_elems_cuda", &llama_kernels::cuda::rope_decode_workspace_elems);
+  namespace lc = llama_kernels::cuda;
+  m.def("rms_norm_fwd_cuda", &lc::rms_norm_fwd, py::arg("x"), py::arg("h"), py::arg("w"), py::arg("y"), py::arg("s"),
+        py::arg("rstd"), py::arg("eps"), py::arg("stream"));
+  m.def("rms_norm_bwd_cuda", &lc::rms_norm_bwd, py::arg("dy"), py::arg("ds"), py::arg("x"), py::arg("w"),
+        py::arg("rstd"), py::arg("dx"), py::arg("dw"), py::arg("dw_partial"), py::arg("stream"));
+  m.def("rms_norm_max_cols_cuda", &lc::rms_norm_max_cols);
+  m.def("int4_matmul_cuda", &lc::int4_matmul, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
+        py::arg("lut"), py::arg("y"), py::arg("workspace"), py::arg("group_size"), py::arg("int4_codes"),
+        py::arg("splits"), py::arg("stream"));
+  m.def("int4_matmul_max_rows_cuda", &lc::int4_matmul_max_rows);
+  m.def("int4_dequantize_cuda", &lc::int4_dequantize, py::arg("packed"), py::arg("scales"), py::arg("zeros"),
+        py::arg("lut"), py::arg("w"), py::arg("group_size"), py::arg("int4_codes"), py::arg("stream"));
+  m.def("rope_decode_attention_cuda", &lc::rope_decode_attention, py::arg("q"), py::arg("k_new"), py::arg("v_new"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"), py::arg("cos"), py::arg("sin"), py::arg("out"),
+        py::arg("workspace"), py::arg("softmax_scale"), py::arg("splits"), py::arg("stream"));
+  m.def("rope_decode_workspace_elems_cuda", &lc::rope_decode_workspace_elems);
 #else
   m.def("rms_norm_fwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });
   m.def("rms_norm_bwd_cuda", [](py::args, py::kwargs) -> std::string { no_cuda(); });

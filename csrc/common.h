@@ -10,15 +10,20 @@
 namespace llama_kernels {
 
 // The dtype codes of every entry point. Python reads them from the module (dtype_codes() in
-// bindings.cpp, built from kDTypes and dtype_name), so they are written down only here.
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
-constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
+// bindings.cpp, built from kDTypes and dtype_name), so they are written down only here. The
+// kernels compute in the three float types; the integer codes describe the other tensors the
+// CUDA entry points take (packed 4-bit codes, sequence lengths).
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, U8 = 3, I32 = 4, I64 = 5 };
+constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16, DType::U8, DType::I32, DType::I64};
 
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "float32";
     case DType::F16: return "float16";
     case DType::BF16: return "bfloat16";
+    case DType::U8: return "uint8";
+    case DType::I32: return "int32";
+    case DType::I64: return "int64";
   }
   return "unknown";
 }
@@ -56,6 +61,7 @@ class Message {
   std::string text_;
 };
 
+// The float dtype of a code (the CPU kernels' tensors); anything else throws naming `arg`.
 inline DType to_dtype(int code, const char* arg) {
   if (code < 0 || code > 2) {
     Message msg;

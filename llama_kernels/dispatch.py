@@ -14,7 +14,8 @@ reason on the ``llama_kernels`` logger.
 
 The glue of the compiled backends (llama_kernels/cpu/, llama_kernels/cuda/) reaches
 ``llama_kernels._C`` through ``ext()``, passes dtypes as ``DTYPE_CODES`` (read from the module
-itself), and raises the errors of CUDA entry points through ``cuda_call()``.
+itself), passes tensors to the CUDA entry points as descriptors built by ``tensor_arg()``, and
+raises the errors of CUDA entry points through ``cuda_call()``.
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def ext():
 
 def dtype_codes() -> dict[torch.dtype, int]:
     """The codes of the dtypes the compiled kernels take, as llama_kernels._C defines them (DType
-    in csrc/common.h). Without llama_kernels._C no compiled backend runs and nothing needs them:
+    in csrc/common.h): the float dtypes the kernels compute in, and the integer dtypes of the
+    other tensors the CUDA entry points take (packed 4-bit codes, sequence lengths). Without llama_kernels._C no compiled backend runs and nothing needs them:
     this raises why the module is missing."""
     module = ext()
     if not hasattr(module, "dtype_codes"):
@@ -112,6 +114,22 @@ def __getattr__(name: str):
         codes = globals()["DTYPE_CODES"] = dtype_codes()
         return codes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tensor_arg(t: Optional[torch.Tensor], name: str):
+    """The descriptor (llama_kernels._C.TensorArg) by which a CUDA entry point takes tensor `t`:
+    address, dtype code, device (-1 for the CPU), sizes and strides in elements. None gives an
+    absent tensor (address 0), for the optional ones. A dtype without a code raises TypeError
+    naming `name`."""
+    module = ext()
+    if t is None:
+        return module.TensorArg()
+    codes = globals().get("DTYPE_CODES") or __getattr__("DTYPE_CODES")
+    code = codes.get(t.dtype)
+    if code is None:
+        names = ", ".join(str(d).removeprefix("torch.") for d in codes)
+        raise TypeError(f"{name}: dtype {t.dtype} has no code for the compiled kernels (they take {names})")
+    return module.TensorArg(t.data_ptr(), code, t.get_device(), t.shape, t.stride())
 
 
 def forced_backend() -> Optional[str]:
@@ -154,10 +172,10 @@ def host_sync_allowed(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def cuda_call(fn: Callable[..., str], *args) -> None:
+def cuda_call(fn: Callable[..., str], *args, **kwargs) -> None:
     """Call a CUDA entry point of llama_kernels._C, which returns "" or "ValueError: ..." /
     "RuntimeError: ..." instead of throwing (see csrc/cuda/kernels_cuda.h), and raise its error."""
-    err = fn(*args)
+    err = fn(*args, **kwargs)
     if err:
         kind, _, message = err.partition(": ")
         raise (ValueError if kind == "ValueError" else RuntimeError)(message)

@@ -47,8 +47,11 @@ def test_cpu_entry_points_check_their_arguments():
 def test_dtype_codes_come_from_the_extension():
     """The entry points' dtype codes are the C++ enum's (csrc/common.h), read from the module."""
     ext = llama_kernels.capabilities().ext
-    assert ext.dtype_codes() == {"float32": 0, "float16": 1, "bfloat16": 2}
-    assert llama_kernels.dispatch.DTYPE_CODES == {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    assert ext.dtype_codes() == {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3, "int32": 4, "int64": 5}
+    codes = llama_kernels.dispatch.DTYPE_CODES
+    assert {d: codes[d] for d in (torch.float32, torch.float16, torch.bfloat16)} == \
+        {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    assert {d: codes[d] for d in (torch.uint8, torch.int32, torch.int64)} == {torch.uint8: 3, torch.int32: 4, torch.int64: 5}
 
 
 def test_import_and_reference_ops_work_without_the_extension():
@@ -79,7 +82,9 @@ def test_cuda_entry_point_without_a_device_raises():
     ext = llama_kernels.capabilities().ext
     match = "CUDA error" if ext.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=match):
-        llama_kernels.dispatch.cuda_call(ext.rms_norm_fwd_cuda, 0, 0, 0, 0, 0, 0, 2, 4, 4, 0, 4, 0, 0, 0, 1e-6, 0, 0)
+        x = ext.TensorArg(4096, 0, 0, [2, 4], [4, 1])  # a float32 (2, 4) tensor on cuda:0, never read
+        w, y, none = ext.TensorArg(8192, 0, 0, [4], [1]), ext.TensorArg(12288, 0, 0, [2, 4], [4, 1]), ext.TensorArg()
+        llama_kernels.dispatch.cuda_call(ext.rms_norm_fwd_cuda, x, none, w, y, none, none, 1e-6, 0)
 
 
 @pytest.mark.slow
@@ -116,8 +121,10 @@ def test_wheel_without_cuda_installs_only_our_names(tmp_path):
         "C = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(C)\n"
         "assert C.build_info()['cuda'] is False\n"
-        "assert C.dtype_codes() == {'float32': 0, 'float16': 1, 'bfloat16': 2}\n"
-        "try:\n    C.rms_norm_fwd_cuda(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0.0, 0, 0)\n"
+        "assert C.dtype_codes() == {'float32': 0, 'float16': 1, 'bfloat16': 2, 'uint8': 3, 'int32': 4, 'int64': 5}\n"
+        "t = C.TensorArg(4096, 0, 0, [2, 4], [4, 1])\n"
+        "try:\n    C.rms_norm_fwd_cuda(t, C.TensorArg(), C.TensorArg(4096, 0, 0, [4], [1]), t, C.TensorArg(), "
+        "C.TensorArg(), 1e-6, 0)\n"
         "except RuntimeError as e:\n    print(e)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -292,20 +292,31 @@ def test_cuda_splits_are_ones_the_kernel_accepts(n, k, sms):
 
 
 def test_cuda_entry_points_check_arguments_before_touching_a_device():
-    """The CUDA kernel's argument checks run on the host, so a CUDA build tests them anywhere."""
+    """The CUDA kernel's argument checks run on the host, so a CUDA build tests them anywhere
+    (descriptors of tensors on cuda:0 at fake addresses; every entry point's checks are in
+    tests/test_rope_decode_cuda_entry.py)."""
     ext = llama_kernels.dispatch.ext()
     if not llama_kernels.build_info()["cuda"]:
         pytest.skip("llama_kernels._C was built without CUDA")
-    bf16 = llama_kernels.dispatch.DTYPE_CODES[torch.bfloat16]
+    codes = llama_kernels.dispatch.DTYPE_CODES
 
-    def call(m=1, k=256, group=128, x=4096, packed=4096, splits=1, workspace=0):
-        llama_kernels.dispatch.cuda_call(ext.int4_matmul_cuda, x, packed, 0, 0, 0, 0, workspace, 1 << 20, m, 64, k,
-                                         group, k, 64, bf16, True, splits, 0, 0)
+    def t(shape, dtype, address=1 << 20):
+        return ext.TensorArg(address, codes[dtype], 0, list(shape),
+                             list(torch.empty(shape, device="meta").stride()))
+
+    def args(m=1, k=256, group=128, x=4096, packed=4096, splits=1):
+        n = 64
+        return (t((m, k), torch.bfloat16, x), t((n, k // 2), torch.uint8, packed), t((n, k // group), torch.float16),
+                ext.TensorArg(), t((16,), torch.float32), t((m, n), torch.bfloat16), ext.TensorArg(), group, True,
+                splits, 0)
+
+    def call(**change):
+        llama_kernels.dispatch.cuda_call(ext.int4_matmul_cuda, *args(**change))
 
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows, got 17"):
         call(m=17)
     with pytest.raises(ValueError, match="in_features must be a positive multiple of 32"):
-        call(k=100)
+        call(k=100, group=50)
     with pytest.raises(ValueError, match="group_size: expected 32, 64 or 128"):
         call(group=48)
     with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
@@ -316,7 +327,7 @@ def test_cuda_entry_points_check_arguments_before_touching_a_device():
         call(splits=3)
     with pytest.raises(ValueError, match="workspace: needs"):
         call(splits=2)
-    assert ext.int4_matmul_cuda(4096, 4096, 0, 0, 0, 0, 0, 0, 17, 64, 256, 128, 256, 64, bf16, True, 1, 0, 0) \
-        .startswith("ValueError: x: the CUDA int4 kernel takes at most 16 rows")  # returned, never thrown
+    assert ext.int4_matmul_cuda(*args(m=17)).startswith(
+        "ValueError: x: the CUDA int4 kernel takes at most 16 rows")  # returned, never thrown
     # The dispatcher's row limit is the kernel's.
     assert ext.int4_matmul_max_rows_cuda() == cuda_int4.CUDA_MMA_MAX_ROWS

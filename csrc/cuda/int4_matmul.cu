@@ -326,10 +326,13 @@ void dispatch_bool(bool v, Fn&& fn) {
 
 }  // namespace
 
-int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
-                       uintptr_t y, uintptr_t workspace, int64_t m, int64_t n, int64_t k,
-                       int64_t group_size, int64_t x_stride, int64_t y_stride, int x_dtype,
-                       bool int4_codes, int64_t splits, int device, uintptr_t stream) {
+int launch_int4_matmul(const Int4MatmulParams& p, uintptr_t stream) {
+  const uintptr_t x = p.x, packed = p.packed, scales = p.scales, zeros = p.zeros, lut = p.lut, y = p.y;
+  const uintptr_t workspace = p.workspace;
+  const int64_t m = p.m, n = p.n, k = p.k, group_size = p.group_size, x_stride = p.x_stride, y_stride = p.y_stride;
+  const int x_dtype = p.x_dtype, device = p.device;
+  const bool int4_codes = p.int4_codes;
+  const int64_t splits = p.splits;
   if (m == 0) return 0;
   LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
@@ -370,9 +373,11 @@ int launch_int4_matmul(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_
   });
 }
 
-int launch_int4_dequantize(uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut,
-                           uintptr_t w, int64_t n, int64_t k, int64_t group_size, int w_dtype,
-                           bool int4_codes, int device, uintptr_t stream) {
+int launch_int4_dequantize(const Int4DequantizeParams& p, uintptr_t stream) {
+  const uintptr_t packed = p.packed, scales = p.scales, zeros = p.zeros, lut = p.lut, w = p.w;
+  const int64_t n = p.n, k = p.k, group_size = p.group_size;
+  const int w_dtype = p.w_dtype, device = p.device;
+  const bool int4_codes = p.int4_codes;
   LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   const int64_t total = n * (k / kChunk) * 4;  // one thread per 32-bit word of codes
   const unsigned blocks = static_cast<unsigned>((total + 255) / 256);

@@ -226,10 +226,12 @@ int64_t rms_norm_max_cols(int x_dtype, bool is_aligned) {
   return int64_t{kMaxThreads} * kMaxPacksPerThread * (is_aligned ? 16 / bytes : 1);
 }
 
-int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uintptr_t s,
-                        uintptr_t rstd, int64_t rows, int64_t cols, int64_t x_stride,
-                        int64_t h_stride, int64_t y_stride, int64_t s_stride, int x_dtype,
-                        int w_dtype, float eps, int device, uintptr_t stream) {
+int launch_rms_norm_fwd(const RmsNormFwdParams& p, uintptr_t stream) {
+  const uintptr_t x = p.x, h = p.h, w = p.w, y = p.y, s = p.s, rstd = p.rstd;
+  const int64_t rows = p.rows, cols = p.cols;
+  const int64_t x_stride = p.x_stride, h_stride = p.h_stride, y_stride = p.y_stride, s_stride = p.s_stride;
+  const int x_dtype = p.x_dtype, w_dtype = p.w_dtype, device = p.device;
+  const float eps = p.eps;
   if (rows == 0) return 0;
   LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {
@@ -251,11 +253,12 @@ int launch_rms_norm_fwd(uintptr_t x, uintptr_t h, uintptr_t w, uintptr_t y, uint
   });
 }
 
-int launch_rms_norm_bwd(uintptr_t dy, uintptr_t ds, uintptr_t x, uintptr_t w, uintptr_t rstd,
-                        uintptr_t dx, uintptr_t dw, uintptr_t dw_partial, int64_t num_partials,
-                        int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,
-                        int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int device,
-                        uintptr_t stream) {
+int launch_rms_norm_bwd(const RmsNormBwdParams& p, uintptr_t stream) {
+  const uintptr_t dy = p.dy, ds = p.ds, x = p.x, w = p.w, rstd = p.rstd, dx = p.dx, dw = p.dw;
+  const uintptr_t dw_partial = p.dw_partial;
+  const int64_t num_partials = p.num_partials, rows = p.rows, cols = p.cols;
+  const int64_t dy_stride = p.dy_stride, ds_stride = p.ds_stride, x_stride = p.x_stride, dx_stride = p.dx_stride;
+  const int x_dtype = p.x_dtype, w_dtype = p.w_dtype, device = p.device;
   LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_x_w(x_dtype, w_dtype, [&](auto tx, auto tw) -> int {

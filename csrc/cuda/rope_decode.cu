@@ -666,15 +666,21 @@ bool vec_ok(uintptr_t p, int64_t s0, int64_t s1) { return p % 16 == 0 && s0 % 8 
 
 }  // namespace
 
-int launch_rope_decode_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k_cache,
-                                 uintptr_t v_cache, uintptr_t seqlens, uintptr_t cos, uintptr_t sin, uintptr_t out,
-                                 uintptr_t workspace, int64_t batch, int64_t heads, int64_t kv_heads,
-                                 int64_t head_dim, int64_t capacity, int64_t table_len, int64_t q_stride_b,
-                                 int64_t q_stride_h, int64_t knew_stride_b, int64_t knew_stride_h,
-                                 int64_t vnew_stride_b, int64_t vnew_stride_h, int64_t cache_stride_b,
-                                 int64_t cache_stride_s, int64_t cache_stride_h, int64_t out_stride_b,
-                                 int64_t out_stride_h, int64_t table_stride, int dtype, bool seqlens_int64,
-                                 float softmax_scale, int64_t splits, int device, uintptr_t stream) {
+int launch_rope_decode_attention(const RopeDecodeParams& p, uintptr_t stream) {
+  const uintptr_t q = p.q, k_new = p.k_new, v_new = p.v_new, k_cache = p.k_cache, v_cache = p.v_cache;
+  const uintptr_t seqlens = p.seqlens, cos = p.cos, sin = p.sin, out = p.out, workspace = p.workspace;
+  const int64_t batch = p.batch, heads = p.heads, kv_heads = p.kv_heads, head_dim = p.head_dim;
+  const int64_t capacity = p.capacity, table_len = p.table_len;
+  const int64_t q_stride_b = p.q_stride_b, q_stride_h = p.q_stride_h;
+  const int64_t knew_stride_b = p.knew_stride_b, knew_stride_h = p.knew_stride_h;
+  const int64_t vnew_stride_b = p.vnew_stride_b, vnew_stride_h = p.vnew_stride_h;
+  const int64_t cache_stride_b = p.cache_stride_b, cache_stride_s = p.cache_stride_s;
+  const int64_t cache_stride_h = p.cache_stride_h, out_stride_b = p.out_stride_b, out_stride_h = p.out_stride_h;
+  const int64_t table_stride = p.table_stride;
+  const int dtype = p.dtype, device = p.device;
+  const bool seqlens_int64 = p.seqlens_int64;
+  const float softmax_scale = p.softmax_scale;
+  const int64_t splits = p.splits;
   if (batch == 0) return 0;
   LLAMA_KERNELS_CUDA_RETURN_IF_ERROR(set_device(device));
   DecodeArgs a{};

@@ -45,11 +45,12 @@ def dequantize(packed, scales, zeros, lut, group_size, dtype) -> torch.Tensor:
     """The dequantized (N, K) weight in `dtype` (float16 or bfloat16)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
+    arg = dispatch.tensor_arg
     dispatch.cuda_call(
         dispatch.ext().int4_dequantize_cuda,
-        packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), lut.data_ptr(),
-        w.data_ptr(), n, k, group_size, dispatch.DTYPE_CODES[dtype], _int4_codes(lut), packed.device.index,
-        dispatch.cuda_stream(packed),
+        packed=arg(packed, "qw.packed"), scales=arg(scales, "qw.scales"), zeros=arg(zeros, "qw.zeros"),
+        lut=arg(lut, "qw.lut"), w=arg(w, "w"), group_size=group_size, int4_codes=_int4_codes(lut),
+        stream=dispatch.cuda_stream(packed),
     )
     return w
 
@@ -63,12 +64,12 @@ def forward(x2, packed, scales, zeros, lut, group_size, y):
     device = x2.device
     splits = cuda_splits(n, k, dispatch.sm_count(device))
     workspace = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=device)
+    arg = dispatch.tensor_arg
     dispatch.cuda_call(
         dispatch.ext().int4_matmul_cuda,
-        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
-        lut.data_ptr(), y.data_ptr(), workspace.data_ptr(), workspace.numel(), m, n, k, group_size,
-        x2.stride(0), y.stride(0), dispatch.DTYPE_CODES[x2.dtype], _int4_codes(lut), splits, device.index,
-        dispatch.cuda_stream(x2),
+        x=arg(x2, "x"), packed=arg(packed, "qw.packed"), scales=arg(scales, "qw.scales"), zeros=arg(zeros, "qw.zeros"),
+        lut=arg(lut, "qw.lut"), y=arg(y, "y"), workspace=arg(workspace, "workspace"), group_size=group_size,
+        int4_codes=_int4_codes(lut), splits=splits, stream=dispatch.cuda_stream(x2),
     )
 
 

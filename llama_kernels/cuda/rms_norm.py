@@ -17,27 +17,22 @@ from .. import dispatch
 
 
 def forward(x, w, eps, y, rstd, h=None, s=None):
-    has_h = h is not None
-    codes = dispatch.DTYPE_CODES
+    arg = dispatch.tensor_arg
     dispatch.cuda_call(
         dispatch.ext().rms_norm_fwd_cuda,
-        x.data_ptr(), h.data_ptr() if has_h else 0, w.data_ptr(), y.data_ptr(), s.data_ptr() if has_h else 0,
-        0 if rstd is None else rstd.data_ptr(), x.shape[0], x.shape[1], x.stride(0), h.stride(0) if has_h else 0,
-        y.stride(0), s.stride(0) if has_h else 0, codes[x.dtype], codes[w.dtype], eps, x.device.index,
-        dispatch.cuda_stream(x),
+        x=arg(x, "x"), h=arg(h, "h"), w=arg(w, "weight"), y=arg(y, "y"), s=arg(s, "s"), rstd=arg(rstd, "rstd"),
+        eps=eps, stream=dispatch.cuda_stream(x),
     )
 
 
 def backward(dy, x, w, rstd, dx, dw, ds=None):
     partials = max(1, min(x.shape[0], 2 * dispatch.sm_count(x.device)))
     workspace = torch.empty((partials, x.shape[1]), dtype=torch.float32, device=x.device)
-    codes = dispatch.DTYPE_CODES
+    arg = dispatch.tensor_arg
     dispatch.cuda_call(
         dispatch.ext().rms_norm_bwd_cuda,
-        dy.data_ptr(), 0 if ds is None else ds.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr(), dw.data_ptr(), workspace.data_ptr(), partials, x.shape[0], x.shape[1], dy.stride(0),
-        0 if ds is None else ds.stride(0), x.stride(0), dx.stride(0), codes[x.dtype], codes[w.dtype],
-        x.device.index, dispatch.cuda_stream(x),
+        dy=arg(dy, "dy"), ds=arg(ds, "ds"), x=arg(x, "x"), w=arg(w, "weight"), rstd=arg(rstd, "rstd"),
+        dx=arg(dx, "dx"), dw=arg(dw, "dw"), dw_partial=arg(workspace, "dw_partial"), stream=dispatch.cuda_stream(x),
     )
 
 

@@ -67,21 +67,14 @@ def unsupported(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
 
 def entry_args(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
-               workspace: torch.Tensor, softmax_scale: float, splits: int) -> dict:
-    """The arguments of llama_kernels._C.rope_decode_attention_cuda, by name and in order."""
-    batch, _, heads, head_dim = q.shape
-    return dict(
-        q=q.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), k_cache=k_cache.data_ptr(),
-        v_cache=v_cache.data_ptr(), seqlens=seqlens.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
-        out=out.data_ptr(), workspace=workspace.data_ptr(), workspace_elems=workspace.numel(), batch=batch,
-        heads=heads, kv_heads=k_cache.shape[2], head_dim=head_dim, capacity=k_cache.shape[1], table_len=cos.shape[0],
-        q_stride_b=q.stride(0), q_stride_h=q.stride(2), knew_stride_b=k_new.stride(0), knew_stride_h=k_new.stride(2),
-        vnew_stride_b=v_new.stride(0), vnew_stride_h=v_new.stride(2), cache_stride_b=k_cache.stride(0),
-        cache_stride_s=k_cache.stride(1), cache_stride_h=k_cache.stride(2), out_stride_b=out.stride(0),
-        out_stride_h=out.stride(2), table_stride=cos.stride(0), dtype=dispatch.DTYPE_CODES[q.dtype],
-        seqlens_int64=seqlens.dtype == torch.int64, softmax_scale=float(softmax_scale), splits=splits,
-        device=q.device.index, stream=dispatch.cuda_stream(q),
-    )
+               workspace: Optional[torch.Tensor], softmax_scale: float, splits: int) -> dict:
+    """The arguments of llama_kernels._C.rope_decode_attention_cuda, by name and in order: the
+    tensors as descriptors (their shapes, strides, dtypes and device travel with them), then the
+    scalars and the stream."""
+    tensors = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, cos=cos,
+                   sin=sin, out=out, workspace=workspace)
+    args = {name: dispatch.tensor_arg(t, name) for name, t in tensors.items()}
+    return dict(args, softmax_scale=float(softmax_scale), splits=splits, stream=dispatch.cuda_stream(q))
 
 
 def decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -96,4 +89,4 @@ def decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: t
         splits = splits_for(batch, k_cache.shape[2], k_cache.shape[1], dispatch.sm_count(q.device), head_dim)
     workspace = torch.empty(workspace_elems(batch, heads, head_dim, splits), dtype=torch.float32, device=q.device)
     args = entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, workspace, softmax_scale, splits)
-    dispatch.cuda_call(dispatch.ext().rope_decode_attention_cuda, *args.values())
+    dispatch.cuda_call(dispatch.ext().rope_decode_attention_cuda, **args)

@@ -86,10 +86,10 @@ def test_split_k_is_deterministic_and_matches_one_split(m, shape):
     def run(splits):
         y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
         ws = torch.empty(splits * m * n, dtype=torch.float32, device="cuda")
-        dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
-                           qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(), m, n, k,
-                           qw.group_size, k, n, dispatch.DTYPE_CODES[x.dtype], True, splits, 0,
-                           torch.cuda.current_stream().cuda_stream)
+        arg = dispatch.tensor_arg
+        dispatch.cuda_call(ext.int4_matmul_cuda, arg(x, "x"), arg(qw.packed, "qw.packed"), arg(qw.scales, "qw.scales"),
+                           arg(qw.zeros, "qw.zeros"), arg(qw.lut, "qw.lut"), arg(y, "y"), arg(ws, "workspace"),
+                           qw.group_size, True, splits, torch.cuda.current_stream().cuda_stream)
         return y
 
     one, most = run(1), run(iters)
@@ -117,27 +117,33 @@ def test_dequantize_kernel(fmt, dtype):
 
 def test_errors_name_the_argument():
     qw, _ = _weight("int4", 256, 256, 128)
-    ext, code = dispatch.ext(), dispatch.DTYPE_CODES
+    ext, arg = dispatch.ext(), dispatch.tensor_arg
     stream = torch.cuda.current_stream().cuda_stream
 
-    def call(x, m, dtype=torch.bfloat16, splits=1, x_stride=256):
-        y = torch.empty(m, 256, dtype=dtype, device="cuda")
-        dispatch.cuda_call(ext.int4_matmul_cuda, x.data_ptr(), qw.packed.data_ptr(), qw.scales.data_ptr(),
-                           qw.zeros.data_ptr(), qw.lut.data_ptr(), y.data_ptr(), 0, 0, m, 256, 256, 128, x_stride,
-                           256, code[dtype], True, splits, 0, stream)
+    def call(x2, splits=1):
+        y = torch.empty(x2.shape[0], 256, dtype=x2.dtype, device="cuda")
+        dispatch.cuda_call(ext.int4_matmul_cuda, arg(x2, "x"), arg(qw.packed, "qw.packed"), arg(qw.scales, "qw.scales"),
+                           arg(qw.zeros, "qw.zeros"), arg(qw.lut, "qw.lut"), arg(y, "y"), arg(None, "workspace"),
+                           128, True, splits, stream)
 
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="x: the CUDA int4 kernel takes at most 16 rows"):
-        call(x, 17)
+        call(x[:17])
     with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
-        call(x, 2, x_stride=255)
+        call(x.as_strided((2, 256), (255, 1)))
     with pytest.raises(ValueError, match="x: rows must start 16-byte aligned"):
-        call(x.view(-1)[1:], 2)
+        call(x.view(-1)[1:1 + 2 * 256].view(2, 256))
     with pytest.raises(ValueError, match="x: the CUDA int4 kernels take float16 or bfloat16"):
-        call(x.float(), 1, dtype=torch.float32)
+        call(x.float()[:1])
     with pytest.raises(ValueError, match="workspace: needs"):
-        call(x, 1, splits=2)
-
+        call(x[:1], splits=2)
+    with pytest.raises(ValueError, match="x: a CPU tensor"):
+        call(x[:1].cpu())
+    with pytest.raises(ValueError, match=r"y: expected shape \(1, 256\)"):
+        dispatch.cuda_call(ext.int4_matmul_cuda, arg(x[:1], "x"), arg(qw.packed, "qw.packed"),
+                           arg(qw.scales, "qw.scales"), arg(qw.zeros, "qw.zeros"), arg(qw.lut, "qw.lut"),
+                           arg(torch.empty(1, 128, dtype=x.dtype, device="cuda"), "y"), arg(None, "workspace"),
+                           128, True, 1, stream)
 
 def test_dispatch_by_dtype(monkeypatch, caplog):
     calls = []

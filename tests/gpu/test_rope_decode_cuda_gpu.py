@@ -249,38 +249,55 @@ def test_errors_name_the_argument():
     out = torch.empty_like(q)
     fn = dispatch.ext().rope_decode_attention_cuda
 
-    def call(splits=1, **change):
+    def call(splits=1, workspace=True, **change):
+        """The entry point on these tensors, with `change` (name -> tensor or None) replacing some."""
         ws = torch.empty(rdc.workspace_elems(batch, heads, head_dim, splits), dtype=torch.float32, device="cuda")
-        args = rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, ws, 0.125, splits)
+        args = rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, ws if workspace else None,
+                              0.125, splits)
         assert set(change) <= set(args)
-        args.update(change)
-        dispatch.cuda_call(fn, *args.values())
+        scalars = ("softmax_scale", "splits", "stream")
+        args.update({name: v if name in scalars else dispatch.tensor_arg(v, name) for name, v in change.items()})
+        dispatch.cuda_call(fn, **args)
+
+    def cuda(*shape, dtype=dtype):
+        return torch.zeros(*shape, dtype=dtype, device="cuda")
 
     call()  # the unchanged call is fine
-    with pytest.raises(ValueError, match="head_dim: the CUDA decode attention takes 32, 64, 128 or 256, got 65"):
-        call(head_dim=65)
-    with pytest.raises(ValueError, match="head_dim: .* got 48"):
-        call(head_dim=48)
+    with pytest.raises(ValueError, match="head_dim: the CUDA decode attention takes 32, 64, 128 or 256, got 48"):
+        call(q=cuda(batch, 1, heads, 48))
     with pytest.raises(ValueError, match="kv_heads: 3 must be positive and divide heads = 8"):
-        call(kv_heads=3)
-    with pytest.raises(ValueError, match="q: unknown dtype code 7"):
-        call(dtype=7)
+        call(k_cache=cuda(batch, capacity, 3, head_dim))
     with pytest.raises(ValueError, match="q: the CUDA decode attention takes float16 or bfloat16, got float32"):
-        call(dtype=dispatch.DTYPE_CODES[torch.float32])
+        call(q=q.float())
+    with pytest.raises(ValueError, match="q: a CPU tensor"):
+        call(q=q.cpu())
+    with pytest.raises(ValueError, match="k_new: a CPU tensor"):
+        call(k_new=k_new.cpu())
+    with pytest.raises(ValueError, match=r"v_new: expected shape \(2, 1, 2, 64\)"):
+        call(v_new=cuda(batch, 1, heads, head_dim))
+    with pytest.raises(ValueError, match="out: dtype float16 must match q"):
+        call(out=out.half())
+    with pytest.raises(ValueError, match="out: required"):
+        call(out=None)
+    with pytest.raises(ValueError, match="seqlens: expected int32 or int64, got float32"):
+        call(seqlens=seqlens.float())
+    flat = cuda(k_cache.numel() + 8)
     with pytest.raises(ValueError, match="k_cache: must be 16-byte aligned"):
-        call(k_cache=k_cache.data_ptr() + 2)
-    with pytest.raises(ValueError, match="k_cache: strides must be non-negative multiples of 8"):
-        call(cache_stride_s=k_cache.stride(1) + 1)
+        shifted = flat[1: 1 + k_cache.numel()].view(k_cache.shape)
+        call(k_cache=shifted, v_cache=shifted)
+    with pytest.raises(ValueError, match="k_cache: strides must be multiples of 8"):
+        wide = cuda(batch, capacity, kv_heads, head_dim + 4)[..., :head_dim]
+        call(k_cache=wide, v_cache=wide)
+    with pytest.raises(ValueError, match="v_cache: strides .* must be k_cache's"):
+        call(v_cache=cuda(batch, kv_heads, capacity, head_dim).transpose(1, 2))
     with pytest.raises(ValueError, match="workspace: needs"):
-        call(splits=2, workspace=0, workspace_elems=0)
+        call(splits=2, workspace=False)
     with pytest.raises(ValueError, match="splits: expected 1..65535"):
         call(splits=0)
     with pytest.raises(ValueError, match="cos: row stride 3 is shorter than head_dim / 2 = 32"):
-        call(table_stride=3)
+        call(cos=cos.as_strided(cos.shape, (3, 1)), sin=sin.as_strided(sin.shape, (3, 1)))
     with pytest.raises(ValueError, match="softmax_scale: must be finite"):
         call(softmax_scale=float("inf"))
-    with pytest.raises(ValueError, match="seqlens: null pointer"):
-        call(seqlens=0)
-    assert fn(*{**rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out,
-                                 torch.empty(0, device="cuda"), 0.125, 1), "head_dim": 65}.values()) \
+    assert fn(**{**rdc.entry_args(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, None, 0.125, 1),
+                 "q": dispatch.tensor_arg(cuda(batch, 1, heads, 65), "q")}) \
         .startswith("ValueError: head_dim:")  # returned, never thrown
