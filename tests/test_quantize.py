@@ -70,6 +70,8 @@ def test_config_validation():
     for wrong_arity in (lambda module: True, lambda module, fqn, extra: True):
         with pytest.raises(TypeError, match=r"filter_fn: expected a callable \(module, fqn\)"):
             quantize_(tiny(), Int4Config(), filter_fn=wrong_arity)
+    with pytest.raises(TypeError, match=r"filter_fn: is called as filter_fn\(module, fqn\).*first parameter is 'name'"):
+        quantize_(tiny(), Int4Config(), filter_fn=lambda name, module: "attention" in name)  # the old order
 
 
 def test_already_quantized_is_refused():

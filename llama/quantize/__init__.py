@@ -337,6 +337,13 @@ def _check_filter_fn(filter_fn: Any) -> None:
     except TypeError:
         raise TypeError(f"filter_fn: expected a callable (module, fqn) -> bool that takes two positional "
                         f"arguments, got one with signature {signature}") from None
+    # The order was (name, module) before it followed torchao's; such a function would now get its
+    # arguments swapped and quietly select nothing, so one whose first parameter is named like a
+    # layer name is refused.
+    first = next(iter(signature.parameters), None)
+    if first in ("name", "fqn", "path", "layer_name", "module_name"):
+        raise TypeError(f"filter_fn: is called as filter_fn(module, fqn) (torchao's order), but its first "
+                        f"parameter is {first!r}; swap its parameters")
 
 
 def _select(model: nn.Module, config: QuantConfig,
