@@ -15,6 +15,31 @@ import llama_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The names llama_kernels._C bound before each op moved its bindings to its own files; none may go.
+NAMES_BOUND_BEFORE_PER_OP_BINDINGS = {
+    "TensorArg", "build_info", "cpu_isa", "cpu_isas", "dtype_codes", "set_cpu_isa",
+    "rms_norm_fwd_cpu", "rms_norm_bwd_cpu", "linear_cpu", "int4_matmul_cpu", "int4_dequantize_cpu",
+    "rope_decode_attention_cpu", "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "rms_norm_max_cols_cuda",
+    "int4_matmul_cuda", "int4_matmul_max_rows_cuda", "int4_dequantize_cuda", "rope_decode_attention_cuda",
+    "rope_decode_workspace_elems_cuda",
+}
+
+
+def bound_in_sources() -> tuple[set[str], set[str]]:
+    """(every name the C++ sources bind, the CUDA entry names), read from csrc/: each op binds its
+    own names (csrc/registry.h), so a binding file the build leaves out shows up as a missing name.
+    Each CUDA entry file must bind the same names with and without CUDA (stubs)."""
+    names, cuda = set(), set()
+    for path in sorted((ROOT / "csrc").rglob("*.cpp")):
+        text = path.read_text()
+        defined = set(re.findall(r'\bm\.def\(\s*"(\w+)"', text))
+        stubs = set(re.findall(r'LLAMA_KERNELS_BIND_NO_CUDA\(\s*"(\w+)"', text))
+        names |= defined | stubs | set(re.findall(r'py::class_<[^>]*>\(\s*m,\s*"(\w+)"', text))
+        if path.name.endswith("_entry.cpp"):
+            assert defined == stubs, (path.name, sorted(defined ^ stubs))
+            cuda |= stubs
+    return names, cuda
+
 
 def test_extension_is_built():
     caps = llama_kernels.capabilities()
@@ -31,6 +56,14 @@ def test_build_info_reports_everything():
     assert "torch" in info["backends"]["cpu"]
     if info["cuda"]:
         assert info["cuda_archs"] and info["cuda_compiler"].startswith("NVCC")
+
+
+def test_module_binds_exactly_the_names_in_its_sources():
+    ext = llama_kernels.capabilities().ext
+    names, cuda = bound_in_sources()
+    assert NAMES_BOUND_BEFORE_PER_OP_BINDINGS <= names, sorted(NAMES_BOUND_BEFORE_PER_OP_BINDINGS - names)
+    assert {n for n in NAMES_BOUND_BEFORE_PER_OP_BINDINGS if n.endswith("_cuda")} <= cuda
+    assert {name for name in dir(ext) if not name.startswith("__")} == names
 
 
 def test_cpu_entry_points_check_their_arguments():
@@ -115,6 +148,7 @@ def test_wheel_without_cuda_installs_only_our_names(tmp_path):
         assert sources and not sources - set(names), sorted(sources - set(names))  # every module, subpackages too
         (so,) = [name for name in names if re.fullmatch(r"llama_kernels/_C\.[^/]+\.so", name)]
         z.extract(so, tmp_path / "unpacked")
+    bound, cuda = bound_in_sources()
     probe = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('llama_kernels._C', {str(tmp_path / 'unpacked' / so)!r})\n"
@@ -126,6 +160,11 @@ def test_wheel_without_cuda_installs_only_our_names(tmp_path):
         "try:\n    C.rms_norm_fwd_cuda(t, C.TensorArg(), C.TensorArg(4096, 0, 0, [4], [1]), t, C.TensorArg(), "
         "C.TensorArg(), 1e-6, 0)\n"
         "except RuntimeError as e:\n    print(e)\n"
+        f"assert {{n for n in dir(C) if not n.startswith('__')}} == set({sorted(bound)!r}), sorted(dir(C))\n"
+        f"for name in {sorted(cuda)!r}:\n"
+        "    try:\n        getattr(C, name)(1, x=2)\n    except RuntimeError as e:\n"
+        "        assert 'built without CUDA' in str(e), (name, e)\n"
+        "    else:\n        raise AssertionError(name + ' did not raise')\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "built without CUDA" in result.stdout

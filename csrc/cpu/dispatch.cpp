@@ -2,6 +2,8 @@
 // variable LLAMA_KERNELS_CPU_ISA (baseline, avx2, avx512) or set_isa() may pick a lower one.
 #include <atomic>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "common.h"
 #include "cpu/kernels_cpu.h"
@@ -109,44 +111,10 @@ void set_isa(const std::string& name) {
     default: return baseline::call;                                  \
   }
 
-void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd,
-                  int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride,
-                  int64_t s_stride, int x_dtype, int w_dtype, float eps, int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(rms_norm_fwd(x, h, w, y, s, rstd, rows, cols, x_stride, h_stride, y_stride,
-                                    s_stride, x_dtype, w_dtype, eps, num_threads))
-}
-
-void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
-                           const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,
-                           int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                           int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(rope_decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, seqlens_int64, cos, sin,
-                                             out, batch, heads, kv_heads, head_dim, capacity, table_len, strides,
-                                             dtype, scale, num_threads))
-}
-
-void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w, const float* rstd,
-                  void* dx, void* dw, int64_t rows, int64_t cols, int64_t dy_stride,
-                  int64_t ds_stride, int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype,
-                  int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(rms_norm_bwd(dy, ds, x, w, rstd, dx, dw, rows, cols, dy_stride, ds_stride,
-                                    x_stride, dx_stride, x_dtype, w_dtype, num_threads))
-}
-
-void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride, int64_t y_stride,
-            int x_dtype, int w_dtype, int bias_dtype, int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(linear(x, parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype, num_threads))
-}
-
-void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
-                 int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(int4_matmul(x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))
-}
-
-void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,
-                     int64_t n, int64_t k, int group, int w_dtype, int num_threads) {
-  LLAMA_KERNELS_CPU_DISPATCH(int4_dequantize(packed, scales, zeros, lut, w, n, k, group, w_dtype, num_threads))
-}
+// One dispatching function per kernel in the list (kernels_cpu.h).
+#define LLAMA_KERNELS_CPU_DEFINE_DISPATCH(name, params, args) \
+  void name params { LLAMA_KERNELS_CPU_DISPATCH(name args) }
+LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DEFINE_DISPATCH)
 
 }  // namespace cpu
 }  // namespace llama_kernels

@@ -1,35 +1,51 @@
 // CPU kernels. Each kernel source is compiled once per instruction set (see CMakeLists.txt),
-// into the namespace llama_kernels::cpu::<isa>. llama_kernels::cpu::<name>() in dispatch.cpp calls the
-// best variant the running CPU supports.
+// into the namespace llama_kernels::cpu::<isa>. llama_kernels::cpu::<name>(), generated in
+// dispatch.cpp from the list below, calls the best variant the running CPU supports.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
+// The CPU kernels, one entry each: X(name, (parameters), (arguments)). From this list come the
+// declarations of every ISA's variant and the dispatching functions in dispatch.cpp; the
+// arguments are the parameters' names, in order, for the call the dispatcher forwards.
 // rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
 // (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride.
-#define LLAMA_KERNELS_CPU_DECLARE_KERNELS                                                          \
-  void rms_norm_fwd(const void* x, const void* h, const void* w, void* y, void* s, float* rstd, \
-                    int64_t rows, int64_t cols, int64_t x_stride, int64_t h_stride,             \
-                    int64_t y_stride, int64_t s_stride, int x_dtype, int w_dtype, float eps,    \
-                    int num_threads);                                                         \
-  void rms_norm_bwd(const void* dy, const void* ds, const void* x, const void* w,               \
-                    const float* rstd, void* dx, void* dw, int64_t rows, int64_t cols,          \
-                    int64_t dy_stride, int64_t ds_stride, int64_t x_stride, int64_t dx_stride,  \
-                    int x_dtype, int w_dtype, int num_threads);                               \
-  void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride,  \
-              int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads);      \
-  void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, \
-                   int group, int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads);  \
-  void int4_dequantize(const uint8_t* packed, const void* scales, const void* zeros,              \
-                       const float* lut, void* w, int64_t n, int64_t k, int group, int w_dtype,   \
-                       int num_threads);                                                         \
-  void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache,  \
-                             void* v_cache, const void* seqlens, bool seqlens_int64,              \
-                             const float* cos, const float* sin, void* out, int64_t batch,         \
-                             int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,  \
-                             int64_t table_len, const int64_t* strides, int dtype, float scale,    \
-                             int num_threads);
+#define LLAMA_KERNELS_CPU_KERNELS(X)                                                              \
+  X(rms_norm_fwd,                                                                                \
+    (const void* x, const void* h, const void* w, void* y, void* s, float* rstd, int64_t rows,    \
+     int64_t cols, int64_t x_stride, int64_t h_stride, int64_t y_stride, int64_t s_stride,        \
+     int x_dtype, int w_dtype, float eps, int num_threads),                                       \
+    (x, h, w, y, s, rstd, rows, cols, x_stride, h_stride, y_stride, s_stride, x_dtype, w_dtype,   \
+     eps, num_threads))                                                                           \
+  X(rms_norm_bwd,                                                                                \
+    (const void* dy, const void* ds, const void* x, const void* w, const float* rstd, void* dx,   \
+     void* dw, int64_t rows, int64_t cols, int64_t dy_stride, int64_t ds_stride,                  \
+     int64_t x_stride, int64_t dx_stride, int x_dtype, int w_dtype, int num_threads),             \
+    (dy, ds, x, w, rstd, dx, dw, rows, cols, dy_stride, ds_stride, x_stride, dx_stride, x_dtype,  \
+     w_dtype, num_threads))                                                                       \
+  X(linear,                                                                                      \
+    (const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride,             \
+     int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads),                \
+    (x, parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype, num_threads))              \
+  X(int4_matmul,                                                                                 \
+    (const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,    \
+     int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads),                           \
+    (x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))                       \
+  X(int4_dequantize,                                                                             \
+    (const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,     \
+     int64_t n, int64_t k, int group, int w_dtype, int num_threads),                              \
+    (packed, scales, zeros, lut, w, n, k, group, w_dtype, num_threads))                           \
+  X(rope_decode_attention,                                                                       \
+    (const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,           \
+     const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,      \
+     int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,          \
+     int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads),         \
+    (q, k_new, v_new, k_cache, v_cache, seqlens, seqlens_int64, cos, sin, out, batch, heads,      \
+     kv_heads, head_dim, capacity, table_len, strides, dtype, scale, num_threads))
+
+// Declares one kernel of the list (an X for LLAMA_KERNELS_CPU_KERNELS).
+#define LLAMA_KERNELS_CPU_DECLARE(name, params, args) void name params;
 
 namespace llama_kernels {
 namespace cpu {
@@ -51,12 +67,12 @@ struct LinearParts {
   std::vector<int64_t> n;
 };
 
-namespace baseline { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
-namespace avx2 { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
-namespace avx512 { LLAMA_KERNELS_CPU_DECLARE_KERNELS }
+namespace baseline { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
+namespace avx2 { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
+namespace avx512 { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
 
-// Dispatching entry points: the same signatures, routed to the selected ISA.
-LLAMA_KERNELS_CPU_DECLARE_KERNELS
+// Dispatching entry points (dispatch.cpp): the same signatures, routed to the selected ISA.
+LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE)
 
 // Instruction sets compiled into this build and supported by this CPU, best last.
 std::vector<std::string> available_isas();

@@ -31,7 +31,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
-#include "cuda/kernels_cuda.h"
+#include "cuda/int4_matmul.h"
 
 namespace llama_kernels {
 namespace cuda {

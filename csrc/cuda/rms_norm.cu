@@ -8,7 +8,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
-#include "cuda/kernels_cuda.h"
+#include "cuda/rms_norm.h"
 
 namespace llama_kernels {
 namespace cuda {

@@ -49,7 +49,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
-#include "cuda/kernels_cuda.h"
+#include "cuda/rope_decode.h"
 
 namespace llama_kernels {
 namespace cuda {

@@ -1,0 +1,44 @@
+// Python bindings of the CPU 4-bit matmul and dequantization (csrc/cpu/int4_matmul.cpp): raw
+// addresses, sizes, strides and dtype codes; the GIL is released while the kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/kernels_cpu.h"
+#include "registry.h"
+
+namespace py = pybind11;
+using llama_kernels::address_ptr;
+
+LLAMA_KERNELS_BIND(int4_matmul_cpu) {
+  m.def(
+      "int4_matmul_cpu",
+      [](uintptr_t x, const std::vector<uintptr_t>& packed, const std::vector<uintptr_t>& scales,
+         const std::vector<uintptr_t>& zeros, uintptr_t lut, const std::vector<uintptr_t>& y,
+         const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
+         int x_dtype, int threads) {
+        llama_kernels::cpu::Int4Parts parts;
+        for (uintptr_t a : packed) parts.packed.push_back(address_ptr<const uint8_t>(a));
+        for (uintptr_t a : scales) parts.scales.push_back(address_ptr<const void>(a));
+        for (uintptr_t a : zeros) parts.zeros.push_back(address_ptr<const void>(a));
+        for (uintptr_t a : y) parts.y.push_back(address_ptr<void>(a));
+        parts.n = n;
+        llama_kernels::cpu::int4_matmul(address_ptr<const void>(x), parts, address_ptr<const float>(lut), m, k,
+                                        group, x_stride, y_stride, x_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y[p] = x @ dequant(W[p])^T for one or more 4-bit weights W[p] of n[p] rows (packed codes, fp16 "
+      "scales and zeros; a zeros entry may be 0 for NF4) and one fp32 lut; all y[p] share y_stride");
+  m.def(
+      "int4_dequantize_cpu",
+      [](uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w, int64_t n, int64_t k,
+         int group, int w_dtype, int threads) {
+        llama_kernels::cpu::int4_dequantize(address_ptr<const uint8_t>(packed), address_ptr<const void>(scales),
+                                            address_ptr<const void>(zeros), address_ptr<const float>(lut),
+                                            address_ptr<void>(w), n, k, group, w_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "w (n, k) contiguous, in float32/float16/bfloat16 = dequant of the packed codes (zeros may be 0)");
+}

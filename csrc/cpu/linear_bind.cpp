@@ -1,0 +1,32 @@
+// Python bindings of the CPU dense linear (csrc/cpu/linear.cpp): raw addresses, sizes, strides
+// and dtype codes; the GIL is released while the kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/kernels_cpu.h"
+#include "registry.h"
+
+namespace py = pybind11;
+using llama_kernels::address_ptr;
+
+LLAMA_KERNELS_BIND(linear_cpu) {
+  m.def(
+      "linear_cpu",
+      [](uintptr_t x, const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& bias,
+         const std::vector<uintptr_t>& y, const std::vector<int64_t>& n, int64_t m, int64_t k, int64_t x_stride,
+         int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
+        llama_kernels::cpu::LinearParts parts;
+        for (uintptr_t a : w) parts.w.push_back(address_ptr<const void>(a));
+        for (uintptr_t a : bias) parts.bias.push_back(address_ptr<const void>(a));
+        for (uintptr_t a : y) parts.y.push_back(address_ptr<void>(a));
+        parts.n = n;
+        llama_kernels::cpu::linear(address_ptr<const void>(x), parts, m, k, x_stride, y_stride, x_dtype, w_dtype,
+                                   bias_dtype, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y[p] = x @ w[p]^T + bias[p] for a few rows of x and one or more weights w[p] of n[p] rows; a bias "
+      "entry may be 0 (none); all y[p] share y_stride");
+}
