@@ -59,7 +59,9 @@ class LLaMA:
         """Continue a prompt (or a list of prompts, batched); returns the new text only.
 
         `stream`, a text file such as sys.stdout, receives the text of a single prompt as it is
-        produced. Generation stops at the tokenizer's end-of-sequence token.
+        produced. Generation stops at the tokenizer's end-of-sequence token. Safe to call from
+        several threads: calls on one model take turns (see `llama.generate.generate`), and
+        `last_generated_tokens` is then that of the call that finished last.
         """
         if self.tokenizer is None:
             raise ValueError("tokenizer: this model was loaded without one; pass tokenizer=PATH to llama.load")

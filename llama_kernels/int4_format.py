@@ -73,6 +73,75 @@ class QuantizedWeight:
     # NF4 double quantization, as stored: int8 absmax offsets, fp32 scale per 256, fp32 mean.
     double_quant: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.validate()
+        self._explain_lut("qw")  # derived from format and device, not a field: checked here, once
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"qw.dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
+        if self.double_quant is not None and not isinstance(self.double_quant, dict):
+            raise TypeError(f"qw.double_quant: expected None or a dict of tensors, got {type(self.double_quant).__name__}")
+
+    def validate(self, name: str = "qw") -> None:
+        """Raise ValueError/TypeError naming the field if this object is not one the kernels can
+        take: packed uint8 (N, K/2) contiguous; scales (and zeros, which int4 needs and NF4 has
+        none of) SCALE_DTYPE (N, K/group_size) contiguous; one device; shape == (N, K), K > 0.
+        Run at construction and again by the ops (fields can be reassigned): it reads only
+        attributes (dtype, shape, strides, device), never data, so it costs about a microsecond."""
+        packed, scales, zeros, group_size = self.packed, self.scales, self.zeros, self.group_size
+        try:  # the fast path, for a valid object: one expression, no messages built
+            rows, half = packed.shape
+            k = half * 2
+            if (packed.dtype is torch.uint8 and scales.dtype is SCALE_DTYPE and packed.is_contiguous()
+                    and scales.is_contiguous() and type(group_size) is int and group_size in GROUP_SIZES
+                    and k and not k % group_size and self.shape == (rows, k) and type(self.shape) in (tuple, torch.Size)
+                    and scales.shape == (rows, k // group_size) and scales.device == packed.device
+                    and (zeros is None if self.format == "nf4" else
+                         (self.format == "int4" and zeros is not None and zeros.dtype is SCALE_DTYPE
+                          and zeros.shape == scales.shape and zeros.is_contiguous() and zeros.device == packed.device))):
+                return
+        except Exception:
+            pass
+        self._explain(name)
+
+    def _explain(self, name: str) -> None:
+        """validate()'s slow path: raise the error that names the first bad field."""
+        fmt, group_size, packed, scales, zeros = self.format, self.group_size, self.packed, self.scales, self.zeros
+        if fmt not in FORMATS:
+            raise ValueError(f"{name}.format: expected one of {FORMATS}, got {fmt!r}")
+        if type(group_size) is not int or group_size not in GROUP_SIZES:
+            raise ValueError(f"{name}.group_size: expected one of {GROUP_SIZES}, got {group_size!r}")
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"{name}.packed: expected a torch.Tensor, got {type(packed).__name__}")
+        if packed.dtype != torch.uint8:
+            raise TypeError(f"{name}.packed: expected uint8, got {str(packed.dtype).replace('torch.', '')}")
+        if packed.dim() != 2:
+            raise ValueError(f"{name}.packed: expected 2-D (N, K/2), got shape {tuple(packed.shape)}")
+        if not packed.is_contiguous():
+            raise ValueError(f"{name}.packed: expected a contiguous tensor, got strides {packed.stride()}")
+        n, k = packed.shape[0], packed.shape[1] * 2
+        shape = self.shape
+        if (type(shape) not in (tuple, torch.Size) or len(shape) != 2 or shape[0] != n or shape[1] != k):
+            raise ValueError(f"{name}.shape: expected (N, K) = {(n, k)} to match packed {tuple(packed.shape)}, "
+                             f"got {shape!r}")
+        if k == 0 or k % group_size:
+            raise ValueError(f"{name}.shape: in_features {k} must be a positive multiple of group_size {group_size}")
+        groups = (n, k // group_size)
+        _check_scale_like(f"{name}.scales", scales, groups, packed.device)
+        if fmt == "int4":
+            if zeros is None:
+                raise ValueError(f"{name}.zeros: int4 needs zeros, got None")
+            _check_scale_like(f"{name}.zeros", zeros, groups, packed.device)
+        elif zeros is not None:
+            raise ValueError(f"{name}.zeros: nf4 has no zeros, got a tensor of shape {tuple(getattr(zeros, 'shape', ()))}")
+        self._explain_lut(name)
+        raise ValueError(f"{name}: not a QuantizedWeight the kernels can take")  # not reached
+
+    def _explain_lut(self, name: str) -> None:
+        lut = device_lut(self.format, self.packed.device)
+        if lut.dtype != torch.float32 or lut.shape != (16,) or lut.device != self.packed.device:
+            raise ValueError(f"{name}.lut: expected float32 (16,) on {self.packed.device}, "
+                             f"got {lut.dtype} {tuple(lut.shape)} on {lut.device}")
+
     @property
     def lut(self) -> torch.Tensor:
         return device_lut(self.format, self.packed.device)
@@ -85,6 +154,7 @@ class QuantizedWeight:
         """llama_kernels.dequantize(self, dtype), by default in the dtype the weight came from. It
         runs as the op llama_kernels::int4_dequantize, which llama_kernels registers on import:
         this module imports nothing of the package, so it names the op rather than the function."""
+        self.validate()
         return torch.ops.llama_kernels.int4_dequantize(self.packed, self.scales, self.zeros, self.lut,
                                                        self.group_size, dtype or self.dtype)
 
@@ -97,6 +167,20 @@ class QuantizedWeight:
         """Bytes held for the kernels (packed codes, scales, zeros)."""
         tensors = [self.packed, self.scales] + ([self.zeros] if self.zeros is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_scale_like(name: str, t, groups: tuple[int, int], device: torch.device) -> None:
+    """scales/zeros: SCALE_DTYPE, contiguous, shape (N, K/group_size), on packed's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != SCALE_DTYPE:
+        raise TypeError(f"{name}: expected {str(SCALE_DTYPE).replace('torch.', '')}, got {str(t.dtype).replace('torch.', '')}")
+    if t.shape != groups:
+        raise ValueError(f"{name}: expected shape {groups} (N, K/group_size), got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    if t.device != device:
+        raise ValueError(f"{name}: is on {t.device} but packed is on {device}")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -123,9 +207,22 @@ def _check_weight(w: torch.Tensor, group_size: int, name: str = "w") -> tuple[in
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size}")
     n, k = w.shape
+    if k == 0:
+        raise ValueError(f"{name}: in_features is 0; a 4-bit weight needs at least one group of {group_size}")
     if k % group_size:
         raise ValueError(f"{name}: in_features {k} is not a multiple of group_size {group_size}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: contains non-finite values (nan or inf), which no 4-bit format holds")
     return n, k
+
+
+def _check_fits(w: torch.Tensor, fmt: str, *stored: torch.Tensor, name: str = "w") -> None:
+    """Refuse weights whose fp16 scales (or zeros) overflowed: they would dequantize to inf/NaN."""
+    if all(bool(torch.isfinite(t).all()) for t in stored):
+        return
+    largest = w.detach().abs().max().item()
+    raise ValueError(f"{name}: magnitudes up to {largest:g} overflow the float16 scales of {fmt}; the format "
+                     f"holds weights up to {torch.finfo(SCALE_DTYPE).max:g} in magnitude")
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
@@ -135,6 +232,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15).clamp_min(1e-8).to(SCALE_DTYPE)
     zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    _check_fits(w, "int4", scale, zero)
     s, z = scale.float()[..., None], zero.float()[..., None]
     q = torch.round((g - z) / s + 8).clamp_(0, 15).reshape(n, k)
     return QuantizedWeight("int4", pack_codes(q), scale, zero, group_size, (n, k), w.dtype)
@@ -150,6 +248,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
         stored = double_quantize(absmax.reshape(-1))
         absmax = double_dequantize(stored, absmax.shape)
     scale = absmax.to(SCALE_DTYPE)
+    _check_fits(w, "nf4", scale)
     code = NF4_CODE.to(w.device)
     normalized = g / scale.float()[..., None]
     # The nearest code: the code book is sorted, so it is the bucket between midpoints (a tie

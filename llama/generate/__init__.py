@@ -10,9 +10,14 @@ Prompts of different lengths are batched with right padding: every sequence keep
 position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding. Sampling filters
 compose in the order top-k, epsilon (drop tokens below a probability), top-p. On a GPU the
 one-token decode step is compiled and replayed as a CUDA graph over the static cache.
+
+`generate` may be called from several threads: calls on one model take turns (a lock per model),
+calls on different models run at once.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -67,6 +72,8 @@ class Decoder:
     (CUDA only) the step is captured once into a CUDA graph and replayed: its input token and
     output logits live in static buffers, the cache is updated in place, and each step costs one
     graph launch instead of hundreds of kernel launches.
+
+    A Decoder is not thread-safe: one generation at a time (`generate` sees to it).
     """
 
     def __init__(self, model: Transformer, batch: int, capacity: int, compile: bool = False,
@@ -85,6 +92,7 @@ class Decoder:
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._logits: Optional[torch.Tensor] = None
         self._captured: tuple[int, ...] = ()
+        self.in_use = False  # set by generate() while a generation runs on this cache
 
     def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, last_only=True)
@@ -136,6 +144,19 @@ class Decoder:
         return self._logits.clone()
 
 
+_LOCKS: "weakref.WeakKeyDictionary[Transformer, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: Transformer) -> threading.RLock:
+    """The lock that generate() holds on `model` (made on first use; dropped with the model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 CAPACITY_ROUNDING = 128  # cache sizes are rounded up so that compiled steps get reused
 
 
@@ -148,6 +169,10 @@ def _decoder(model: Transformer, batch: int, capacity: int, compile: bool, cuda_
     weight = model.tok_embeddings.weight
     key = (batch, capacity, compile, cuda_graph, weight.device, weight.dtype)
     decoders = model.__dict__.setdefault("_decoders", {})  # dropped when the model is copied
+    if key in decoders and decoders[key].in_use:
+        # Only a generate() nested in another's on_token gets here (the model's lock is held):
+        # a cache of its own, not kept, so that the outer generation's cache is left alone.
+        return Decoder(model, batch, capacity, compile=compile, cuda_graph=cuda_graph)
     if key not in decoders:
         if len(decoders) >= 4:  # bound the memory held by idle caches
             decoders.pop(next(iter(decoders)))
@@ -172,6 +197,16 @@ def generate(
     A sequence stops at `eos_id` (which is included in its output). `on_token(index, token)` is
     called for each new token as it is produced. `compile` (torch.compile the one-token step) and
     `cuda_graph` (replay it as a CUDA graph) default to True on CUDA.
+
+    Thread safety: a call holds a lock on the model from start to end, so concurrent calls on one
+    model run one after another, each with the result it would have alone. The model keeps its
+    decoders (KV cache, compiled step, captured CUDA graph) for reuse across calls, and a call also
+    changes the model itself (RoPE tables, train/eval mode, joined projections on a GPU); a lock
+    keeps one decoder per shape, so a single thread is as fast as before and a graph is captured
+    once, where a decoder per thread would hold a cache and a graph per thread and still leave the
+    model's own state shared. For parallel generation use one model per thread, or one call with a
+    batch of prompts. The lock is reentrant: `on_token` may generate on the same model (that nested
+    call gets a cache of its own).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected one or more non-empty token lists")
@@ -192,7 +227,6 @@ def generate(
         )
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    model.setup_rope(capacity)
     if compile is None:
         compile = device.type == "cuda"
     if cuda_graph is None:
@@ -209,30 +243,34 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-    decoder = _decoder(model, batch, capacity, compile, cuda_graph)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = decoder.prefill(padded, lengths)
-        out: list[list[int]] = [[] for _ in prompts]
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_tokens = sample(logits, sampling, generator)
-            if eos_id is not None:
-                next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
-            ids = next_tokens.tolist()
-            done = finished.tolist()
-            for i, tok in enumerate(ids):
-                if not done[i]:
-                    out[i].append(tok)
-                    if on_token is not None:
-                        on_token(i, tok)
-            if eos_id is not None:
-                finished |= next_tokens == eos_id
-                if bool(finished.all()):
-                    break
-            if step + 1 < max_new_tokens:
-                logits = decoder.step(next_tokens)
-        return out
-    finally:
-        model.train(was_training)
+    with _model_lock(model):
+        model.setup_rope(capacity)
+        decoder = _decoder(model, batch, capacity, compile, cuda_graph)
+        was_training = model.training
+        decoder.in_use = True
+        model.eval()
+        try:
+            logits = decoder.prefill(padded, lengths)
+            out: list[list[int]] = [[] for _ in prompts]
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                next_tokens = sample(logits, sampling, generator)
+                if eos_id is not None:
+                    next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
+                ids = next_tokens.tolist()
+                done = finished.tolist()
+                for i, tok in enumerate(ids):
+                    if not done[i]:
+                        out[i].append(tok)
+                        if on_token is not None:
+                            on_token(i, tok)
+                if eos_id is not None:
+                    finished |= next_tokens == eos_id
+                    if bool(finished.all()):
+                        break
+                if step + 1 < max_new_tokens:
+                    logits = decoder.step(next_tokens)
+            return out
+        finally:
+            decoder.in_use = False
+            model.train(was_training)

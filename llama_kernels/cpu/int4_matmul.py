@@ -26,6 +26,10 @@ def forward(x2, packed, scales, zeros, lut, group_size, y):
 def forward_parts(x2, parts, lut, group_size, ys):
     """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
     zeros) writes ys[p] (all with one row stride)."""
+    if x2.shape[-1] == 0:  # an empty sum (QuantizedWeight refuses K = 0; raw parts may not)
+        for y in ys:
+            y.zero_()
+        return
     forward_rows(x2, x2.shape[0], x2.stride(0), parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
 
 

@@ -23,6 +23,12 @@ def forward(x2, weight, bias, y):
 def forward_parts(x2, weights, biases, ys):
     """One kernel call for several weights against the same x2: writes ys[p] = x2 @ weights[p]^T
     + biases[p] (all ys with one row stride; biases entries may be None)."""
+    if x2.shape[-1] == 0:  # an empty sum (the C++ kernel refuses K = 0): zeros plus bias
+        for y, b in zip(ys, biases):
+            y.zero_()
+            if b is not None:
+                y.add_(b.to(y.dtype))
+        return
     codes = dispatch.DTYPE_CODES
     bias_dtype = next((codes[b.dtype] for b in biases if b is not None), 0)
     forward_rows(x2, x2.shape[0], x2.stride(0), weights, [0 if b is None else b.data_ptr() for b in biases],

@@ -27,6 +27,9 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (N, K) weight the codes stand for, computed in fp32 (by the compiled kernels where
     they can take it, else by the PyTorch reference)."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw: expected a QuantizedWeight (from quantize_int4/quantize_nf4), got {type(qw).__name__}")
+    qw.validate()  # fields can be reassigned after construction: the kernels trust what passes here
     return _dequantize_fast(qw.packed, qw.scales, qw.zeros, qw.lut, qw.group_size, dtype)
 
 
@@ -70,17 +73,20 @@ def int4_matmul_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[t
     return y.to(x.dtype)
 
 
-def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
+def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], name: str = "qw") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"qw: expected a QuantizedWeight (from quantize_int4/quantize_nf4), got {type(qw).__name__}")
+        raise TypeError(f"{name}: expected a QuantizedWeight (from quantize_int4/quantize_nf4), got {type(qw).__name__}")
+    # Fields can be reassigned after construction, and the kernels trust what passes here: check
+    # the object again (attributes only, no data reads: about a microsecond).
+    qw.validate(name)
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"x: dtype must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != qw.shape[1]:
         raise ValueError(f"x: last dim must equal the weight's in_features {qw.shape[1]}, got shape {tuple(x.shape)}")
     if x.device != qw.device:
-        raise ValueError(f"qw: is on {qw.device} but x is on {x.device}")
+        raise ValueError(f"{name}: is on {qw.device} but x is on {x.device}")
     if bias is not None:
         _check_bias(x, bias, qw.shape[0])
 
@@ -118,6 +124,8 @@ def _forward_parts(x, parts, lut, group_size, n=None):
     backend = dispatch.choose("int4_matmul", x.device, checks, implemented=_IMPLEMENTED)
     if len(parts) > 1 and backend != "cpu":
         return torch.cat([_forward_parts(x, [p], lut, group_size) for p in parts], dim=-1)
+    if not k:  # an empty sum; QuantizedWeight refuses K = 0, but raw parts may still come here
+        return x.new_zeros((*x.shape[:-1], n))
     y = x.new_empty((*x.shape[:-1], n))
     if not rows:
         return y
@@ -196,8 +204,12 @@ def int4_matmul(
     """
     qws = _weights(qw)
     n = 0
-    for q in qws:
-        check_inputs(x, q, None)
+    single = len(qws) == 1
+    for i, q in enumerate(qws):
+        check_inputs(x, q, None, "qw" if single else f"qw[{i}]")
+        if i and (q.format, q.group_size, q.shape[1]) != (qws[0].format, qws[0].group_size, qws[0].shape[1]):
+            raise ValueError(f"qw[{i}]: format {q.format}, group_size {q.group_size}, in_features {q.shape[1]} "
+                             f"differ from qw[0]'s {qws[0].format}, {qws[0].group_size}, {qws[0].shape[1]}")
         n += q.shape[0]
     if bias is not None:
         _check_bias(x, bias, n)
@@ -212,7 +224,7 @@ def int4_matmul(
 
 
 def _weights(qw) -> list[QuantizedWeight]:
-    """qw as a non-empty list of weights that one kernel call can take together."""
+    """qw as a non-empty list of QuantizedWeights (int4_matmul checks that they agree)."""
     if isinstance(qw, QuantizedWeight):
         return [qw]
     if not isinstance(qw, (list, tuple)) or not qw:
@@ -222,7 +234,4 @@ def _weights(qw) -> list[QuantizedWeight]:
         if not isinstance(q, QuantizedWeight):
             raise TypeError(f"qw[{i}]: expected a QuantizedWeight (from quantize_int4/quantize_nf4), "
                             f"got {type(q).__name__}")
-        if (q.format, q.group_size, q.shape[1]) != (qws[0].format, qws[0].group_size, qws[0].shape[1]):
-            raise ValueError(f"qw[{i}]: format {q.format}, group_size {q.group_size}, in_features {q.shape[1]} "
-                             f"differ from qw[0]'s {qws[0].format}, {qws[0].group_size}, {qws[0].shape[1]}")
     return qws

@@ -79,7 +79,10 @@ def linear(
     if grad or torch.compiler.is_compiling():
         return _torch_parts(x, weights, bias)
     k = x.shape[-1]
-    rows = x.numel() // k if k else 0
+    if not k:  # an empty sum: zeros (+ bias), as F.linear gives; the kernel takes no K = 0
+        y = x.new_zeros((*x.shape[:-1], n))
+        return y if bias is None else y + bias.to(y.dtype)
+    rows = x.numel() // k
     backend = dispatch.choose("linear", x.device, {"cpu": lambda: cpu_linear.unsupported(rows, weights)},
                               implemented=("cpu", "torch"))
     if backend == "torch":

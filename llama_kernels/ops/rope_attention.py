@@ -174,6 +174,8 @@ def _check_tables(cos, sin, head_dim: int, needed: Optional[int], device) -> Non
             raise ValueError(f"{name}: is on {t.device} but q is on {device}")
     if cos.shape != sin.shape:
         raise ValueError(f"sin: shape {tuple(sin.shape)} differs from cos {tuple(cos.shape)}")
+    if sin.dtype != cos.dtype:
+        raise TypeError(f"sin: dtype {sin.dtype} differs from cos's {cos.dtype}")
     if needed is not None and cos.shape[0] < needed:
         raise ValueError(f"cos: has {cos.shape[0]} positions but the sequences need {needed}")
 
@@ -205,13 +207,53 @@ def _check_qkv(q, k, v, packed: bool) -> None:
         raise ValueError(f"k: q's {q.shape[-2]} heads must be a multiple of k's {k.shape[-2]} (GQA)")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_cu_seqlens(cu_seqlens, q) -> None:
+    """Structure only (dtype, rank, device): no host sync."""
     _is_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor of batch + 1 offsets, got "
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens: is on {cu_seqlens.device} but q is on {q.device}")
+
+
+def _packed_max_seqlen(cu_seqlens, q, max_seqlen: Optional[int]) -> int:
+    """Checks the offsets' values where a host sync is allowed (one sync: they are read once) and
+    returns the longest sequence; a given `max_seqlen` must cover it. Where no sync is allowed
+    (compiling, capturing a CUDA graph) only `max_seqlen`'s own range is checked."""
+    tokens = q.shape[0]
+    if max_seqlen is not None:
+        if not _is_int(max_seqlen) or max_seqlen < 0 or (max_seqlen == 0 and tokens > 0):
+            raise ValueError(f"max_seqlen: expected a positive int (the longest sequence's length), "
+                             f"got {max_seqlen!r}")
+    if not dispatch.host_sync_allowed(q):
+        if max_seqlen is not None:
+            return max_seqlen
+        if torch.compiler.is_compiling():  # torch.compile breaks the graph here, as it always has
+            return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        raise ValueError("max_seqlen: required with cu_seqlens while capturing a CUDA graph "
+                         "(computing it needs a host sync)")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, got {offsets[0]}")
+    longest = 0
+    for i in range(1, len(offsets)):
+        n = offsets[i] - offsets[i - 1]
+        if n < 0:
+            raise ValueError(f"cu_seqlens: offsets must be non-decreasing, got {offsets[i - 1]} then "
+                             f"{offsets[i]} at index {i}")
+        longest = max(longest, n)
+    if offsets[-1] != tokens:
+        raise ValueError(f"cu_seqlens: must end at the token count {tokens} (q.shape[0]), got {offsets[-1]}")
+    if max_seqlen is None:
+        return longest
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen: {max_seqlen} is smaller than the longest sequence in cu_seqlens, {longest}")
+    return max_seqlen
 
 
 def _check_positions(positions, q, packed: bool, table_rows: int) -> None:
@@ -228,13 +270,20 @@ def _check_positions(positions, q, packed: bool, table_rows: int) -> None:
             raise ValueError(f"positions: must index the {table_rows} rows of cos/sin, got [{lo}, {hi}]")
 
 
-def _check_scalars(causal, softmax_scale, dropout_p) -> None:
+def _check_scalars(causal, softmax_scale, dropout_p, dropout_seed) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+    _check_scale(softmax_scale)
+    if isinstance(dropout_p, bool) or not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None and not _is_int(dropout_seed):
+        raise TypeError(f"dropout_seed: expected an int or None, got {type(dropout_seed).__name__}")
+
+
+def _check_scale(softmax_scale) -> None:
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not (
+            isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale))):
+        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -339,9 +388,12 @@ def rope_attention(
 ) -> torch.Tensor:
     """softmax(scale * rope(q) rope(k)^T [+ causal mask]) v, with RoPE applied inside the kernel.
 
-    q (B, S, H, D), k and v (B, S, Hkv, D); or, with `cu_seqlens` (B + 1,) int32, packed
-    (tokens, H, D) and (tokens, Hkv, D). cos, sin: (positions, D/2) tables covering S (or the
-    longest packed sequence, `max_seqlen`, computed with a host sync when omitted). Returns q's
+    q (B, S, H, D), k and v (B, S, Hkv, D); or, with `cu_seqlens` (B + 1,) int32 offsets that
+    start at 0, never decrease and end at the token count, packed (tokens, H, D) and (tokens, Hkv,
+    D). cos, sin: (positions, D/2) tables covering S (or the longest packed sequence; `max_seqlen`
+    must be at least that, and is computed when omitted). The offsets are read once on the host to
+    check them, except while compiling or capturing a CUDA graph, where only `max_seqlen`'s range
+    is checked (it is then required when capturing). Returns q's
     shape and dtype; differentiable in q, k and v. `softmax_scale` defaults to 1/sqrt(D).
     `dropout_p` > 0 drops attention weights with a mask fixed by `dropout_seed` (drawn from torch's
     generator when None). `positions`, int (B, S) or (tokens,) for packed input, picks each
@@ -351,13 +403,10 @@ def rope_attention(
     """
     packed = cu_seqlens is not None
     _check_qkv(q, k, v, packed)
-    _check_scalars(causal, softmax_scale, dropout_p)
+    _check_scalars(causal, softmax_scale, dropout_p, dropout_seed)
     if packed:
         _check_cu_seqlens(cu_seqlens, q)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        elif not (isinstance(max_seqlen, int) and max_seqlen >= 0):
-            raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
+        max_seqlen = _packed_max_seqlen(cu_seqlens, q, max_seqlen)
     else:
         if max_seqlen is not None:
             raise ValueError("max_seqlen: only meaningful with cu_seqlens (packed sequences)")
@@ -458,7 +507,7 @@ def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
     if s != 1:
         raise ValueError(f"q: expected one new token per sequence, shape (batch, 1, heads, head_dim), "
                          f"got {tuple(q.shape)}")
-    if d % 2:
+    if d % 2 or d == 0:
         raise ValueError(f"q: head dim must be even for RoPE, got {d}")
     kv_heads = k_cache.shape[2]
     if k_cache.shape[0] != b or k_cache.shape[3] != d or kv_heads == 0:
@@ -501,8 +550,9 @@ def rope_decode_attention(
     """
     _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens)
     _check_tables(cos, sin, q.shape[-1], None, q.device)
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
+    _check_scale(softmax_scale)
+    if not isinstance(check_bounds, bool):
+        raise TypeError(f"check_bounds: expected a bool, got {type(check_bounds).__name__}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if check_bounds and q.shape[0] and dispatch.host_sync_allowed(q):
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
