@@ -33,6 +33,15 @@ T* address_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// Raw addresses from Python (one per part of a multi-weight call) as pointers.
+template <typename T>
+std::vector<T*> address_ptrs(const std::vector<uintptr_t>& addresses) {
+  std::vector<T*> out;
+  out.reserve(addresses.size());
+  for (uintptr_t a : addresses) out.push_back(address_ptr<T>(a));
+  return out;
+}
+
 // What a CUDA entry point does in a build without CUDA.
 [[noreturn]] inline void no_cuda() {
   throw std::runtime_error(

@@ -11,6 +11,7 @@
 
 namespace py = pybind11;
 using llama_kernels::address_ptr;
+using llama_kernels::address_ptrs;
 
 LLAMA_KERNELS_BIND(int4_matmul_cpu) {
   m.def(
@@ -20,10 +21,10 @@ LLAMA_KERNELS_BIND(int4_matmul_cpu) {
          const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
          int x_dtype, int threads) {
         llama_kernels::cpu::Int4Parts parts;
-        for (uintptr_t a : packed) parts.packed.push_back(address_ptr<const uint8_t>(a));
-        for (uintptr_t a : scales) parts.scales.push_back(address_ptr<const void>(a));
-        for (uintptr_t a : zeros) parts.zeros.push_back(address_ptr<const void>(a));
-        for (uintptr_t a : y) parts.y.push_back(address_ptr<void>(a));
+        parts.packed = address_ptrs<const uint8_t>(packed);
+        parts.scales = address_ptrs<const void>(scales);
+        parts.zeros = address_ptrs<const void>(zeros);
+        parts.y = address_ptrs<void>(y);
         parts.n = n;
         llama_kernels::cpu::int4_matmul(address_ptr<const void>(x), parts, address_ptr<const float>(lut), m, k,
                                         group, x_stride, y_stride, x_dtype, threads);

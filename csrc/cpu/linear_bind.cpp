@@ -11,6 +11,7 @@
 
 namespace py = pybind11;
 using llama_kernels::address_ptr;
+using llama_kernels::address_ptrs;
 
 LLAMA_KERNELS_BIND(linear_cpu) {
   m.def(
@@ -19,9 +20,9 @@ LLAMA_KERNELS_BIND(linear_cpu) {
          const std::vector<uintptr_t>& y, const std::vector<int64_t>& n, int64_t m, int64_t k, int64_t x_stride,
          int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int threads) {
         llama_kernels::cpu::LinearParts parts;
-        for (uintptr_t a : w) parts.w.push_back(address_ptr<const void>(a));
-        for (uintptr_t a : bias) parts.bias.push_back(address_ptr<const void>(a));
-        for (uintptr_t a : y) parts.y.push_back(address_ptr<void>(a));
+        parts.w = address_ptrs<const void>(w);
+        parts.bias = address_ptrs<const void>(bias);
+        parts.y = address_ptrs<void>(y);
         parts.n = n;
         llama_kernels::cpu::linear(address_ptr<const void>(x), parts, m, k, x_stride, y_stride, x_dtype, w_dtype,
                                    bias_dtype, threads);
