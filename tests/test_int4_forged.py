@@ -210,3 +210,33 @@ def test_weights_at_the_fp16_limit_still_quantize(quantize):
     qw = quantize(w, 64)
     assert torch.isfinite(qw.dequantize()).all()
     assert torch.isfinite(qw.scales.float()).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", EXT.cpu_isas() if EXT is not None else [])
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_infinite_inputs_give_the_reference_infinities(isa, fmt, dtype):
+    """The CPU kernel sums x once per group for the int4 zero term; an infinite x would make
+    that inf - inf = NaN where the reference gives +-inf, so such rows are summed term by term.
+    Rows without infinities keep the fast path's result; several weights share one x."""
+    quantize = quantize_int4 if fmt == "int4" else quantize_nf4
+    qws = [quantize(torch.randn(n, 160), 32) for n in (37, 5)]
+    x = torch.randn(4, 160).to(dtype)
+    x[0, 3], x[2, 100], x[2, 7] = float("inf"), float("-inf"), float("-inf")
+    x[3, 50] = float("inf")
+    x[3, 51] = float("-inf")  # opposite infinities: NaN in the reference as well
+    out = poisoned((4, 42), dtype)
+    ys = [out[:, :37], out[:, 37:]]
+    EXT.set_cpu_isa(isa)
+    try:
+        cpu_int4.forward_parts(x, [(q.packed, q.scales, q.zeros) for q in qws], qws[0].lut, 32, ys)
+    finally:
+        EXT.set_cpu_isa("")
+    for q, y in zip(qws, ys):
+        ref = int4_format.dequantize_reference(q.packed, q.scales, q.zeros, q.lut, 32)
+        ref = (x.double() @ ref.double().T)
+        assert torch.equal(y[[0, 2]].isinf(), ref[[0, 2]].isinf()) and torch.equal(y.isnan(), ref.isnan())
+        assert torch.equal(y[[0, 2]].sign(), ref[[0, 2]].sign().to(dtype))
+        assert y[1].isfinite().all()
+        torch.testing.assert_close(y[1].double(), ref[1], atol=2e-2, rtol=2e-3)

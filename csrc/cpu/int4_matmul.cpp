@@ -15,6 +15,7 @@
 // codes past the last whole block go chunk by chunk: one 16-byte load, two runs of 16 codes
 // widened to 32-bit lanes and looked up.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -329,6 +330,26 @@ void rows_pass(const float* const* xs, const float* const* xsums, TX* const* ys,
   }
 }
 
+// Row `x` against every row of part p, one term x[c] * (lut[q] * s + z) at a time: the slow,
+// exact order of the reference, for inputs the factorized sums cannot carry.
+template <typename TX>
+void exact_row(const TX* x, const Int4Parts& parts, size_t p, const float* lut, int64_t k, int group, TX* y) {
+  const int64_t groups = k / group, ps = k / 2;
+  const auto* scales = static_cast<const f16_t*>(parts.scales[p]);
+  const auto* zeros = static_cast<const f16_t*>(parts.zeros[p]);
+  for (int64_t r = 0; r < parts.n[p]; ++r) {
+    const uint8_t* row = parts.packed[p] + r * ps;
+    float acc = 0.f;
+    for (int64_t c = 0; c < k; ++c) {
+      const int64_t g = r * groups + c / group, i = c % 32;
+      const uint8_t byte = row[c / 32 * 16 + i % 16];
+      const int code = i < 16 ? (byte & 0xF) : (byte >> 4);
+      acc += to_float(x[c]) * (lut[code] * to_float(scales[g]) + to_float(zeros[g]));
+    }
+    y[r] = from_float<TX>(acc);
+  }
+}
+
 template <typename TX>
 void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, int64_t k, int group,
           int64_t x_stride, int64_t y_stride, int num_threads) {
@@ -375,6 +396,15 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
       }
     }
   });
+  // With zeros, the group sums above turn an infinite element of x into inf - inf = NaN where
+  // the sum of x * w is +-inf. Rows of x whose group sums are not finite are redone term by term.
+  for (int64_t i = 0; i < m; ++i) {
+    const float* si = xsum.data() + i * groups;
+    if (std::all_of(si, si + groups, [](float v) { return std::isfinite(v); })) continue;
+    for (size_t p = 0; p < parts.n.size(); ++p) {
+      if (parts.zeros[p]) exact_row(x + i * x_stride, parts, p, lut_p, k, group, static_cast<TX*>(parts.y[p]) + i * y_stride);
+    }
+  }
 }
 
 // W (n, k) = lut[q] * scale (+ zero), one 32-code chunk (16 bytes) at a time: the two runs of 16
