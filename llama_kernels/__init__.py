@@ -15,6 +15,8 @@ import torch
 
 from .dispatch import BACKENDS, available_backends, capabilities, use_backend, warn_old_env_names
 from .int4_format import QuantizedWeight, quantize_int4, quantize_nf4
+from .ops.adamw import adamw_reference_, adamw_step_
+from .ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .ops.int4_matmul import dequantize, int4_matmul, int4_matmul_reference
 from .ops.linear import linear, linear_reference
 from .ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
@@ -24,12 +26,15 @@ from .ops.rope_attention import (
     rope_decode_attention,
     rope_decode_attention_reference,
 )
+from .ops.swiglu import swiglu, swiglu_reference
 
 __version__ = "0.1.0"
 DISTRIBUTION = "llama-kernels"  # the PyPI name; `llama` checks it, since its ops come from here
 __all__ = [
     "BACKENDS",
     "QuantizedWeight",
+    "adamw_reference_",
+    "adamw_step_",
     "add_rms_norm",
     "add_rms_norm_reference",
     "available_backends",
@@ -38,6 +43,8 @@ __all__ = [
     "int4_matmul",
     "int4_matmul_reference",
     "linear",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "linear_reference",
     "rms_norm",
     "quantize_int4",
@@ -47,6 +54,8 @@ __all__ = [
     "rope_attention_reference",
     "rope_decode_attention",
     "rope_decode_attention_reference",
+    "swiglu",
+    "swiglu_reference",
     "use_backend",
 ]
 

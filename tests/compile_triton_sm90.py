@@ -1,4 +1,4 @@
-"""Compile the Triton kernels (attention, RMSNorm, int4) for a Hopper GPU (sm_90a) without one.
+"""Compile the Triton kernels (attention, RMSNorm, int4, SwiGLU, cross-entropy) for a Hopper GPU (sm_90a) without one.
 
 The Triton interpreter, which runs the CPU tests, accepts code that the GPU compiler rejects
 (mismatched return types, for one). This script lowers a set of constexpr variants through
@@ -19,10 +19,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from llama_kernels.triton import cross_entropy as tri_ce  # noqa: E402
 from llama_kernels.triton import int4_matmul as tri_int4  # noqa: E402
 from llama_kernels.triton import rms_norm as tri_rms  # noqa: E402
 from llama_kernels.triton import rope_attention as tri  # noqa: E402
 from llama_kernels.triton import rope_decode as tri_decode  # noqa: E402
+from llama_kernels.triton import swiglu as tri_swiglu  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KN", "VN", "KC", "VC"}
 FP32_TENSORS = {"COS", "SIN", "LSE", "DELTA", "PM", "PL", "PACC"}
@@ -75,11 +77,21 @@ def variants():
 
 RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY": "*DT", "DS": "*DT", "DX": "*DT",
              "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
+SWIGLU_TYPES = {name: "*DT" for name in ("A", "B", "Y", "DY", "DA", "DB")}
+CE_TYPES = {"X": "*fp32", "V": "i32", "T": "*i64", "LOSS": "*fp32", "LSE": "*fp32", "stride": "i64", "ignore_index": "i64",
+            "smoothing": "fp32", "z_loss": "fp32", "scale": "fp32"}
 INT4_TYPES = {"K": "i32", "X": "*DT", "P": "*u8", "S": "*fp16", "Z": "*fp16", "LUT": "*fp32", "Y": "*DT", "WS": "*fp32"}
 
 
 def other_variants():
-    """RMSNorm (plain and with the residual add, one block and chunked) and the int4 kernels."""
+    """RMSNorm (plain and with the residual add, one block and chunked), the int4 kernels, SwiGLU
+    and the cross-entropy rows."""
+    for dtype in ("bf16", "fp16"):
+        for name, kernel in (("fwd", tri_swiglu.fwd_kernel), ("bwd", tri_swiglu.bwd_kernel)):
+            yield (f"swiglu {name} {dtype}", kernel, dict(BLOCK=tri_swiglu.BLOCK), 4, 1, dtype, SWIGLU_TYPES)
+    for grad, lse in ((True, False), (False, True)):
+        yield (f"cross_entropy rows grad={grad} lse={lse}", tri_ce.rows_kernel,
+               dict(WRITE_GRAD=grad, HAS_LSE=lse, BLOCK=tri_ce.BLOCK), 8, 1, "fp32", CE_TYPES)
     for dtype in ("bf16", "fp16"):
         for one_block, block in ((True, 2048), (False, 4096)):
             for has_h in (False, True):

@@ -42,13 +42,44 @@
      int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,          \
      int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads),         \
     (q, k_new, v_new, k_cache, v_cache, seqlens, seqlens_int64, cos, sin, out, batch, heads,      \
-     kv_heads, head_dim, capacity, table_len, strides, dtype, scale, num_threads))
+     kv_heads, head_dim, capacity, table_len, strides, dtype, scale, num_threads))             \
+  X(swiglu_fwd,                                                                                  \
+    (const void* a, const void* b, void* y, int64_t rows, int64_t cols, int64_t a_stride,         \
+     int64_t b_stride, int64_t y_stride, int dtype, int num_threads),                             \
+    (a, b, y, rows, cols, a_stride, b_stride, y_stride, dtype, num_threads))                      \
+  X(swiglu_bwd,                                                                                  \
+    (const void* dy, const void* a, const void* b, void* da, void* db, int64_t rows,              \
+     int64_t cols, int64_t dy_stride, int64_t a_stride, int64_t b_stride, int64_t da_stride,      \
+     int64_t db_stride, int dtype, int num_threads),                                              \
+    (dy, a, b, da, db, rows, cols, dy_stride, a_stride, b_stride, da_stride, db_stride, dtype,    \
+     num_threads))                                                                                \
+  X(cross_entropy_rows,                                                                          \
+    (float* logits, const int64_t* target, float* loss, float* lse, int64_t rows, int64_t v,      \
+     int64_t stride, int64_t ignore_index, float smoothing, float z_loss, float scale,            \
+     bool write_grad, int num_threads),                                                           \
+    (logits, target, loss, lse, rows, v, stride, ignore_index, smoothing, z_loss, scale,          \
+     write_grad, num_threads))                                                                    \
+  X(adamw_step,                                                                                  \
+    (const AdamWParts& parts, int g_dtype, float lr, float beta1, float beta2,                    \
+     float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay,                 \
+     float bias_correction1, float bias_correction2_sqrt, int num_threads),                       \
+    (parts, g_dtype, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,       \
+     bias_correction1, bias_correction2_sqrt, num_threads))
 
 // Declares one kernel of the list (an X for LLAMA_KERNELS_CPU_KERNELS).
 #define LLAMA_KERNELS_CPU_DECLARE(name, params, args) void name params;
 
 namespace llama_kernels {
 namespace cpu {
+
+// The tensors of one AdamW step: parameter p, its gradient g (fp32, fp16 or bf16, one dtype for
+// all), and the fp32 moments m and v, each n[i] contiguous elements. One call updates them all,
+// the elements of every tensor split across threads as one range.
+struct AdamWParts {
+  std::vector<float*> p, m, v;
+  std::vector<const void*> g;
+  std::vector<int64_t> n;
+};
 
 // Several 4-bit weights that multiply the same x, each with its own output (y[p], same row
 // stride): part p has n[p] output features. One call converts x once and splits all the parts'

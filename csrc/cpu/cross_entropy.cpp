@@ -1,0 +1,132 @@
+// Cross-entropy over rows of fp32 logits, and its gradient written over the logits in place: the
+// per-chunk step of linear_cross_entropy (llama_kernels/ops/cross_entropy.py), which never holds
+// more than one chunk of (tokens x vocab) logits.
+//
+// Per row, with lse = log sum_j e^{x_j}, target t, smoothing eps over V classes and z-loss weight z:
+//   loss = lse - (1 - eps) x_t - (eps / V) sum_j x_j + z lse^2      (0 for an ignored row)
+//   dx_j = scale * (softmax_j (1 + 2 z lse) - eps / V - (1 - eps) [j = t])   (0 when ignored)
+// Three passes over a row (max, sum of exponentials and of logits, gradient); a row of a 32k
+// vocabulary is 128 KB, so the later passes read it from cache.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+#include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
+
+namespace llama_kernels {
+namespace cpu {
+namespace LLAMA_KERNELS_ISA {
+namespace {
+
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// e^x in 16 lanes for x <= 0 (every exponent here is a logit minus the row's maximum): relative
+// error about 2e-7 down to -87, 0 below; NaN stays NaN. x = n ln2 + r with |r| <= ln2 / 2, e^r
+// by its Taylor polynomial to degree 6, 2^n as exponent bits.
+inline vfloat exp_nonpositive(vfloat x_in) {
+  const vfloat x = x_in < -87.f ? vfloat{} - 87.f : x_in;
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vfloat r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  vfloat p = vfloat{} + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vint bits = (__builtin_convertvector(n == n ? n : vfloat{}, vint) + 127) << 23;
+  vfloat two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const vfloat e = p * two_n;
+  return x_in < -87.f ? vfloat{} : (x_in == x_in ? e : x_in);
+}
+
+// Up to 16 floats of a row (the rest `fill`).
+inline vfloat load_part(const float* p, int64_t n, float fill) {
+  if (n == kLanes) return loadf(p);
+  float t[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) t[i] = i < n ? p[i] : fill;
+  return loadf(t);
+}
+
+inline float hmax(vfloat v) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  float m = t[0];
+  for (int i = 1; i < kLanes; ++i) m = (t[i] > m || t[i] != t[i]) ? t[i] : m;  // NaN wins
+  return m;
+}
+
+void row(float* x, int64_t v, int64_t target, int64_t ignore_index, float smoothing, float z_loss, float scale,
+         bool write_grad, float* loss, float* lse_out) {
+  if (target == ignore_index) {
+    *loss = 0.f;
+    if (lse_out) *lse_out = 0.f;
+    if (write_grad) std::fill(x, x + v, 0.f);
+    return;
+  }
+  vfloat vmax = vfloat{} - INFINITY;
+  for (int64_t c = 0; c < v; c += kLanes) {
+    const vfloat xv = load_part(x + c, std::min<int64_t>(kLanes, v - c), -INFINITY);
+    vmax = (xv > vmax || xv != xv) ? xv : vmax;
+  }
+  const float m = hmax(vmax);
+  // An all -inf row has no finite maximum; subtracting 0 leaves lse = -inf, as log(0) is.
+  const float shift = std::isfinite(m) ? m : 0.f;
+  vfloat vsum = vfloat{}, vx = vfloat{};
+  for (int64_t c = 0; c < v; c += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, v - c);
+    const vfloat xv = load_part(x + c, n, -INFINITY);
+    vsum += exp_nonpositive(xv - shift);
+    if (smoothing != 0.f) vx += load_part(x + c, n, 0.f);
+  }
+  const float lse = shift + std::log(hsum(vsum));
+  const float xt = x[target];
+  float l = lse - (1.f - smoothing) * xt + z_loss * lse * lse;
+  if (smoothing != 0.f) l -= smoothing / static_cast<float>(v) * hsum(vx);
+  *loss = l;
+  if (lse_out) *lse_out = lse;
+  if (!write_grad) return;
+  const float gain = scale * (1.f + 2.f * z_loss * lse), floor = scale * smoothing / static_cast<float>(v);
+  for (int64_t c = 0; c < v; c += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, v - c);
+    const vfloat g = exp_nonpositive(load_part(x + c, n, -INFINITY) - lse) * gain - floor;
+    if (n == kLanes) {
+      std::memcpy(x + c, &g, sizeof(g));
+    } else {
+      float t[kLanes];
+      std::memcpy(t, &g, sizeof(t));
+      std::copy(t, t + n, x + c);
+    }
+  }
+  x[target] -= scale * (1.f - smoothing);
+}
+
+}  // namespace
+
+void cross_entropy_rows(float* logits, const int64_t* target, float* loss, float* lse, int64_t rows, int64_t v,
+                        int64_t stride, int64_t ignore_index, float smoothing, float z_loss, float scale,
+                        bool write_grad, int num_threads) {
+  LLAMA_KERNELS_CHECK(rows >= 0 && v > 0, "logits: expected rows >= 0 and a positive vocabulary, got " << rows
+                                                                                                   << " x " << v);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = target[r];
+    LLAMA_KERNELS_CHECK(t == ignore_index || (t >= 0 && t < v),
+                        "target: expected class indices in [0, " << v << ") or ignore_index " << ignore_index
+                                                                 << ", got " << t << " at row " << r);
+  }
+  parallel_rows(rows, 1, rows * v, num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row(logits + r * stride, v, target[r], ignore_index, smoothing, z_loss, scale, write_grad, loss + r,
+          lse ? lse + r : nullptr);
+    }
+  });
+}
+
+}  // namespace LLAMA_KERNELS_ISA
+}  // namespace cpu
+}  // namespace llama_kernels

@@ -1,0 +1,150 @@
+// SwiGLU on the CPU: y = silu(a) * b with silu(a) = a * sigmoid(a), and its backward
+//   db = dy * silu(a),  da = dy * b * (s + silu(a) * (1 - s)),  s = sigmoid(a),
+// in fp32 for any storage dtype. a and b are usually the two halves of one fused gate/up
+// projection, so every tensor has its own row stride (last dims contiguous). The backward
+// recomputes the sigmoid from a instead of keeping the forward's activations.
+//
+// The exponential is our own (below), on 16-lane vectors that each ISA's build lowers to its
+// registers; a call to expf would not vectorise without -ffast-math.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+#include "cpu/kernels_cpu.h"
+#include "cpu/simd.h"
+
+namespace llama_kernels {
+namespace cpu {
+namespace LLAMA_KERNELS_ISA {
+namespace {
+
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// e^x in 16 lanes, relative error about 2e-7 on [-87, 88], inf above and 0 below, as the
+// reference's sigmoid needs at the tails (a NaN lane gives garbage, which is harmless here
+// because every output also multiplies by a): x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// Taylor polynomial to degree 6, 2^n as exponent bits. Adding 1.5 * 2^23 rounds to an integer;
+// ln2 is split in two so that n * ln2 is exact in the first part.
+inline vfloat exp16(vfloat x_in) {
+  vfloat x = x_in < -87.f ? vfloat{} - 87.f : x_in;
+  x = x > 88.f ? vfloat{} + 88.f : x;
+  const float shifter = 12582912.f;
+  const vfloat n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vfloat r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  vfloat p = vfloat{} + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  vfloat e = p * two_n;
+  e = x_in > 88.f ? vfloat{} + INFINITY : e;
+  return x_in < -87.f ? vfloat{} : e;
+}
+
+inline vfloat sigmoid16(vfloat a) { return 1.f / (1.f + exp16(-a)); }
+
+// Up to 16 values of a row as fp32 lanes (the rest zero), and back.
+template <typename T>
+inline vfloat load16(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kLanes) return loadf(p);
+  }
+  float t[kLanes] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = to_float(p[i]);
+  return loadf(t);
+}
+
+template <typename T>
+inline void store16(T* p, vfloat v, int64_t n) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(t[i]);
+}
+
+template <typename T>
+void fwd_impl(const T* a, const T* b, T* y, int64_t rows, int64_t cols, int64_t a_stride, int64_t b_stride,
+              int64_t y_stride, int num_threads) {
+  parallel_rows(rows, 1, rows * cols, num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* ar = a + r * a_stride;
+      const T* br = b + r * b_stride;
+      T* yr = y + r * y_stride;
+      for (int64_t c = 0; c < cols; c += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, cols - c);
+        const vfloat av = load16(ar + c, n);
+        store16(yr + c, av * sigmoid16(av) * load16(br + c, n), n);
+      }
+    }
+  });
+}
+
+template <typename T>
+void bwd_impl(const T* dy, const T* a, const T* b, T* da, T* db, int64_t rows, int64_t cols, int64_t dy_stride,
+              int64_t a_stride, int64_t b_stride, int64_t da_stride, int64_t db_stride, int num_threads) {
+  parallel_rows(rows, 1, rows * cols, num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = dy + r * dy_stride;
+      const T* ar = a + r * a_stride;
+      const T* br = b + r * b_stride;
+      T* dar = da + r * da_stride;
+      T* dbr = db + r * db_stride;
+      for (int64_t c = 0; c < cols; c += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, cols - c);
+        const vfloat g = load16(gr + c, n), av = load16(ar + c, n), bv = load16(br + c, n);
+        const vfloat s = sigmoid16(av), silu = av * s;
+        store16(dbr + c, g * silu, n);
+        store16(dar + c, g * bv * (s + silu * (1.f - s)), n);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void swiglu_fwd(const void* a, const void* b, void* y, int64_t rows, int64_t cols, int64_t a_stride,
+                int64_t b_stride, int64_t y_stride, int dtype, int num_threads) {
+  LLAMA_KERNELS_CHECK(rows >= 0 && cols >= 0, "a: expected non-negative sizes, got " << rows << " x " << cols);
+  switch (to_dtype(dtype, "a")) {
+    case DType::F32:
+      return fwd_impl(static_cast<const float*>(a), static_cast<const float*>(b), static_cast<float*>(y), rows,
+                      cols, a_stride, b_stride, y_stride, num_threads);
+    case DType::F16:
+      return fwd_impl(static_cast<const f16_t*>(a), static_cast<const f16_t*>(b), static_cast<f16_t*>(y), rows,
+                      cols, a_stride, b_stride, y_stride, num_threads);
+    case DType::BF16:
+      return fwd_impl(static_cast<const bf16_t*>(a), static_cast<const bf16_t*>(b), static_cast<bf16_t*>(y), rows,
+                      cols, a_stride, b_stride, y_stride, num_threads);
+  }
+}
+
+void swiglu_bwd(const void* dy, const void* a, const void* b, void* da, void* db, int64_t rows, int64_t cols,
+                int64_t dy_stride, int64_t a_stride, int64_t b_stride, int64_t da_stride, int64_t db_stride,
+                int dtype, int num_threads) {
+  LLAMA_KERNELS_CHECK(rows >= 0 && cols >= 0, "a: expected non-negative sizes, got " << rows << " x " << cols);
+  switch (to_dtype(dtype, "a")) {
+    case DType::F32:
+      return bwd_impl(static_cast<const float*>(dy), static_cast<const float*>(a), static_cast<const float*>(b),
+                      static_cast<float*>(da), static_cast<float*>(db), rows, cols, dy_stride, a_stride, b_stride,
+                      da_stride, db_stride, num_threads);
+    case DType::F16:
+      return bwd_impl(static_cast<const f16_t*>(dy), static_cast<const f16_t*>(a), static_cast<const f16_t*>(b),
+                      static_cast<f16_t*>(da), static_cast<f16_t*>(db), rows, cols, dy_stride, a_stride, b_stride,
+                      da_stride, db_stride, num_threads);
+    case DType::BF16:
+      return bwd_impl(static_cast<const bf16_t*>(dy), static_cast<const bf16_t*>(a), static_cast<const bf16_t*>(b),
+                      static_cast<bf16_t*>(da), static_cast<bf16_t*>(db), rows, cols, dy_stride, a_stride, b_stride,
+                      da_stride, db_stride, num_threads);
+  }
+}
+
+}  // namespace LLAMA_KERNELS_ISA
+}  // namespace cpu
+}  // namespace llama_kernels
