@@ -9,6 +9,13 @@ sums kept here, and cached outside the repository::
 
 The cache is ``--cache-dir``, else ``$LLAMA_KERNELS_CACHE``, else
 ``$XDG_CACHE_HOME/llama-kernels``, else ``~/.cache/llama-kernels``.
+
+Token shards for training (``llama.data.shards``, re-exported here): ``prepare`` tokenizes text
+files into memory-mapped train/val files with a manifest, ``TokenShards`` opens them,
+``WindowLoader`` samples random windows from one or a weighted mix of domains (weights that can
+change while training, exact resume), ``val_batches`` walks the validation split in order::
+
+    python -m llama.data prepare --tokenizer T --input FILE [FILE ...] --out DIR
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ import torch
 
 from ..atomic import atomic_file
 from ..tokenizer import Tokenizer
+from .shards import TokenShards, WindowLoader, prepare, val_batches
 
 __all__ = [
     "ChecksumError", "SampleFiles", "SampleUnavailable", "batches", "default_cache_dir",
     "download_sdist", "fetch_sample", "sample_files", "tokenize_file", "train_val_split",
+    "TokenShards", "WindowLoader", "prepare", "val_batches",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
