@@ -24,6 +24,12 @@ read, and each parameter is copied out of the mapping once, so that rewriting th
 cannot pull the weights from under the model. Loading never runs pickled code.
 Name maps are strict: a missing, unexpected or mis-shaped tensor is a ValueError that names it
 as the checkpoint spells it. A truncated or corrupt file is a ValueError that names the file.
+Hostile files: every size a header or config declares is checked against the bytes and tensors
+the checkpoint holds before anything is allocated for it (a .bin's exact size, a config's tensor
+and parameter counts against the safetensors or .pt contents), every config field is
+type-checked and named when wrong, and a path that is a FIFO, socket or device is refused
+before it is opened; so loading costs at most a small multiple of the file's size. Dense
+tensors must be float32, float16 or bfloat16 unless `dtype` asks for a cast.
 Every write is atomic (llama.atomic): a failed save leaves the previous checkpoint at that path
 untouched.
 
@@ -46,7 +52,8 @@ import torch
 
 from .config import ModelConfig, parse_overrides
 from .formats.common import (
-    FORMATS, PathLike, Source, gather, permute_half_to_interleaved, permute_interleaved_to_half,
+    FORMATS, PathLike, Source, check_config_fits, gather, permute_half_to_interleaved,
+    permute_interleaved_to_half,
 )
 from .formats.detect import detect, detect_format
 from .formats.hf import open_hf, save_hf
@@ -55,6 +62,7 @@ from .formats.llama2c_bin import (
 )
 from .formats.llama2c_pt import pt_source, save_pt, torch_load
 from .formats.native import open_native, save_native
+from .lora import check_no_lora
 from .model import Transformer, build
 from .quantize import config_from_dict, prepare_quantized, quantization_info
 
@@ -86,7 +94,9 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None, overrides: Sequence[str] = ()) -> Transformer:
     """The model stored at `path`, in any of `FORMATS`, on `device`, in eval mode.
 
-    dtype None keeps the checkpoint's (fp32 for llama2.c formats, also v2 which dequantizes).
+    dtype None keeps the checkpoint's (fp32 for llama2.c formats, also v2 which dequantizes);
+    a tensor in another dtype than float32, float16 or bfloat16 (float64, say) is then a
+    ValueError naming it, where a given dtype casts it.
     `overrides` are `key=value` config changes that keep the weights' shapes, such as
     `rope_scaling=dynamic rope_scaling_factor=4` or `max_seq_len=4096`.
     """
@@ -96,6 +106,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu",
     fmt, preloaded = detect(path)
     with _open_source(path, fmt, preloaded) as source:
         config = source.config.replace(**parse_overrides(overrides)) if overrides else source.config
+        check_config_fits(source, config, str(path))  # before the model is built for it
         model = build(config, init=False)
         if source.quantization is not None:  # empty 4-bit layers on the meta device, filled below
             q = source.quantization
@@ -142,6 +153,7 @@ def save(
     """
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    check_no_lora(model)  # adapters: merge them first, or save them apart (llama.lora)
     for option, value, applies in (("max_shard_bytes", max_shard_bytes, "hf"),
                                    ("group_size", group_size, "llama2c-bin-v2"),
                                    ("metadata", metadata, "native")):

@@ -8,7 +8,10 @@ RoPE convention: **half-split**. For head dim D, element i < D/2 of a query or k
 with element i + D/2, and the pair is rotated by angle `pos * theta**(-2i/D)`. This is the
 Hugging Face layout and the one our fused kernels use. Meta and llama2.c checkpoints rotate
 interleaved pairs (2i, 2i+1) instead; loading them permutes the rows of wq and wk (see
-`llama.checkpoint.permute_interleaved_to_half`), which gives identical attention scores.
+`llama.checkpoint.permute_interleaved_to_half`), which gives identical attention scores. The
+cos/sin tables are built for the first ROPE_INITIAL_POSITIONS positions (at most max_seq_len)
+and grown on demand up to max_seq_len (past it with RoPE scaling), so a config's max_seq_len
+costs nothing until a sequence that long runs.
 
 Tensor layout: activations are (batch, seq, heads, head_dim) straight out of the projections;
 the KV cache is (batch, capacity, kv_heads, head_dim) per layer.
@@ -31,6 +34,10 @@ from .config import ModelConfig
 
 
 # ----------------------------------------------------------------------------- rotary embedding
+# RoPE tables are built for this many positions (or max_seq_len if smaller) and grown on demand.
+ROPE_INITIAL_POSITIONS = 4096
+
+
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, head_dim // 2) in fp32, for positions 0..length-1.
 
@@ -355,6 +362,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.fused = True  # training runs llama_kernels.swiglu (Transformer.use_fused_ops)
         self.w1 = Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)
         if self.swiglu:
@@ -363,6 +371,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.swiglu:
             gate, up = project(x, (self.w1, self.w3))
+            if self.fused and self.training:  # the backward recomputes the sigmoid: one activation less
+                return self.w2(llama_kernels.swiglu(gate, up))
             return self.w2(F.silu(gate) * up)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
@@ -400,10 +410,14 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_tables(cfg, cfg.max_seq_len, device=self.tok_embeddings.weight.device)
+        # The tables cover the first positions only and grow on demand (setup_rope): max_seq_len
+        # is a limit, and a config may declare one far beyond what any run uses.
+        cos, sin = rope_tables(cfg, min(cfg.max_seq_len, ROPE_INITIAL_POSITIONS),
+                               device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
+        self.fused = True  # training: fused SwiGLU, and the loss without full logits (use_fused_ops)
 
     # ------------------------------------------------------------------ set-up
     def _apply(self, fn, recurse=True):
@@ -456,12 +470,26 @@ class Transformer(nn.Module):
         return state
 
     def setup_rope(self, length: Optional[int] = None) -> None:
-        """(Re)compute the RoPE tables on the model's device, for `length` positions at least."""
-        length = max(length or 0, self.config.max_seq_len)
+        """(Re)compute the RoPE tables on the model's device, for `length` positions at least.
+
+        Up to max_seq_len the rows of a table do not depend on its length, so a table is only
+        ever grown there (to `length`, at least doubling, at most max_seq_len), never rebuilt
+        shorter. Past max_seq_len ("linear" or "dynamic" scaling), the table is built for exactly
+        `length` positions: dynamic scaling raises the base with the length.
+        """
+        cfg = self.config
+        length = max(length or 0, min(cfg.max_seq_len, ROPE_INITIAL_POSITIONS))
         device = self.tok_embeddings.weight.device
-        if self.rope_cos.shape[0] == length and self.rope_cos.device == device and not self.rope_cos.is_meta:
+        current = self.rope_cos.shape[0]
+        usable = self.rope_cos.device == device and not self.rope_cos.is_meta
+        if usable and current == length:
             return
-        self.rope_cos, self.rope_sin = rope_tables(self.config, length, device=device)
+        if length <= cfg.max_seq_len:
+            if usable and length <= current <= cfg.max_seq_len:
+                return  # a prefix of the table is the table for `length`
+            if usable and current < length:
+                length = min(cfg.max_seq_len, max(length, 2 * current))
+        self.rope_cos, self.rope_sin = rope_tables(cfg, length, device=device)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> "Transformer":
         """Take the tensors of `state_dict` as the parameters (no copy: works from the meta device).
@@ -516,7 +544,8 @@ class Transformer(nn.Module):
             h = self.dropout(h)
         if cache is None:
             if s > self.rope_cos.shape[0]:
-                if self.config.rope_scaling == "none" and not torch.compiler.is_compiling():
+                if (s > self.config.max_seq_len and self.config.rope_scaling == "none"
+                        and not torch.compiler.is_compiling()):
                     raise ValueError(
                         f"tokens: {s} positions exceed max_seq_len {self.config.max_seq_len}; "
                         "set rope_scaling=linear or dynamic to run longer sequences"
@@ -561,10 +590,22 @@ class Transformer(nn.Module):
             h = h[:, -1] if lengths is None else h[torch.arange(b, device=h.device), last]
         if return_hidden:
             return h
+        if targets is not None and self.fused and type(self.output) is Linear and self.output.bias is None:
+            # The loss without the (tokens x vocab) logits: they exist one chunk at a time.
+            return llama_kernels.linear_cross_entropy(h, self.output.weight.to(h.dtype), targets)
         logits = self.output(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    def use_fused_ops(self, fused: bool = True) -> "Transformer":
+        """Train on the fused ops (llama_kernels.swiglu in every FFN, linear_cross_entropy for the
+        loss given targets), or, with False, on the eager PyTorch ops, for comparison."""
+        self.fused = bool(fused)
+        for module in self.modules():
+            if isinstance(module, FeedForward):
+                module.fused = self.fused
+        return self
 
 
 def build(cfg: ModelConfig, device="cpu", dtype: Optional[torch.dtype] = None, init: bool = True) -> Transformer:

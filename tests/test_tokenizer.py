@@ -111,9 +111,9 @@ def test_train_errors(sample, tmp_path, capsys):
     with pytest.raises(ValueError, match="training failed"):
         train([tiny], 600, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out" / "tokenizer.model").exists()
-    # The CLI reports errors on stderr with exit status 1; argparse errors exit 2.
+    # The CLI reports a bad argument on stderr with exit status 2, as argparse's own errors do.
     assert main(["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "512",
-                 "--out", str(tmp_path)]) == 1
+                 "--out", str(tmp_path)]) == 2
     assert "missing.txt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["train", "--input", str(sample.text), "--vocab-size", "many", "--out", str(tmp_path)])

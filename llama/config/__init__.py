@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +42,28 @@ def ensure_own_package(package: str = __name__.split(".")[0]) -> None:
 ensure_own_package()
 
 ROPE_SCALINGS = ("none", "linear", "dynamic")
+INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len")
+FLOAT_FIELDS = ("norm_eps", "rope_theta", "rope_scaling_factor", "dropout", "attn_dropout")
+MAX_INT = 2**63 - 1  # torch sizes are int64: larger cannot describe a tensor
+
+
+def _check_int(name: str, value: Any) -> None:
+    """A positive int (not a bool) that fits torch's int64 sizes; ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT:
+        raise ValueError(f"{name}: expected a positive integer (at most 2**63 - 1), got {value!r}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    """A finite int or float (not a bool, None or a string) as a float; ValueError naming `name`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return result
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 
@@ -54,6 +77,10 @@ class ModelConfig:
     n_kv_heads: None means n_heads (multi-head attention); fewer means GQA/MQA.
     rope_scaling: "none"; "linear" divides positions by rope_scaling_factor; "dynamic" (NTK)
         raises the RoPE base once a sequence runs past max_seq_len.
+
+    Every field is checked on construction, a bad one a ValueError that names it: integers must
+    be positive ints (not bools), floats finite ints or floats (stored as float; not bools, None
+    or strings), tie_embeddings a bool, and rope_scaling, norm and mlp one of their names.
     """
 
     dim: int = 288
@@ -76,31 +103,46 @@ class ModelConfig:
     mlp: str = "swiglu"
 
     def __post_init__(self):
+        # Every field is type-checked: a config read from a file must fail here, naming the
+        # field, rather than later as an arithmetic or allocation error.
+        for name in ("n_kv_heads", "hidden_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        for name in ("dim", "n_heads", "multiple_of"):
+            _check_int(name, getattr(self, name))
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = _check_float("ffn_dim_multiplier", self.ffn_dim_multiplier)
+            if not self.ffn_dim_multiplier > 0:
+                raise ValueError(f"ffn_dim_multiplier: expected a positive number or None, "
+                                 f"got {self.ffn_dim_multiplier!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = self.derived_hidden_dim()
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                     "multiple_of", "max_seq_len"):
+        for name in INT_FIELDS:
+            _check_int(name, getattr(self, name))
+        for name in FLOAT_FIELDS:
+            setattr(self, name, _check_float(name, getattr(self, name)))
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings: expected true or false (a bool), got {self.tie_embeddings!r}")
+        for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("mlp", MLPS)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide dim {self.dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads {self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"dim: head_dim {self.head_dim} must be even for rotary embeddings")
-        for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("mlp", MLPS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.rope_scaling_factor >= 1.0:
             raise ValueError(f"rope_scaling_factor: expected >= 1, got {self.rope_scaling_factor}")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {getattr(self, name)}")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError("norm_eps and rope_theta: expected positive numbers")
+        for name in ("norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -195,8 +237,24 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"override: expected key=value, got {item!r}")
         if key not in known:
             raise ValueError(f"override: unknown field {key!r}; fields: {', '.join(sorted(known))}")
-        out[key] = yaml.safe_load(value) if value.strip() else None
+        out[key] = override_value(value, f"override: {item!r}")
     return out
+
+
+def override_value(text: str, where: str = "override") -> Any:
+    """The value of one `key=value` override: a YAML scalar, with numbers in exponent form that
+    YAML 1.1 reads as text (`1e-5`, no dot) read as numbers. An empty value is None; YAML it
+    cannot read is a ValueError naming `where`."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not a YAML value"
+        raise ValueError(f"{where}: {problem}") from None
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*", value):
+        return float(value)
+    return value
 
 
 # llama2.c's TinyStories models share the embedding with the classifier.

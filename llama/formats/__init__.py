@@ -9,5 +9,8 @@
     llama2c_bin   llama2.c `.bin` exports, versions 0, 1 and 2 (Q8_0)
 
 Each format module documents its own layout, and reads (`open_*`, yielding a `Source`) and
-writes (`save_*`, atomically through llama.atomic) it.
+writes (`save_*`, atomically through llama.atomic) it. Reading treats every file as hostile:
+each size a header or config declares is checked against the bytes and tensors actually there
+before anything is allocated for it, every config field is type-checked, and paths that are
+neither regular files nor directories are refused unopened (see common.py).
 """

@@ -7,7 +7,14 @@ minllama rotate interleaved pairs (2i, 2i + 1); their wq/wk rows are permuted on
 (`permute_interleaved_to_half`) and back on the way out (`permute_half_to_interleaved`).
 
 Name maps are strict (`gather`): a missing, unexpected or mis-shaped tensor is a ValueError that
-names it as the checkpoint spells it.
+names it as the checkpoint spells it. A dense tensor must be float32, float16 or bfloat16 (what
+the model runs in) unless a `dtype` to cast to is given; 4-bit layers keep their exact dtypes.
+
+Hostile files: nothing is allocated for what a header or config declares before it is checked
+against the bytes there are. `check_config_fits` bounds the tensor count and parameter count a
+config declares by what the checkpoint stores, before the model is built; `path_stat` refuses a
+FIFO, socket or device before anything opens it; `read_json` turns any failure to parse
+(including nesting too deep) into a ValueError naming the file.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -89,12 +97,53 @@ def to_interleaved(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 
 # ============================================================================ small helpers
+def file_kind(mode: int) -> str:
+    """What an st_mode that is neither a regular file nor a directory is, in words."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def path_stat(path: Path) -> os.stat_result:
+    """os.stat(path) (following links), checked: FileNotFoundError if nothing is there, and a
+    ValueError naming it if it is neither a regular file nor a directory (a FIFO or device would
+    block or never end when read)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be examined ({e.strerror or e})") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ValueError(f"{path}: {file_kind(st.st_mode)}, not a checkpoint file or directory")
+    return st
+
+
+def regular_file_size(path: Path, what: str = "file") -> int:
+    """The size in bytes of the regular file at `path`; FileNotFoundError if it is missing, a
+    ValueError naming it (and `what` it should be) if it is a directory, FIFO, socket or device."""
+    st = path_stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: a directory, expected a {what}")
+    return st.st_size
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; ValueError naming the file if it is not one."""
+    """The JSON object in `path`; ValueError naming the file if it is not one (FileNotFoundError
+    if it is missing). Nesting too deep for the parser is a ValueError too, as is a FIFO."""
+    regular_file_size(path, "JSON file")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not usable JSON (nested too deeply)") from None
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, MemoryError) as e:  # e.g. an integer with too many digits
+        raise ValueError(f"{path}: cannot be read as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return raw
@@ -131,6 +180,8 @@ class Source:
     ignored: stored tensors known not to be weights (e.g. RoPE tables), skipped by name;
     mapped: fetch returns views of a memory-mapped file (torch.load(mmap=True), safetensors).
     quantization: a native checkpoint's "quantization" entry (4-bit layers), else None.
+    stored_bytes: the size of the file(s) holding the tensors, which bounds what the config may
+    declare (`check_config_fits`); None where the loader has checked it exactly already.
     """
 
     config: ModelConfig
@@ -141,7 +192,40 @@ class Source:
     ignored: Callable[[str], bool] = lambda name: False
     mapped: bool = False
     quantization: Optional[dict[str, Any]] = None
+    stored_bytes: Optional[int] = None
 
+
+MIN_BYTES_PER_PARAM = 0.5  # 4-bit weights; no format stores a parameter in less
+RUNNABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the model's dense layers run in
+
+
+def check_config_fits(source: Source, cfg: ModelConfig, where: str) -> None:
+    """Refuse, before a model is built for it, a config that declares more than the checkpoint
+    can hold: more than twice the tensors stored, or more parameters than the files' bytes hold at
+    MIN_BYTES_PER_PARAM. Building the model (even on the meta device) costs time and memory in
+    proportion to what the config declares, so a small file could otherwise make it run out."""
+    if source.stored_bytes is not None:
+        params = cfg.num_params()
+        if params * MIN_BYTES_PER_PARAM > source.stored_bytes:
+            raise ValueError(
+                f"{where}: the config (dim {cfg.dim}, hidden_dim {cfg.hidden_dim}, n_layers {cfg.n_layers}, "
+                f"vocab_size {cfg.vocab_size}) declares {params} parameters, more than the checkpoint's "
+                f"{source.stored_bytes} bytes can hold (at least {MIN_BYTES_PER_PARAM} byte a parameter)")
+    # Which tensors a layer holds depends on the variant only: a tiny model of it on the meta
+    # device (nothing allocated) shows them.
+    tiny = ModelConfig(dim=8, n_layers=1, n_heads=1, vocab_size=1, hidden_dim=1, max_seq_len=1, norm=cfg.norm,
+                       mlp=cfg.mlp, tie_embeddings=cfg.tie_embeddings)
+    with torch.device("meta"):
+        names = list(Transformer(tiny).state_dict())
+    per_layer = sum(1 for n in names if LAYER_RE.fullmatch(n))
+    top = sum(1 for n in names if not LAYER_RE.fullmatch(n) and not (cfg.tie_embeddings and n == "output.weight"))
+    needed = top + cfg.n_layers * per_layer
+    stored = len(source.names)
+    # A few missing tensors are left to `gather`, which names them; building the model for up to
+    # twice the tensors stored costs no more than a small multiple of the checkpoint's size.
+    if needed > 2 * stored:
+        raise ValueError(f"{where}: the config declares n_layers {cfg.n_layers}, which needs at least {needed} "
+                         f"tensors ({per_layer} a layer), but the checkpoint stores {stored}")
 
 def gather(source: Source, model: Transformer, where: str, device: torch.device,
            dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -181,6 +265,9 @@ def gather(source: Source, model: Transformer, where: str, device: torch.device,
         else:
             if not t.is_floating_point():
                 raise ValueError(f"{where}: tensor {stored}: expected floating point, got {t.dtype}")
+            if dtype is None and t.dtype not in RUNNABLE_DTYPES:
+                raise ValueError(f"{where}: tensor {stored}: dtype {t.dtype} is not one the model runs in "
+                                 "(float32, float16, bfloat16); pass dtype= to cast it on loading")
             if source.interleaved and ours.endswith("attention.wq.weight"):
                 t = permute_interleaved_to_half(t, cfg.n_heads)
             elif source.interleaved and ours.endswith("attention.wk.weight"):
@@ -201,8 +288,9 @@ def gather(source: Source, model: Transformer, where: str, device: torch.device,
 # ============================================================================ safetensors
 def open_safetensors(path: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     """{tensor name: open handle} for one safetensors file (memory-mapped, read lazily)."""
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{path}: missing weights file")
+    regular_file_size(path, "safetensors file")
     try:
         handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
         return {name: handle for name in handle.keys()}

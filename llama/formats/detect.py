@@ -5,15 +5,18 @@ when it describes a LLaMA (model_type "llama" or architecture LlamaForCausalLM).
 llama2.c .bin v1/v2 by its magic number; a torch file (zip, or the legacy pickle format) is
 loaded safely and is llama2c-pt or minllama-pt by its tensor names; GGUF and bare safetensors
 files are refused with a hint; a file that opens with a plausible llama2.c v0 header (7 int32,
-no magic) is llama2c-bin-v0. Anything else is a ValueError that names the path.
+no magic) is llama2c-bin-v0. Anything else is a ValueError that names the path, as is a path
+that is neither a regular file nor a directory (a FIFO, socket or device), refused before it is
+opened.
 """
 from __future__ import annotations
 
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
-from .common import CONFIG_JSON, FORMATS, PathLike, read_json
+from .common import CONFIG_JSON, FORMATS, PathLike, path_stat, read_json
 from .llama2c_bin import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, plausible_v0
 from .llama2c_pt import ZIP_MAGIC, pt_flavour, torch_load
 from .native import NATIVE_FORMAT
@@ -34,9 +37,7 @@ def detect_format(path: PathLike) -> str:
 
 def detect(path: Path) -> tuple[str, Any]:
     """The format, and whatever was loaded to decide it (a .pt's contents) for reuse."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
+    if stat.S_ISDIR(path_stat(path).st_mode):  # a FIFO, socket or device: refused unopened
         return _detect_dir(path), None
     with open(path, "rb") as f:
         head = f.read(LLAMA2C_HEADER_BYTES)
@@ -62,18 +63,20 @@ def detect(path: Path) -> tuple[str, Any]:
 
 def _detect_dir(path: Path) -> str:
     config_path = path / CONFIG_JSON
-    if not config_path.is_file():
+    if not config_path.exists():
         raise ValueError(f"{path}: a directory without {CONFIG_JSON}, so neither a native nor a Hugging Face "
                          "checkpoint")
     raw = read_json(config_path)
     if raw.get("format") == NATIVE_FORMAT:
         return "native"
     model_type = raw.get("model_type")
-    if model_type == "llama" or "LlamaForCausalLM" in (raw.get("architectures") or ()):
+    architectures = raw.get("architectures")
+    if model_type == "llama" or (isinstance(architectures, list) and "LlamaForCausalLM" in architectures):
         return "hf"
     raise ValueError(
         f"{config_path}: neither our format (\"format\": \"{NATIVE_FORMAT}\") nor a Hugging Face LLaMA "
-        f"(model_type {model_type!r}; only 'llama' is supported)"
+        f"(model_type {model_type!r}, architectures {architectures!r}; only model_type 'llama' or "
+        "architectures [\"LlamaForCausalLM\"] is supported)"
     )
 
 

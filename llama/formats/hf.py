@@ -12,9 +12,12 @@ Tensor names are transformers' (`model.embed_tokens.weight`, `model.layers.N.sel
 
 RoPE settings are read in the spellings of transformers 4.x (`rope_theta`, `rope_scaling`) and
 5.x (`rope_parameters`), and both are written; only default, linear and dynamic scaling map onto
-our model. Only safetensors weights are read: `pytorch_model*.bin` needs pickle. Writing keeps
-unrelated files already in the directory and removes weight files of an earlier save that this
-one does not use.
+our model. config.json is type-checked field by field (a wrong type is a ValueError naming the
+file and the field; rope_scaling and rope_parameters must be objects or null), and before the
+model is built the config is checked against the tensors and bytes the safetensors files hold
+(llama.formats.common.check_config_fits). Only safetensors weights are read:
+`pytorch_model*.bin` needs pickle. Writing keeps unrelated files already in the directory and
+removes weight files of an earlier save that this one does not use.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from ..atomic import write_dir
 from ..config import ModelConfig
 from .common import (
     CONFIG_JSON, LAYER_RE, SAFETENSORS, SAFETENSORS_INDEX, Source, dense, dtype_name, get_tensor, is_weights_file,
-    json_writer, make_config, open_safetensors, read_json, save_safetensors,
+    json_writer, make_config, open_safetensors, read_json, regular_file_size, save_safetensors,
 )
 
 _HF_TOP = {
@@ -60,27 +63,68 @@ def _hf_name(ours: str) -> str:
     return f"model.layers.{m[1]}.{_HF_LAYER[m[2]]}"
 
 
+_MISSING = object()
+
+
+def _field(raw: dict[str, Any], key: str, where: str, kind: str, default: Any = _MISSING,
+           nullable: bool = False) -> Any:
+    """raw[key] checked to be of `kind` ("int", "number", "bool", "str", "object"); `default` when
+    absent (required when no default); None allowed only if `nullable`. ValueError naming the
+    file and the field otherwise."""
+    if key not in raw:
+        if default is _MISSING:
+            raise ValueError(f"{where}: missing field {key}")
+        return default
+    value = raw[key]
+    if value is None and nullable:
+        return None
+    ok = {
+        "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        "bool": lambda x: isinstance(x, bool),
+        "str": lambda x: isinstance(x, str),
+        "object": lambda x: isinstance(x, dict),
+    }[kind](value)
+    if not ok:
+        expected = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+                    "object": "a JSON object"}[kind]
+        raise ValueError(f"{where}: {key}: expected {expected}{' or null' if nullable else ''}, "
+                         f"got {value!r} ({type(value).__name__})")
+    return float(value) if kind == "number" else value
+
+
 def _hf_rope(raw: dict[str, Any], where: str) -> tuple[float, str, float]:
     """(rope_theta, rope_scaling, factor) from transformers 4.x (`rope_theta`, `rope_scaling`)
     or 5.x (`rope_parameters`) spellings."""
-    spec = dict(raw.get("rope_scaling") or {})
-    spec.update(raw.get("rope_parameters") or {})
-    theta = float(spec.pop("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = spec.pop("rope_type", None) or spec.pop("type", None) or "default"
+    spec: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):  # each an object or null
+        spec.update(_field(raw, key, where, "object", default=None, nullable=True) or {})
+    if "rope_theta" in spec:  # 5.x; a 4.x rope_theta beside it may be null
+        _field(raw, "rope_theta", where, "number", default=None, nullable=True)
+        theta = _field(spec, "rope_theta", f"{where}: rope_parameters", "number")
+        spec.pop("rope_theta")
+    else:
+        theta = _field(raw, "rope_theta", where, "number", default=10000.0)
+    kinds = [_field(spec, key, f"{where}: rope scaling", "str", default=None, nullable=True)
+             for key in ("rope_type", "type")]
+    spec.pop("rope_type", None)
     spec.pop("type", None)
-    original = spec.pop("original_max_position_embeddings", None)
+    kind = kinds[0] or kinds[1] or "default"
+    original = _field(spec, "original_max_position_embeddings", f"{where}: rope scaling", "int", default=None,
+                      nullable=True)
+    spec.pop("original_max_position_embeddings", None)
     if original is not None and original != raw.get("max_position_embeddings"):
         raise ValueError(f"{where}: rope original_max_position_embeddings {original} differs from "
                          f"max_position_embeddings {raw.get('max_position_embeddings')}; not supported")
     if kind == "default":
-        factor = float(spec.pop("factor", 1.0))
+        factor = _field(spec, "factor", f"{where}: rope scaling", "number", default=1.0)
+        spec.pop("factor", None)
         if factor != 1.0:
             raise ValueError(f"{where}: rope factor {factor} without a scaling type")
         scaling = "none"
     elif kind in ("linear", "dynamic"):
-        if "factor" not in spec:
-            raise ValueError(f"{where}: rope scaling {kind!r} without a factor")
-        factor, scaling = float(spec.pop("factor")), kind
+        factor, scaling = _field(spec, "factor", f"{where}: rope scaling {kind!r}", "number"), kind
+        spec.pop("factor")
     else:
         raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (none, linear, dynamic)")
     if spec:
@@ -89,39 +133,46 @@ def _hf_rope(raw: dict[str, Any], where: str) -> tuple[float, str, float]:
 
 
 def _config_from_hf(raw: dict[str, Any], where: str) -> ModelConfig:
-    if raw.get("model_type", "llama") != "llama":
-        raise ValueError(f"{where}: model_type {raw.get('model_type')!r} is not supported (only 'llama')")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {raw.get('hidden_act')!r} is not supported (LLaMA uses 'silu')")
+    model_type = _field(raw, "model_type", where, "str", default="llama")
+    if model_type != "llama":
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (only 'llama')")
+    hidden_act = _field(raw, "hidden_act", where, "str", default="silu")
+    if hidden_act != "silu":
+        raise ValueError(f"{where}: hidden_act {hidden_act!r} is not supported (LLaMA uses 'silu')")
     for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key, False):
+        if _field(raw, key, where, "bool", default=False, nullable=True):
             raise ValueError(f"{where}: {key}=true is not supported (the model has no biases)")
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     absent = [key for key in required if key not in raw]
     if absent:
         raise ValueError(f"{where}: missing field(s) {', '.join(absent)}")
-    n_heads = raw["num_attention_heads"]
-    n_kv_heads = raw.get("num_key_value_heads") or n_heads  # transformers' default when absent
-    head_dim = raw.get("head_dim")
-    if head_dim is not None and isinstance(n_heads, int) and n_heads > 0 and head_dim * n_heads != raw["hidden_size"]:
-        raise ValueError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {raw['hidden_size']}; "
+    ints = {key: _field(raw, key, where, "int") for key in required}
+    for key, value in ints.items():
+        if value <= 0:
+            raise ValueError(f"{where}: {key}: expected a positive integer, got {value}")
+    n_heads = ints["num_attention_heads"]
+    # transformers' default when absent or null
+    n_kv_heads = _field(raw, "num_key_value_heads", where, "int", default=None, nullable=True) or n_heads
+    head_dim = _field(raw, "head_dim", where, "int", default=None, nullable=True)
+    if head_dim is not None and head_dim * n_heads != ints["hidden_size"]:
+        raise ValueError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {ints['hidden_size']}; "
                          "not supported")
     theta, scaling, factor = _hf_rope(raw, where)
     return make_config(
         where,
-        dim=raw["hidden_size"],
-        n_layers=raw["num_hidden_layers"],
+        dim=ints["hidden_size"],
+        n_layers=ints["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        vocab_size=raw["vocab_size"],
-        hidden_dim=raw["intermediate_size"],
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_seq_len=raw.get("max_position_embeddings", 2048),
+        vocab_size=ints["vocab_size"],
+        hidden_dim=ints["intermediate_size"],
+        norm_eps=_field(raw, "rms_norm_eps", where, "number", default=1e-6),
+        max_seq_len=_field(raw, "max_position_embeddings", where, "int", default=2048),
         rope_theta=theta,
         rope_scaling=scaling,
         rope_scaling_factor=factor,
-        attn_dropout=float(raw.get("attention_dropout", 0.0)),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attn_dropout=_field(raw, "attention_dropout", where, "number", default=0.0),
+        tie_embeddings=_field(raw, "tie_word_embeddings", where, "bool", default=False),
     )
 
 
@@ -132,12 +183,13 @@ def open_hf(path: Path) -> Iterator[Source]:
     cfg = _config_from_hf(read_json(config_path), str(config_path))
     with contextlib.ExitStack() as stack:
         index_path = path / SAFETENSORS_INDEX
-        if index_path.is_file():
+        if index_path.exists():
             index = read_json(index_path)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index_path}: missing or invalid \"weight_map\"")
             tensors: dict[str, Any] = {}
+            files = {path / shard for shard in set(weight_map.values())}
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard:
                     raise ValueError(f"{index_path}: shard name {shard!r} must be a plain file name")
@@ -149,8 +201,9 @@ def open_hf(path: Path) -> Iterator[Source]:
             unlisted = sorted(set(weight_map) - set(tensors))
             if unlisted:
                 raise ValueError(f"{index_path}: lists tensor(s) its shards do not hold: {', '.join(unlisted)}")
-        elif (path / SAFETENSORS).is_file():
+        elif (path / SAFETENSORS).exists():
             tensors = open_safetensors(path / SAFETENSORS, stack)
+            files = {path / SAFETENSORS}
         elif any(path.glob("pytorch_model*.bin")):
             raise ValueError(f"{path}: only safetensors weights are supported (pytorch_model*.bin needs pickle); "
                              "convert with save_pretrained(..., safe_serialization=True)")
@@ -163,6 +216,7 @@ def open_hf(path: Path) -> Iterator[Source]:
             stored_name=_hf_name,
             ignored=lambda name: _HF_IGNORED_RE.fullmatch(name) is not None,
             mapped=True,
+            stored_bytes=sum(regular_file_size(f) for f in files),
         )
 
 

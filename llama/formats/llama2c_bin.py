@@ -28,7 +28,9 @@ Assumptions
   none and 1e-5 (run.c's values), and writing a model that differs from those is refused, as is
   writing a LayerNorm or GELU variant. dropout and attn_dropout, training settings, are dropped.
 * A file's size must be exactly what its header implies: a truncated file, or one with trailing
-  bytes, is refused.
+  bytes, is refused. The size is computed from the header alone and compared with the file's
+  before anything is built or allocated for it, so a header that declares a huge model costs
+  no more than a small one.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import torch
 from ..atomic import atomic_file
 from ..config import ModelConfig
 from ..model import build, rope_tables
-from .common import PathLike, Source, make_config, permute_half_to_interleaved
+from .common import PathLike, Source, make_config, permute_half_to_interleaved, regular_file_size
 
 LLAMA2C_MAGIC = 0x616B3432
 LLAMA2C_HEADER_BYTES = 256
@@ -104,8 +106,7 @@ class Llama2cHeader:
 def read_llama2c_header(path: PathLike) -> Llama2cHeader:
     """Parse the header of a llama2.c `.bin` file of version 0, 1 or 2 (ValueError if it is not one)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    regular_file_size(path, "llama2.c .bin file")
     with open(path, "rb") as f:
         head = f.read(LLAMA2C_HEADER_BYTES)
     if len(head) >= 4 and struct.unpack_from("<I", head)[0] == LLAMA2C_MAGIC:
@@ -160,19 +161,39 @@ def _bin_order(cfg: ModelConfig, version: int) -> list[tuple[str, bool]]:
     return [(n, False) for n in norms] + [(n, True) for n in ("tok_embeddings.weight", *matrices, *output)]
 
 
+def _tensor_bytes(header: Llama2cHeader, name: str, numel: int, quantized: bool, where: str) -> int:
+    if not quantized:
+        return 4 * numel
+    if numel % header.group_size:
+        raise ValueError(f"{where}: group_size {header.group_size} does not divide tensor {name} ({numel} values)")
+    return numel + 4 * (numel // header.group_size)
+
+
+def expected_bin_bytes(header: Llama2cHeader, cfg: ModelConfig, where: str) -> int:
+    """The size in bytes a .bin file with this header has, in Python ints from the header alone:
+    nothing is allocated for what the header declares before the file is known to hold it."""
+    d, h, kv, v, n = cfg.dim, cfg.hidden_dim, cfg.n_kv_heads * cfg.head_dim, cfg.vocab_size, cfg.n_layers
+    q = header.version == 2
+    # (name, numel, count, quantized) for each kind of tensor; the names are for error messages
+    kinds = [("attention_norm/ffn_norm", d, 2 * n, False), ("norm.weight", d, 1, False),
+             ("tok_embeddings.weight", v * d, 1, q),
+             ("attention.wq/wo", d * d, 2 * n, q), ("attention.wk/wv", kv * d, 2 * n, q),
+             ("feed_forward.w1/w2/w3", h * d, 3 * n, q)]
+    if not cfg.tie_embeddings:
+        kinds.append(("output.weight", v * d, 1, q))
+    if header.version == 0:
+        kinds.append(("freq_cis_real/imag", cfg.max_seq_len * (cfg.head_dim // 2), 2, False))
+    return header.header_bytes + sum(count * _tensor_bytes(header, name, numel, quantized, where)
+                                     for name, numel, count, quantized in kinds)
+
+
 def _bin_layout(header: Llama2cHeader, cfg: ModelConfig, where: str) -> list[_BinEntry]:
     shapes = {name: tuple(t.shape) for name, t in build(cfg, init=False).state_dict().items()}
     shapes["freqs_cos"] = shapes["freqs_sin"] = (cfg.max_seq_len, cfg.head_dim // 2)
     entries, offset = [], header.header_bytes
     for name, quantized in _bin_order(cfg, header.version):
         numel = math.prod(shapes[name])
-        if quantized:
-            if numel % header.group_size:
-                raise ValueError(f"{where}: group_size {header.group_size} does not divide tensor {name} "
-                                 f"({numel} values)")
-            nbytes = numel + 4 * (numel // header.group_size)
-        else:
-            nbytes = 4 * numel
+        nbytes = _tensor_bytes(header, name, numel, quantized, where)
         entries.append(_BinEntry(name, shapes[name], numel, quantized, offset, nbytes))
         offset += nbytes
     return entries
@@ -183,14 +204,18 @@ def open_llama2c_bin(path: Path) -> Iterator[Source]:
     """The tensors and config of the .bin file `path`, read on demand (v2 dequantized to fp32)."""
     header = read_llama2c_header(path)
     cfg = header.config(str(path))
-    layout = _bin_layout(header, cfg, str(path))
-    expected = layout[-1].offset + layout[-1].nbytes
-    actual = path.stat().st_size
+    # The header's sizes are checked against the file's bytes before anything is built for them.
+    expected = expected_bin_bytes(header, cfg, str(path))
+    actual = regular_file_size(path, "llama2.c .bin file")
     if actual != expected:
         problem = "truncated" if actual < expected else f"{actual - expected} unexpected trailing bytes"
         raise ValueError(f"{path}: corrupt llama2.c v{header.version} checkpoint ({problem}: its header "
-                         f"({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}) needs {expected} bytes, "
-                         f"the file has {actual})")
+                         f"(n_layers {cfg.n_layers}, dim {cfg.dim}, hidden_dim {cfg.hidden_dim}, vocab_size "
+                         f"{cfg.vocab_size}, max_seq_len {cfg.max_seq_len}) needs {expected} bytes, the file "
+                         f"has {actual})")
+    layout = _bin_layout(header, cfg, str(path))
+    if layout[-1].offset + layout[-1].nbytes != expected:
+        raise AssertionError(f"{path}: layout and expected size disagree")
     by_name = {e.name: e for e in layout if not e.name.startswith("freqs_")}
     with open(path, "rb") as f:
         def fetch(name: str) -> torch.Tensor:

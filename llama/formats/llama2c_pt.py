@@ -28,6 +28,8 @@ Assumptions
   none and 10000 (a rope_theta in model_args is honoured), and writing a model that differs from
   those is refused, as is writing a LayerNorm or GELU variant.
 * dropout is carried in model_args; attn_dropout, which has no field, is dropped.
+* model_args are type-checked (ModelConfig), and what they declare is bounded by the tensors
+  the file holds and its size before the model is built (llama.formats.common.check_config_fits).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..config import ModelConfig
-from .common import LAYER_RE, Source, make_config, to_interleaved
+from .common import LAYER_RE, Source, make_config, regular_file_size, to_interleaved
 
 ZIP_MAGIC = b"PK\x03\x04"  # how a zip-format torch file opens
 
@@ -158,7 +160,7 @@ def pt_source(ckpt: dict[str, Any], path: Path, fmt: str) -> Source:
         def stored_name(ours: str) -> str:
             return ours
     return Source(cfg, list(state), state.__getitem__, stored_name=stored_name, interleaved=True,
-                  ignored=lambda name: name in _PT_IGNORED, mapped=True)
+                  ignored=lambda name: name in _PT_IGNORED, mapped=True, stored_bytes=regular_file_size(path))
 
 
 def save_pt(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path, fmt: str) -> None:

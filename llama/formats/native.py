@@ -18,6 +18,11 @@ int8, `NAME.absmax_step` and `NAME.absmax_mean` fp32 instead) in place of `NAME.
 QuantLinear). Loading swaps those layers before the strict load; `dtype` casts the other
 floating tensors only. No other format holds a quantized model.
 
+Reading checks every field of "model" (ModelConfig), bounds what it declares by the tensors and
+bytes model.safetensors holds before the model is built (llama.formats.common.check_config_fits),
+and requires dense tensors to be float32, float16 or bfloat16 unless load_model is given a
+`dtype` to cast them to (a float64 tensor, say, is a ValueError naming the file and tensor).
+
 Writing keeps unrelated files already in the directory (a tokenizer, say) and removes weight
 files of an earlier save that this one does not use.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -34,7 +39,7 @@ from ..config import ModelConfig
 from ..quantize import config_from_dict
 from .common import (
     CONFIG_JSON, SAFETENSORS, Source, dense, dtype_name, get_tensor, is_weights_file, json_writer, open_safetensors,
-    read_json, save_safetensors,
+    read_json, regular_file_size, save_safetensors,
 )
 
 NATIVE_FORMAT = "llama-kernels"
@@ -48,13 +53,13 @@ def open_native(path: Path) -> Iterator[Source]:
     config_path = path / CONFIG_JSON
     raw = read_json(config_path)
     version = raw.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"{config_path}: missing or invalid \"version\" {version!r}")
     if version > NATIVE_VERSION:
         raise ValueError(f"{config_path}: format version {version} is newer than this reader "
                          f"({NATIVE_VERSION}); upgrade")
     weights = raw.get("weights", "dense")
-    if weights not in NATIVE_WEIGHTS:
+    if not isinstance(weights, str) or weights not in NATIVE_WEIGHTS:
         raise ValueError(f"{config_path}: weights {weights!r} are not supported by this reader "
                          f"(known: {', '.join(NATIVE_WEIGHTS)})")
     if not isinstance(raw.get("model"), dict):
@@ -67,7 +72,7 @@ def open_native(path: Path) -> Iterator[Source]:
     with contextlib.ExitStack() as stack:
         tensors = open_safetensors(path / SAFETENSORS, stack)
         yield Source(cfg, list(tensors), lambda name: get_tensor(tensors[name], name, path), mapped=True,
-                     quantization=quantization)
+                     quantization=quantization, stored_bytes=regular_file_size(path / SAFETENSORS))
 
 
 def _native_quantization(raw: dict[str, Any], weights: str, config_path: Path) -> Optional[dict[str, Any]]:
@@ -91,9 +96,11 @@ def _native_quantization(raw: dict[str, Any], weights: str, config_path: Path) -
     return q
 
 
-def save_native(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path,
-                metadata: Optional[dict[str, Any]], quantization: Optional[dict[str, Any]] = None) -> None:
-    """Write `state` (a state dict) as the native checkpoint directory `path`, atomically."""
+def native_files(state: dict[str, torch.Tensor], cfg: ModelConfig, metadata: Optional[dict[str, Any]],
+                 quantization: Optional[dict[str, Any]] = None) -> dict[str, Callable[[Path], None]]:
+    """The files of a native checkpoint of `state`, as {name: writer} for llama.atomic.write_dir
+    (config.json last, so that it marks the folder complete). A training checkpoint adds its own
+    files to these and writes them all in one step."""
     tensors = dense(state, cfg)
     config = {
         "format": NATIVE_FORMAT,
@@ -108,5 +115,10 @@ def save_native(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path,
         config_writer = json_writer(config)
     except TypeError as e:
         raise ValueError(f"metadata: not JSON-serializable ({e})") from None
-    write_dir(path, {SAFETENSORS: lambda p: save_safetensors(tensors, p), CONFIG_JSON: config_writer},
-              stale=is_weights_file)
+    return {SAFETENSORS: lambda p: save_safetensors(tensors, p), CONFIG_JSON: config_writer}
+
+
+def save_native(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path,
+                metadata: Optional[dict[str, Any]], quantization: Optional[dict[str, Any]] = None) -> None:
+    """Write `state` (a state dict) as the native checkpoint directory `path`, atomically."""
+    write_dir(path, native_files(state, cfg, metadata, quantization), stale=is_weights_file)

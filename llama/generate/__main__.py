@@ -5,6 +5,8 @@
 
 One prompt streams its continuation to stdout; repeated --prompt runs a batch. Trailing
 `key=value` arguments change the config without touching the weights (RoPE scaling, say).
+Every argument is checked before the checkpoint is loaded; exit status and error lines as every
+tool's (see llama/cli.py).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..api import load
-from ..cli import run
+from .. import cli
+from ..api import TOKENIZER_NAMES, find_tokenizer, load
+from . import Sampling
 
 
 def _parse(argv):
@@ -29,7 +32,7 @@ def _parse(argv):
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--epsilon", type=float, help="drop tokens whose probability is below this")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="0 to 2**64 - 1")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -42,11 +45,30 @@ def _parse(argv):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(_parse, _run, argv)
+    return cli.run(_parse, _run, argv)
+
+
+def _check(args: argparse.Namespace) -> str:
+    """Everything that can be checked before loading; returns the device."""
+    cli.checkpoint_path(args.checkpoint, "--checkpoint")
+    if args.tokenizer is not None:
+        cli.input_path(args.tokenizer, "--tokenizer", what="tokenizer file (tokenizer.model or tokenizer.bin)")
+    elif find_tokenizer(args.checkpoint) is None:
+        raise cli.UsageError(f"--tokenizer: none given, and no {' or '.join(TOKENIZER_NAMES)} beside "
+                             f"--checkpoint {args.checkpoint!r}")
+    device = cli.device(args.device, "--device")
+    cli.seed(args.seed, "--seed")
+    if args.max_new_tokens < 0:
+        raise cli.UsageError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, epsilon=args.epsilon)
+    if args.cuda_graph and torch.device(device).type != "cuda":
+        raise cli.UsageError(f"--cuda-graph: needs a CUDA device, got --device {device}")
+    cli.check_overrides(args.overrides)
+    return device
 
 
 def _run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = load(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype, overrides=args.overrides)
     prompts = args.prompt or [""]

@@ -3,9 +3,9 @@
     python -m llama.tokenizer train --input FILE [FILE ...] --vocab-size N --out DIR
     python -m llama.tokenizer export --model tokenizer.model --out tokenizer.bin
 
-Errors end as one ``error:`` line on stderr with exit status 1 (argparse's own, such as a
-missing flag, exit 2); warnings, such as what a tokenizer.bin cannot carry, are printed as
-``warning:`` lines.
+Paths are checked before any work (``--out`` of ``train`` before training). Errors end as one
+``error:`` line on stderr with exit status 2, as in every tool (see llama/cli.py); warnings,
+such as what a tokenizer.bin cannot carry, are printed as ``warning:`` lines.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from .. import cli
 from . import export_llama2c, train
 
 
@@ -39,13 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+def _check_train(args: argparse.Namespace) -> None:
+    for value in args.input:
+        cli.input_path(value, "--input", what="text file")
+    out = cli.output_dir(args.out, "--out")
+    for name in ("tokenizer.model", "tokenizer.bin"):
+        if out.is_dir():
+            cli.output_file(str(out / name), "--out")
+
+
+def _run(args: argparse.Namespace) -> int:
+    caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if args.command == "train":
+                _check_train(args)
                 tok = train(args.input, args.vocab_size, args.out, model_type=args.model_type,
                             character_coverage=args.character_coverage,
                             input_sentence_size=args.input_sentence_size,
@@ -53,15 +63,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"wrote {tok.path} and {tok.path.with_name('tokenizer.bin')} "
                       f"({tok.vocab_size} tokens)")
             else:
+                cli.input_path(args.model, "--model", what="tokenizer file")
+                cli.output_file(args.out, "--out", parent_must_exist=True)
                 path = export_llama2c(args.model, args.out)
                 print(f"wrote {path}")
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     finally:
         for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+            cli.warning(str(w.message))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    return cli.run(lambda a: _parser().parse_args(a), _run, argv)
 
 
 if __name__ == "__main__":
