@@ -21,6 +21,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 build: setup
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 
+# Headline cases of every suite (a few minutes on 2 cores); BENCH_ARGS="--quick" or "--full" to resize.
+# Writes bench/out/report.md and report.html.
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
 

@@ -67,10 +67,14 @@ Item = Union[Bench, Unavailable]
 
 @dataclass(frozen=True)
 class SuiteContext:
-    """What a suite may depend on: the target device and quick mode."""
+    """What a suite may depend on: the target device and the size of the run.
+
+    ``quick``: the smoke run; ``full``: every case (``--full``); neither: the default run, whose
+    items the runner narrows to the suite's headline cases."""
 
     device: torch.device
     quick: bool
+    full: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -90,19 +94,64 @@ class SuiteContext:
 
 
 SuiteFn = Callable[[SuiteContext], list[Item]]
+Headline = Callable[[SuiteContext, Bench], bool]
 SUITES: dict[str, SuiteFn] = {}
 
+# Impls whose names start with one of these are ours; every other measured impl is a peer, except a
+# suite's references (rooflines such as a plain copy of the same bytes), which are neither. Records
+# made before the ops package was named llama_kernels call ours "kernels-*".
+OURS_PREFIXES = ("llama_kernels", "kernels")
 
-def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
-    """Register a suite under ``name``."""
+
+@dataclass(frozen=True)
+class SuiteInfo:
+    """What the runner and the report know about a suite beyond its items.
+
+    ``headline(ctx, bench)`` picks the items of the default run (every impl of a few cases that
+    say where the suite stands); ``--full`` runs every item. ``references`` name impls that are
+    rooflines, not peers: the report uses them for the fraction of the roofline and leaves them
+    out of the speedups.
+    """
+
+    name: str
+    headline: Headline | None = None
+    references: tuple[str, ...] = ()
+
+
+SUITE_INFO: dict[str, SuiteInfo] = {}
+
+
+def suite(name: str, *, headline: Headline | None = None, references: Sequence[str] = ()) -> Callable[[SuiteFn], SuiteFn]:
+    """Register a suite under ``name``; see :class:`SuiteInfo` for ``headline`` and ``references``."""
 
     def register(fn: SuiteFn) -> SuiteFn:
         if name in SUITES:
             raise ValueError(f"suite {name!r} registered twice")
         SUITES[name] = fn
+        SUITE_INFO[name] = SuiteInfo(name, headline, tuple(references))
         return fn
 
     return register
+
+
+def suite_info(name: str) -> SuiteInfo:
+    """The registered info of ``name``; a bare one (every case a headline, no references) if none."""
+    return SUITE_INFO.get(name) or SuiteInfo(name)
+
+
+def is_ours(impl: str) -> bool:
+    return impl.startswith(OURS_PREFIXES)
+
+
+def headline_items(name: str, ctx: SuiteContext, items: list[Item]) -> list[Item]:
+    """The items of the default run: every Unavailable, and the Benches the suite calls headline.
+
+    A suite without a headline rule, or whose rule keeps nothing here, runs whole."""
+    rule = suite_info(name).headline
+    if rule is None:
+        return items
+    kept = [i for i in items if not isinstance(i, Bench) or rule(ctx, i)]
+    return kept if any(isinstance(i, Bench) for i in kept) else items
 
 
 def rotating_copies(
@@ -147,30 +196,39 @@ def _cycle(calls: Sequence[Call]) -> Call:
 
 
 def time_cpu(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
-             min_reps: int = 5, max_reps: int = 10_000) -> Timing:
+             min_reps: int = 5, max_reps: int = 10_000, max_s: float | None = None) -> Timing:
     """Wall-clock per call: warm up, then time single calls until the budget is spent."""
     return Timing.from_samples(cpu_samples(calls, budget_s=budget_s, warmup_s=warmup_s, min_reps=min_reps,
-                                           max_reps=max_reps))
+                                           max_reps=max_reps, max_s=max_s))
 
 
 def cpu_samples(calls: Sequence[Call], *, budget_s: float = 0.5, warmup_s: float = 0.1,
-                min_reps: int = 5, max_reps: int = 10_000) -> list[float]:
+                min_reps: int = 5, max_reps: int = 10_000, max_s: float | None = None) -> list[float]:
     """The per-call wall-clock samples (ms) behind :func:`time_cpu`.
 
     Not `torch.utils.benchmark.Timer.blocked_autorange`, which times blocks of calls and reports
     block means: the records keep the spread of single calls (p20/p80), which is what shows a
     busy host, and `--rounds` pools these samples across passes. The calls timed here take 10 µs
     or more, so the clock's own cost (well under 1 µs) does not need blocks to amortize it.
-    `bench/micro` uses pytest-benchmark, which calibrates rounds itself, for single kernels."""
+    `bench/micro` uses pytest-benchmark, which calibrates rounds itself, for single kernels.
+
+    Warm-up takes two calls, or one when that one alone outlasts ``warmup_s`` (a whole generation,
+    say). ``max_s`` bounds slow items: past it, three samples are enough (``min_reps`` otherwise)."""
     fn = _cycle(calls)
-    deadline = time.perf_counter() + warmup_s
-    for i in itertools.count():
+    start = time.perf_counter()
+    deadline = start + warmup_s
+    for i in itertools.count() if warmup_s > 0 else ():  # warmup_s=0: the caller has warmed up
         fn()
-        if i >= 1 and time.perf_counter() >= deadline:
+        now = time.perf_counter()
+        if now >= deadline and (i >= 1 or now - start > warmup_s * 5):
             break
     samples = []
-    deadline = time.perf_counter() + budget_s
+    start = time.perf_counter()
+    deadline = start + budget_s
+    enough = min(min_reps, 3)
     while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < deadline):
+        if max_s is not None and len(samples) >= enough and time.perf_counter() - start > max_s:
+            break
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)

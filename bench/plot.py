@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Bar charts (PNG) and a Markdown summary from bench JSONL files.
+"""Charts (PNG), the front page (report.md, report.html) and a summary table from bench JSONL files.
 
-    python bench/plot.py FILE.jsonl [...] [--out DIR]
+    python bench/plot.py FILE.jsonl [...] [--out DIR] [--compare OLD.jsonl ...]
+
+The front page and its charts (speedup over each peer, peak memory, fraction of the roofline, and
+with --compare the before/after of the same cases) come from `bench/report.py`; this module adds
+the per-pass detail charts and summary.md.
 
 Records are grouped into runs (suite, device, timestamp). Per run and pass, one
 grouped bar chart: x = case and dtype, bars = impl, y = GB/s (else TFLOP/s,
@@ -17,17 +21,22 @@ import itertools
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: import bench.* from the repo root
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    sys.path.insert(0, str(HERE.parent))
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Our impls are named "llama_kernels*"; records written before the ops package got that name
-# call them "kernels*", and they are still drawn as ours.
-OURS_PREFIXES = ("llama_kernels", "kernels")
+from bench import report  # noqa: E402
+from bench.common import OURS_PREFIXES  # noqa: E402  (ours: "llama_kernels*", and "kernels*" in older records)
 # Main figure per chart: the first one every record of the pass has.
 METRICS = (("tokens_per_s", "tokens/s (higher is better)"), ("gbps", "GB/s (higher is better)"),
            ("tflops", "TFLOP/s (higher is better)"),
@@ -42,8 +51,15 @@ def load_records(paths: list[Path]) -> list[dict]:
     return records
 
 
-def make_report(paths: list[Path], out_dir: Path) -> list[Path]:
-    """Write one PNG per run and pass plus ``summary.md`` into ``out_dir``; the written paths."""
+def make_report(paths: list[Path], out_dir: Path, compare: list[Path] = ()) -> list[Path]:
+    """Write the report (report.md, report.html and their charts), one detail PNG per run and pass,
+    and ``summary.md`` into ``out_dir``; the written paths."""
+    from bench.report import write_report
+
+    return write_report(paths, out_dir, compare) + _details(paths, out_dir)
+
+
+def _details(paths: list[Path], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple, list[dict]] = defaultdict(list)
@@ -60,7 +76,7 @@ def make_report(paths: list[Path], out_dir: Path) -> list[Path]:
             rows = [r for r in ok if r["pass"] == pass_]
             stamp = re.sub(r"[^0-9T]", "", timestamp[:19]) + "Z"
             path = out_dir / f"{suite}_{device}_{stamp}_{re.sub(r'[^A-Za-z0-9]+', '_', pass_)}.png"
-            _bar_chart(rows, f"{suite} · {pass_} · {env['device_name']}", _env_line(env), path)
+            _bar_chart(rows, f"{suite} · {pass_} · {env['device_name']} · {timestamp[:10]}", _env_line(env), path)
             written.append(path)
             summary += _pass_tables(pass_, rows)
         summary += _not_measured(r for r in records if r["status"] != "ok")
@@ -106,7 +122,8 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
     most_cases = max(len({_shape_label(r["case"]) for r in rows}) for rows in panels.values())
     width_in = min(20.0, max(7.0, 1.5 + most_cases * (0.3 * len(impls) + 0.5)))
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 1.2 + 3.3 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 1.2 + 3.3 * len(panels)), squeeze=False,
+                             layout="constrained")
     for ax, ((dtype, timer), rows) in zip(axes[:, 0], panels.items()):
         cases = list(dict.fromkeys(_shape_label(r["case"]) for r in rows))
         values = {(_shape_label(r["case"]), r["impl"]): r[key] for r in rows}
@@ -120,7 +137,9 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
             bars = ax.bar(xs, ys, width, color=colors[impl], edgecolor="white", linewidth=0.5,
                           hatch="//" if impl.startswith(OURS_PREFIXES) else None)
             ax.bar_label(bars, labels=[_short(y) for y in ys], fontsize=7, rotation=90, padding=2)
-        ax.set_xticks(range(len(cases)), cases, fontsize=8)
+        rotate = max(map(len, cases), default=0) * len(cases) > 90
+        ax.set_xticks(range(len(cases)), cases, fontsize=8, rotation=30 if rotate else 0,
+                      ha="right" if rotate else "center")
         ax.set_title(" · ".join(filter(None, [dtype, timer])), fontsize=9, loc="left")
         ax.set_ylabel(label, fontsize=8)
         ax.margins(y=0.2)
@@ -128,13 +147,12 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
         ax.set_axisbelow(True)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colors[i], hatch="//" if i.startswith(OURS_PREFIXES) else None,
                              edgecolor="white") for i in impls]
-    fig.legend(handles, impls, loc="upper center", ncols=min(len(impls), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.4 / fig.get_figheight()), frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.text(0.5, 0.01, subtitle, ha="center", fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.6 / fig.get_figheight()))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    # Outside the axes, in room the constrained layout reserves: never clipped, whatever the names.
+    label_in = 0.6 + 0.065 * max(map(len, impls))  # a handle plus the longest name at 8 pt
+    ncols = max(1, min(len(impls), int((fig.get_figwidth() - 0.3) // label_in)))
+    fig.legend(handles, impls, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
+    report.save_figure(fig, path)
 
 
 def _short(value: float) -> str:
@@ -203,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
     parser.add_argument("--out", type=Path, help="output folder (default: folder of the first file)")
+    parser.add_argument("--compare", nargs="+", type=Path, default=(), metavar="OLD.jsonl",
+                        help="earlier records of the same cases: draw before/after, flag regressions")
     args = parser.parse_args(argv)
-    for path in make_report(args.files, args.out or args.files[0].parent):
+    for path in make_report(args.files, args.out or args.files[0].parent, args.compare):
         print(path)
     return 0
 

@@ -1,9 +1,19 @@
 #!/usr/bin/env python
-"""Run benchmark suites; write one JSONL record per measurement, then charts.
+"""Run benchmark suites; write one JSONL record per measurement, then the report and its charts.
 
-    python bench/run.py [--suite NAME ...] [--device auto|cpu|cuda] [--quick] [--out DIR] [--no-plot] [--list]
+    python bench/run.py [--suite NAME ...] [--device auto|cpu|cuda] [--quick | --full] [--out DIR]
+                        [--compare OLD.jsonl ...] [--rounds N] [--no-plot] [--list]
 
-One file per suite: ``<out>/<suite>_<device>_<UTC timestamp>.jsonl``.
+Three sizes of run:
+
+* default: every suite's headline cases (``@suite(..., headline=...)`` in ``bench/suites``), all of
+  their impls, with the full timer; a few minutes on a 2-core CPU.
+* ``--quick``: the suites' quick case lists (their headline cases among them where they have
+  any) with a short timer; a smoke run of a minute or two.
+* ``--full``: every case of every suite.
+
+One file per suite: ``<out>/<suite>_<device>_<UTC timestamp>.jsonl``; then ``report.md`` and
+``report.html`` (the front page, see ``bench/report.py``), the charts and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ import json
 import os
 import pkgutil
 import platform
+import re
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,18 +44,20 @@ from tqdm import tqdm  # noqa: E402
 
 import bench.suites  # noqa: E402
 from bench.common import (  # noqa: E402
-    SUITES, Bench, Item, SuiteContext, Timing, cpu_samples, steady_cpu_allocator, time_cpu, time_cuda_graph,
-    time_gpu,
+    SUITES, Bench, Item, SuiteContext, Timing, cpu_samples, headline_items, steady_cpu_allocator, suite_info,
+    time_cpu, time_cuda_graph, time_gpu,
 )
 
 RECORD_FIELDS = (
     "suite", "impl", "status", "reason", "case", "dtype", "pass",
     "timer", "time_ms", "min_ms", "p20_ms", "p80_ms", "reps",
-    "bytes", "gbps", "flops", "tflops", "tokens", "tokens_per_s", "peak_mem_bytes", "device", "env",
+    "bytes", "gbps", "flops", "tflops", "tokens", "tokens_per_s", "peak_mem_bytes", "device",
+    "load_1min", "wall_s", "env",
 )
 
-# Timer settings: (full, quick).
-CPU_TIMER = ({"budget_s": 0.5, "warmup_s": 0.1}, {"budget_s": 0.1, "warmup_s": 0.02})
+# Timer settings: (default and full, quick).
+# max_s: past it an item stops at three samples (CPU: whole generations take seconds per call).
+CPU_TIMER = ({"budget_s": 0.5, "warmup_s": 0.1, "max_s": 4.0}, {"budget_s": 0.1, "warmup_s": 0.02, "max_s": 1.0})
 GPU_TIMER = ({"warmup_ms": 25, "rep_ms": 100}, {"warmup_ms": 10, "rep_ms": 30})
 GRAPH_TIMER = ({"rep_ms": 100, "replays": 10}, {"rep_ms": 30, "replays": 5})
 
@@ -71,6 +85,14 @@ def environment(device: torch.device, timestamp: str, quick: bool, cpu_allocator
         "timestamp": timestamp,
         "quick": quick,
     }
+
+
+def _load() -> float | None:
+    """The host's 1-minute load average now (sampled per record: the host's load moves during a run)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -118,13 +140,19 @@ def _git_state() -> tuple[str | None, bool | None]:
 def measure(item: Bench, ctx: SuiteContext) -> dict:
     """Time one Bench with the timer fitting the device; the record's measurement fields."""
     calls = item.setup()
-    if not ctx.is_cuda:
-        timer, timing = "perf_counter", time_cpu(calls, **CPU_TIMER[ctx.quick])
+    if not ctx.is_cuda:  # the profiled call (peak memory) first: it is the first of the warm-up calls,
+        settings = dict(CPU_TIMER[ctx.quick])  # and the only one where it alone outlasts the warm-up
+        start = time.perf_counter()
+        peak = _cpu_peak_bytes(calls[0])
+        if time.perf_counter() - start > 5 * settings["warmup_s"]:
+            settings["warmup_s"] = 0.0
+        timer, timing = "perf_counter", time_cpu(calls, **settings)
     elif item.cuda_graph:
         timer, timing = "cuda_graph", time_cuda_graph(calls, **GRAPH_TIMER[ctx.quick])
     else:
         timer, timing = "do_bench", time_gpu(calls, **GPU_TIMER[ctx.quick])
-    peak = _cuda_peak_bytes(calls[0]) if ctx.is_cuda else None
+    if ctx.is_cuda:
+        peak = _cuda_peak_bytes(calls[0])
     return _fields(item, timer, timing, peak)
 
 
@@ -154,6 +182,40 @@ def _cuda_peak_bytes(call) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's start/stop lines) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(call) -> int | None:
+    """Peak bytes torch's CPU allocator holds during one call beyond what it held before (inputs).
+
+    From the profiler's memory events: each op's own allocations net of its frees, and the frees
+    between ops, summed in time order. Memory a kernel allocates outside torch is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    except Exception:  # noqa: BLE001 - a profiler that cannot run here leaves the field empty
+        return None
+    current = peak = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
 def _record(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
     """A record with the item's description and no measurement yet."""
     record = dict.fromkeys(RECORD_FIELDS)
@@ -175,6 +237,7 @@ def run_item(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
     record = _record(suite, item, ctx, env)
     if not isinstance(item, Bench):
         return record
+    start = time.perf_counter()
     try:
         record.update(measure(item, ctx), status="ok")
     except Exception as exc:
@@ -183,6 +246,7 @@ def run_item(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
         if ctx.is_cuda:
             with contextlib.suppress(RuntimeError):  # a sticky CUDA error is recorded already
                 torch.cuda.empty_cache()
+        record.update(wall_s=round(time.perf_counter() - start, 3), load_1min=_load())
     return record
 
 
@@ -197,9 +261,12 @@ def run_rounds(suite: str, items: list[Item], ctx: SuiteContext, env: dict, roun
     calls: dict[int, Sequence] = {}
     samples: dict[int, list[float]] = {i: [] for i in range(len(items))}
     errors: dict[int, Exception] = {}
+    wall: dict[int, float] = dict.fromkeys(range(len(items)), 0.0)
+    loads: dict[int, float | None] = {}
     for _ in range(rounds):
         for i, item in enumerate(items):
             show(item)
+            start = time.perf_counter()
             if isinstance(item, Bench) and i not in errors:
                 try:
                     if i not in calls:
@@ -207,6 +274,8 @@ def run_rounds(suite: str, items: list[Item], ctx: SuiteContext, env: dict, roun
                     samples[i] += cpu_samples(calls[i], min_reps=max(1, -(-5 // rounds)), **settings)
                 except Exception as exc:
                     errors[i] = exc
+            wall[i] += time.perf_counter() - start
+            loads[i] = _load()
             done()
     records = []
     for i, item in enumerate(items):
@@ -215,7 +284,9 @@ def run_rounds(suite: str, items: list[Item], ctx: SuiteContext, env: dict, roun
             if i in errors:
                 record.update(_error(errors[i]))
             else:
-                record.update(_fields(item, "perf_counter", Timing.from_samples(samples[i]), None), status="ok")
+                peak = _cpu_peak_bytes(calls[i][0])
+                record.update(_fields(item, "perf_counter", Timing.from_samples(samples[i]), peak), status="ok")
+            record.update(wall_s=round(wall[i], 3), load_1min=loads.get(i))
         records.append(record)
     return records
 
@@ -231,12 +302,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite", action="append", metavar="NAME", help="suite to run (repeatable; default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the suites' quick cases, a short timer (a minute or two)")
+    size.add_argument("--full", action="store_true", help="every case of every suite (default: headline cases)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: bench/out)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: time every item of a suite in this many passes, pooling the samples "
                              "(steadier ratios on a shared host)")
-    parser.add_argument("--no-plot", action="store_true", help="skip charts and summary.md")
+    parser.add_argument("--compare", nargs="+", type=Path, default=(), metavar="OLD.jsonl",
+                        help="earlier records: the report draws before/after for the same cases and flags "
+                             "regressions beyond the spread")
+    parser.add_argument("--no-roofline", action="store_true",
+                        help="skip measuring the device's copy bandwidth and matmul throughput")
+    parser.add_argument("--estimate", action="store_true", help="print the plan and its estimated time, and exit")
+    parser.add_argument("--no-plot", action="store_true", help="skip the report, charts and summary.md")
     parser.add_argument("--list", action="store_true", help="list suites and exit")
     args = parser.parse_args(argv)
     load_suites()
@@ -252,6 +331,117 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def mode_of(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def plan(ctx: SuiteContext, names, mode: str) -> dict[str, list[Item]]:
+    """The items to run per suite: all of them (full), or the headline ones (default, quick)."""
+    plans = {}
+    for name in names:
+        items = SUITES[name](ctx)
+        plans[name] = items if mode == "full" else headline_items(name, ctx, items)
+    return plans
+
+
+# Seconds an item costs besides its timed calls: building inputs, the profiled call, a compile.
+SETUP_S = {"cpu": 0.4, "cuda": 1.0}
+COMPILE_S = {"cpu": 6.0, "cuda": 20.0}
+STARTUP_S = {"cpu": 5.0, "cuda": 10.0}  # measuring the roofline
+
+
+def _history(device: str, folders) -> dict[tuple, dict]:
+    """The latest earlier record per (suite, impl, case, dtype, pass) on this device type."""
+    from bench.report import load_records, record_key
+
+    def stamp(path: Path) -> str:
+        match = re.search(r"\d{8}T\d{6}Z", path.name)
+        return match.group(0) if match else ""
+
+    paths = sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*_*_*.jsonl")}, key=stamp)
+    found = {}
+    for record in load_records(paths):
+        try:
+            if record["device"] == device and record["status"] == "ok" and record["time_ms"]:
+                found[record_key(record)] = record
+                # Any case of the same impl and pass: its throughput sizes a case not recorded yet.
+                found[record["suite"], record["impl"], record["dtype"], record["pass"]] = record
+        except (KeyError, TypeError):  # not a suite's record (a tuning sweep, say)
+            continue
+    return found
+
+
+def _call_s(item: Bench, past: dict | None) -> float:
+    """One call's seconds from a past record: its time for the same case, else its throughput."""
+    if past is None:
+        return 0.0
+    if past["case"] == item.case:
+        return past["time_ms"] / 1e3
+    for work, rate, scale in ((item.tokens, "tokens_per_s", 1), (item.bytes, "gbps", 1e9), (item.flops, "tflops", 1e12)):
+        if work and past.get(rate):
+            return work / (past[rate] * scale)
+    return 0.0
+
+
+def estimate_s(name: str, item: Item, ctx: SuiteContext, mode: str, history: dict) -> float:
+    """Seconds one item will take: its recorded wall time in a run of the same mode when known, else
+    the timer's budget, or min_reps calls at its recorded time when that is longer, plus set-up."""
+    if not isinstance(item, Bench):
+        return 0.0
+    device = ctx.device.type
+    key = (name, device, item.impl, json.dumps(item.case, sort_keys=True), item.dtype, item.pass_)
+    past = history.get(key)
+    if past and past.get("wall_s") and (past["env"].get("mode") or "full") == mode:
+        return past["wall_s"]
+    call_s = _call_s(item, past or history.get((name, item.impl, item.dtype, item.pass_)))
+    setup = SETUP_S[device] + (COMPILE_S[device] if "compile" in item.impl else 0.0) + 2 * call_s
+    quick = mode == "quick"
+    if device == "cpu":
+        timer = CPU_TIMER[quick]
+        warmup = call_s if call_s > 5 * timer["warmup_s"] else max(timer["warmup_s"], 3 * call_s)
+        timed = max(timer["budget_s"], min(5 * call_s, max(timer["max_s"], 3 * call_s)))
+        return setup + warmup + timed
+    if item.cuda_graph:
+        timer = GRAPH_TIMER[quick]
+        return setup + 3 * timer["rep_ms"] / 1e3 + 10 * call_s
+    timer = GPU_TIMER[quick]
+    return setup + (timer["warmup_ms"] + timer["rep_ms"]) / 1e3 + 10 * call_s
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def measure_roofline(ctx: SuiteContext, quick: bool) -> dict:
+    """The device's copy bandwidth and matmul throughput, measured now (for the report's roofline)."""
+    dev = ctx.device
+    if ctx.is_cuda:
+        numel = 256 * 2**20  # 512 MiB of bf16 per buffer
+        src, dst = torch.randn(numel, device=dev, dtype=torch.bfloat16), torch.empty(numel, device=dev,
+                                                                                      dtype=torch.bfloat16)
+        copy_ms = time_gpu([lambda: dst.copy_(src)]).min_ms
+        nbytes = 2 * numel * 2
+        matmul, n = {}, 8192
+        for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+            matmul[tag] = 2 * n**3 / (time_gpu([lambda: a @ b]).min_ms * 1e-3) / 1e12
+        how = ("dst.copy_(src) of 512 MiB bf16 (read + written bytes), 8192³ torch.matmul; do_bench minimum "
+               "(the best the device did)")
+    else:
+        numel = max(ctx.cache_bytes * 4, 128 * 2**20) // 4  # float32 elements per buffer, well past the L3
+        src, dst = torch.randn(numel), torch.empty(numel)
+        budget = 0.2 if quick else 0.4
+        copy_ms = time_cpu([lambda: dst.copy_(src)], budget_s=budget, warmup_s=0.05, min_reps=3).min_ms
+        nbytes = 2 * numel * 4
+        n = 1024 if quick else 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        mm_ms = time_cpu([lambda: a @ b], budget_s=budget, warmup_s=0.05, min_reps=3).min_ms
+        matmul = {"fp32": 2 * n**3 / (mm_ms * 1e-3) / 1e12}
+        how = (f"dst.copy_(src) of {numel * 4 >> 20} MiB fp32 (read + written bytes), {n}³ fp32 torch.matmul "
+               f"on {torch.get_num_threads()} threads; fastest call (the best the host did)")
+    return {"copy_gbps": nbytes / (copy_ms * 1e-3) / 1e9, "matmul_tflops": matmul, "how": how}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -259,19 +449,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.manual_seed(0)
-    ctx = SuiteContext(torch.device(args.device), args.quick)
+    mode = mode_of(args)
+    ctx = SuiteContext(torch.device(args.device), mode == "quick", mode == "full")
     now = datetime.now(timezone.utc)
     cpu_allocator = None if ctx.is_cuda else steady_cpu_allocator()
-    env = environment(ctx.device, now.isoformat(timespec="seconds"), args.quick, cpu_allocator)
-    plans = {name: SUITES[name](ctx) for name in dict.fromkeys(args.suite or sorted(SUITES))}
+    env = environment(ctx.device, now.isoformat(timespec="seconds"), ctx.quick, cpu_allocator)
+    env.update(mode=mode, cpu_count=os.cpu_count())
+    plans = plan(ctx, dict.fromkeys(args.suite or sorted(SUITES)), mode)
+    rounds = 1 if ctx.is_cuda else args.rounds
+    env["rounds"] = rounds  # passes per item whose samples each record pools (see run_rounds)
+
+    history = _history(ctx.device.type, [HERE / "results", args.out])
+    per_suite = {name: sum(estimate_s(name, item, ctx, mode, history) for item in items)
+                 for name, items in plans.items()}
+    benches = sum(isinstance(i, Bench) for items in plans.values() for i in items)
+    startup = 0.0 if args.no_roofline else STARTUP_S[ctx.device.type]  # imports done; the roofline to come
+    print(f"{mode} run on {env['device_name']}: {benches} measurements in {len(plans)} suite(s), estimated "
+          f"{_duration(startup + sum(per_suite.values()) * (1 if rounds == 1 else 1.2))} "
+          f"({', '.join(f'{n} {_duration(t)}' for n, t in per_suite.items())}); "
+          + ("--quick for a smoke run, " if mode != "quick" else "")
+          + ("--full for every case" if mode != "full" else "headline cases only without --full"),
+          file=sys.stderr)
+    whole = [n for n in plans if mode != "full" and suite_info(n).headline is None]
+    if whole:
+        print(f"note: {', '.join(whole)} declare(s) no headline cases (@suite(name, headline=...)): run whole",
+              file=sys.stderr)
+    if args.estimate:
+        return 0
 
     if not ctx.is_cuda and env["load_avg_1min"] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: host load {env['load_avg_1min']} on {os.cpu_count()} cores; CPU timings will be noisy",
               file=sys.stderr)
+    if not args.no_roofline:
+        env["roofline"] = measure_roofline(ctx, ctx.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    rounds = 1 if ctx.is_cuda else args.rounds
-    env["rounds"] = rounds  # passes per item whose samples each record pools (see run_rounds)
     with tqdm(total=rounds * sum(map(len, plans.values())), unit="bench", dynamic_ncols=True) as bar:
         for name, items in plans.items():
             path = args.out / f"{name}_{args.device}_{now:%Y%m%dT%H%M%SZ}.jsonl"
@@ -300,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         from bench.plot import make_report
 
-        for path in make_report(written, args.out):
+        for path in make_report(written, args.out, args.compare):
             print(path)
     return 0
 

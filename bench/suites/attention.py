@@ -547,6 +547,25 @@ def _decode_items(ctx: SuiteContext) -> list[Item]:
     return items
 
 
-@suite("attention")
+def headline(ctx: SuiteContext, bench: Bench) -> bool:
+    """Default run: the first MHA and the GQA training shape in the first dtype (forward; MHA also
+    forward+backward), decode at batch 1 and 8 (4 on the CPU) with long contexts, graph replays."""
+    c = bench.case
+    if ctx.is_cuda:
+        train = {(4, 16, 16, 2048, 128): ("fwd", "fwd+bwd"), (4, 32, 8, 2048, 128): ("fwd",)}
+        decode = {(1, 16, 16, 8192, 128), (1, 16, 16, 32768, 128), (8, 16, 16, 8192, 128)}
+        dtype = "bf16"
+    else:
+        train = {(1, 8, 8, 512, 64): ("fwd", "fwd+bwd"), (1, 8, 2, 512, 64): ("fwd",)}
+        decode = {(1, 8, 8, 4096, 64), (4, 8, 2, 4096, 64)}
+        dtype = "fp32"
+    if bench.dtype != dtype:
+        return False
+    if bench.pass_ == "decode":
+        return (c["B"], c["H"], c["Hkv"], c["L"], c["D"]) in decode
+    return bench.pass_ in train.get((c["B"], c["H"], c["Hkv"], c["S"], c["D"]), ())
+
+
+@suite("attention", headline=headline, references=("copy",))
 def attention(ctx: SuiteContext) -> list[Item]:
     return _train_items(ctx) + _decode_items(ctx)

@@ -22,7 +22,14 @@ def _setup(ctx: SuiteContext, fn, m: int, k: int, n: int, dtype: torch.dtype):
     return [torch.no_grad()(partial(fn, x, w)) for w in weights]
 
 
-@suite("linear")
+def headline(ctx: SuiteContext, bench: Bench) -> bool:
+    """Default run: Sheared-LLaMA-1.3B's up projection at 1 and 16 rows, stories42M's head at one row."""
+    case = bench.case
+    return (case["k"], case["n"]) == (2048, 5504) and case["m"] in (1, 16) or \
+        (case["k"], case["n"], case["m"]) == (512, 32000, 1)
+
+
+@suite("linear", headline=headline)
 def linear(ctx: SuiteContext) -> list[Item]:
     if ctx.is_cuda:
         return [Unavailable("llama_kernels-cpu", "llama_kernels.linear has no GPU kernel; it calls cuBLAS there")]
