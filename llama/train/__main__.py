@@ -10,6 +10,8 @@ import sys
 from typing import Optional, Sequence
 
 from .. import cli
+from ..api import LLaMA
+from . import build_run
 from .config import TrainConfig
 
 
@@ -26,8 +28,6 @@ def _run(args: argparse.Namespace) -> int:
         cli.input_path(args.config, "--config")
     cfg = TrainConfig.from_spec(args.config, args.overrides + (["resume=true"] if args.resume else []))
     cli.output_dir(cfg.out_dir, "out_dir")
-    from . import build_run
-
     trainer = build_run(cfg)
     result = trainer.fit()
     if result.get("stopped_early"):
@@ -37,8 +37,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     print(f"model: {cfg.out_dir}/final   metrics: {cfg.out_dir}/metrics.jsonl   curve: {cfg.out_dir}/loss.png")
     if trainer.tokenizer is not None and cfg.sample_tokens:
-        from ..api import LLaMA
-
         trainer.model.eval()
         prompt = "I"
         text = LLaMA(trainer.model, trainer.tokenizer).generate(prompt, max_new_tokens=cfg.sample_tokens,

@@ -8,10 +8,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import data as data_mod
+from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..lora import apply_lora
 from ..model import Transformer, build as build_model
-from . import Trainer
+from ..tokenizer import Tokenizer
 from .config import TrainConfig
+from .trainer import Trainer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,8 +37,6 @@ def make_model(cfg: TrainConfig, vocab_size: Optional[int], device: torch.device
         if getattr(cfg, name) is not None:
             overrides.append(f"{name}={getattr(cfg, name)}")
     if cfg.init_from is not None:
-        from ..checkpoint import load_model
-
         model = load_model(cfg.init_from, device=device, overrides=overrides)
         model = model.float() if not any(p.dtype == torch.float32 for p in model.parameters()) else model
     else:
@@ -44,8 +46,6 @@ def make_model(cfg: TrainConfig, vocab_size: Optional[int], device: torch.device
         raise ValueError(f"model: vocab_size {model.config.vocab_size} is smaller than the data's vocabulary "
                          f"({vocab_size}); set model_overrides: [vocab_size={vocab_size}]")
     if cfg.lora:
-        from ..lora import apply_lora
-
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=tuple(cfg.lora_targets), trainable=tuple(cfg.trainable))
     return model
@@ -53,9 +53,6 @@ def make_model(cfg: TrainConfig, vocab_size: Optional[int], device: torch.device
 
 def make_data(cfg: TrainConfig) -> tuple[Any, Any, Any, int]:
     """(train loader, validation source, tokenizer or None, vocabulary size of the data)."""
-    from .. import data as data_mod
-    from ..tokenizer import Tokenizer
-
     tokenizer = None
     if cfg.data is None:
         sample = data_mod.sample_files()

@@ -136,7 +136,7 @@ def default_chunk(vocab: int) -> int:
 def _run(h2, weight, t, bias, ignore_index, smoothing, z_loss, reduction, chunk, grad_h, grad_w, grad_b):
     """The loss (fp32 scalar); with grad_* not None, also the gradients of the loss (as reduced)
     with respect to h, weight and bias, in fp32 for weight and bias."""
-    n, vocab = h2.shape[0], weight.shape[0]
+    n = h2.shape[0]
     count = int((t != ignore_index).sum()) if reduction == "mean" else 1
     scale = 1.0 / count if count else 0.0
     backend = dispatch.choose("linear_cross_entropy", h2.device, implemented=IMPLEMENTED)

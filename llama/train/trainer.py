@@ -1,0 +1,409 @@
+"""The training loop, its checkpoints and what it shows (see llama/train/__init__.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import llama_kernels
+
+from ..atomic import atomic_file, write_bytes, write_dir
+from ..checkpoint import load_model, save
+from ..data import val_batches
+from ..formats.native import native_files
+from ..lora import save_adapters
+from ..model import Linear, Transformer
+from ..optim import AdamW, cosine_schedule, param_groups
+from .config import TrainConfig
+
+__all__ = ["Trainer", "TrainingDiverged", "latest_checkpoint"]
+
+CHECKPOINTS = "checkpoints"
+STEP_RE = re.compile(r"step_(\d{8})")
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer.safetensors"
+TRAINABLE = "trainable.safetensors"
+STATE_VERSION = 1
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
+
+
+# ============================================================================ state <-> files
+def _split(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """`obj` with every tensor replaced by {"tensor": key}, the tensors collected in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {str(k): _split(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"tensor"}:
+            if obj["tensor"] not in tensors:
+                raise ValueError(f"{where}: tensor {obj['tensor']!r} is missing from {STATE_TENSORS}")
+            return tensors[obj["tensor"]]
+        return {k: _join(v, tensors, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors, where) for v in obj]
+    return obj
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete step folder under out_dir/checkpoints, or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m[1]), p) for p in root.iterdir() if (m := STEP_RE.fullmatch(p.name)) and p.is_dir()
+                   and (p / STATE_JSON).is_file())
+    return steps[-1][1] if steps else None
+
+
+# ============================================================================ the trainer
+class Trainer:
+    """Trains `model` on `data` as `config` says (see the module docstring).
+
+    data: a llama.data.WindowLoader over the training split (its batch size and window length
+    are the config's); val: what llama.data.val_batches takes for validation (None: none).
+    tokenizer: used only for the sample printed at the end. on_step(step, metrics) is called
+    after every optimizer step (tests use it to interrupt a run).
+    """
+
+    def __init__(self, model: Transformer, config: TrainConfig, data: Any, val: Any = None, tokenizer: Any = None,
+                 on_step: Optional[Callable[[int, dict], None]] = None):
+        self.config = config
+        self.model = model
+        self.data = data
+        self.val = val
+        self.tokenizer = tokenizer
+        self.on_step = on_step
+        self.out_dir = Path(config.out_dir)
+        self.device = next(model.parameters()).device
+        self.step = 0
+        self.tokens_seen = 0
+        self.stop_requested = False
+        model.gradient_checkpointing = config.gradient_checkpointing
+        if hasattr(model, "use_fused_ops"):
+            model.use_fused_ops(config.fused)
+        self.names = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in self.names:
+                self.names[id(p)] = name
+        groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
+                              decay_norms_and_embeddings=config.decay_norms_and_embeddings)
+        if not groups:
+            raise ValueError("model: no parameter requires a gradient; nothing to train")
+        self.optimizer = AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                               correct_bias=config.correct_bias)
+        self.scheduler = cosine_schedule(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.forward = torch.compile(model) if config.compile else model
+
+    # ------------------------------------------------------------------ loss
+    def _head_weight(self) -> Optional[torch.Tensor]:
+        head = self.model.output
+        return head.weight if type(head) in (Linear, torch.nn.Linear) and head.bias is None else None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean token loss of one micro-batch (with label smoothing and z-loss as configured)."""
+        cfg = self.config
+        dtype = AUTOCAST.get(cfg.dtype)
+        ctx = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with ctx:
+            weight = self._head_weight()
+            if cfg.fused and weight is not None:
+                h = self.forward(x, return_hidden=True)
+                return llama_kernels.linear_cross_entropy(h, weight.to(h.dtype), y, label_smoothing=cfg.label_smoothing,
+                                                          z_loss=cfg.z_loss)
+            logits = self.forward(x).float().reshape(-1, self.model.config.vocab_size)
+            loss = F.cross_entropy(logits, y.reshape(-1), label_smoothing=cfg.label_smoothing)
+            if cfg.z_loss:
+                loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+            return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict[str, float]]:
+        """Mean validation loss and perplexity over `eval_batches` windows (plain cross-entropy)."""
+        if self.val is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        batches = val_batches(self.val, self.config.seq_len, self.config.batch_size,
+                              max_batches=self.config.eval_batches)
+        # Several domains: every domain's windows count alike, token for token.
+        streams = list(batches.values()) if isinstance(batches, dict) else [batches]
+        try:
+            for stream in streams:
+                for x, y in stream:
+                    x, y = x.to(self.device), y.to(self.device)
+                    loss = self.model(x, y)  # the fused loss when the model trains on fused ops
+                    total += float(loss) * y.numel()
+                    count += y.numel()
+        finally:
+            self.model.train(was_training)
+        if not count:
+            return None
+        mean = total / count
+        return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0))}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train up to max_steps (or until SIGINT/SIGTERM); returns the last metrics."""
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.resume()
+        self._trim_metrics()
+        self.model.train()
+        last: dict[str, Any] = {}
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        with self._signals(), bar:
+            while self.step < cfg.max_steps and not self.stop_requested:
+                started = time.perf_counter()
+                loss = self._one_step()
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+                self.tokens_seen += tokens
+                last = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": self.tokens_seen}
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log(last)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    evaluated = self.evaluate()
+                    if evaluated:
+                        last.update(evaluated)
+                        self._log({"step": self.step, **evaluated})
+                        bar.write(f"step {self.step}: val loss {evaluated['val_loss']:.4f}, "
+                                  f"perplexity {evaluated['val_ppl']:.2f}")
+                if self.on_step is not None:
+                    self.on_step(self.step, last)
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self.stop_requested:
+                    self.save_checkpoint()
+        if self.step >= cfg.max_steps:
+            self.save_final()
+            self.plot()
+        last["stopped_early"] = self.step < cfg.max_steps
+        return last
+
+    def _one_step(self) -> float:
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.data.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss = self.loss(x, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                last = latest_checkpoint(self.out_dir)
+                raise TrainingDiverged(
+                    f"loss is {value} at step {self.step + 1}; stopped before the optimizer step, so nothing was "
+                    f"saved after it. Last good checkpoint: {last if last else 'none'}. Lower lr, raise warmup_steps "
+                    "or grad_clip, or train in fp32.")
+            (loss / cfg.grad_accum).backward()
+            total += value / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total
+
+    # ------------------------------------------------------------------ what users see
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop records past the current step (a run resumed from an earlier checkpoint)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def plot(self) -> Optional[Path]:
+        """loss.png: training and validation loss against the step."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1.5)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(f"{self.model.config.num_params() / 1e6:.2f}M-parameter LLaMA, {time.strftime('%Y-%m-%d')}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+        out = self.out_dir / "loss.png"
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        return out
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM ask the loop to save and stop after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, _frame):
+            self.stop_requested = True
+
+        old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _lora(self) -> bool:
+        return any(not p.requires_grad for p in self.model.parameters())
+
+    def save_checkpoint(self) -> Path:
+        """Write out_dir/checkpoints/step_XXXXXXXX atomically; keep the newest `keep_last`."""
+        tensors: dict[str, torch.Tensor] = {}
+        optim = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st:
+                    name = self.names[id(p)]
+                    optim[name] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        state = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "config": self.config.to_dict(),
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "optimizer": _split(optim, tensors, "optimizer"),
+            "data": _split(self.data.state_dict(), tensors, "data"),
+            "rng": _split(rng, tensors, "rng"),
+        }
+        files: dict[str, Callable[[Path], None]] = {}
+        if self._lora():
+            trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
+                         if p.requires_grad}
+            files[TRAINABLE] = lambda p: save_file(trainable, str(p))
+        else:
+            state_dict = {n: t.detach() for n, t in self.model.state_dict().items()}
+            files.update(native_files(state_dict, self.model.config, {"step": self.step}, None))
+        files[STATE_TENSORS] = lambda p: save_file(tensors, str(p))
+        text = json.dumps(state, indent=1) + "\n"
+        files[STATE_JSON] = lambda p: p.write_text(text, encoding="utf-8")  # last: marks the folder complete
+        path = self.out_dir / CHECKPOINTS / f"step_{self.step:08d}"
+        write_dir(path, files)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        root = self.out_dir / CHECKPOINTS
+        steps = sorted(p for p in root.iterdir() if STEP_RE.fullmatch(p.name) and p.is_dir())
+        for old in steps[:-self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> Optional[Path]:
+        """Load the newest checkpoint into the model, optimizer, schedule, data and RNGs."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return None
+        where = str(path / STATE_JSON)
+        try:
+            state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{where}: unreadable trainer state ({e})") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"{where}: not a trainer state of version {STATE_VERSION}")
+        tensors = load_file(str(path / STATE_TENSORS))
+        if self._lora():
+            saved = load_file(str(path / TRAINABLE))
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            if set(saved) != set(params):
+                raise ValueError(f"{path / TRAINABLE}: holds {sorted(set(saved) ^ set(params))[:5]} that the "
+                                 "model's trainable parameters do not (or the reverse)")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+        else:
+            loaded = load_model(path)
+            self.model.load_state_dict(loaded.state_dict(), strict=False)
+            missing = set(self.model.state_dict()) - set(loaded.state_dict())
+            if missing:
+                raise ValueError(f"{path}: missing tensor(s) {', '.join(sorted(missing)[:5])}")
+        optim = _join(state["optimizer"], tensors, where)
+        by_name = {name: p for p_id, name in self.names.items() for p in [self._param(p_id)]}
+        for name, st in optim.items():
+            if name not in by_name:
+                raise ValueError(f"{where}: optimizer state for unknown parameter {name}")
+            p = by_name[name]
+            self.optimizer.state[p] = {"step": int(st["step"]), "exp_avg": st["exp_avg"].to(p.device),
+                                       "exp_avg_sq": st["exp_avg_sq"].to(p.device)}
+        sched = dict(self.scheduler.state_dict())
+        sched.update(state["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.data.load_state_dict(_join(state["data"], tensors, where))
+        rng = _join(state["rng"], tensors, where)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        return path
+
+    def _param(self, p_id: int) -> torch.nn.Parameter:
+        if not hasattr(self, "_params_by_id"):
+            self._params_by_id = {id(p): p for p in self.model.parameters()}
+        return self._params_by_id[p_id]
+
+    def save_final(self) -> Path:
+        """out_dir/final: the trained model (native), or only the adapters with LoRA."""
+        out = self.out_dir / "final"
+        if self._lora():
+            save_adapters(self.model, out)
+        else:
+            save(self.model, out)
+        return out
