@@ -1,8 +1,8 @@
 """The benchmark's front page: report.md and report.html from JSONL records, with their charts.
 
-    python bench/report.py FILE.jsonl [...] [--out DIR] [--compare OLD.jsonl ...]
+    python bench/plot.py FILE.jsonl [...] [--out DIR] [--compare OLD.jsonl ...]
 
-(`bench/plot.py` takes the same arguments and also redraws the per-pass detail charts.)
+(`bench/plot.py` is the command: it writes this report and also the per-pass detail charts.)
 
 Per suite and pass the report compares our best impl with each peer measured in the same run
 (impls named ``llama_kernels*`` are ours; a suite's references, such as a plain copy of the same
@@ -24,7 +24,6 @@ our p20. Such ratios are greyed, not counted as wins or losses.
 
 from __future__ import annotations
 
-import argparse
 import html
 import itertools
 import json
@@ -732,19 +731,3 @@ def _ms(record: dict) -> str:
 
 def _first_line(text: str | None) -> str:
     return next(iter((text or "").strip().splitlines()), "")[:300]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
-    parser.add_argument("--out", type=Path, help="output folder (default: folder of the first file)")
-    parser.add_argument("--compare", nargs="+", type=Path, default=(), metavar="OLD.jsonl",
-                        help="earlier records of the same cases: draw before/after, flag regressions")
-    args = parser.parse_args(argv)
-    for path in write_report(args.files, args.out or args.files[0].parent, args.compare):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

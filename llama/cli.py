@@ -273,31 +273,13 @@ def seed(value: Optional[int], option: str = "--seed") -> Optional[int]:
     return value
 
 
-def _fits(value: object, hint: object) -> Optional[str]:
-    """None if `value` suits the type `hint`, else what was expected."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
-    return None
-
-
 def check_overrides(items: Sequence[str]) -> None:
     """`key=value` config overrides: known keys, values YAML can read, of the field's type."""
-    from .config import ModelConfig, parse_overrides
+    from .config import ModelConfig, parse_overrides, type_problem
 
     hints = typing.get_type_hints(ModelConfig)
     for item in items:
         for key, value in parse_overrides([item]).items():
-            expected = _fits(value, hints.get(key))
+            expected = type_problem(value, hints[key])
             if expected is not None:
                 raise UsageError(f"override: {key}: expected {expected}, got {value!r} (from {item!r})")

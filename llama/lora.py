@@ -90,7 +90,7 @@ from torch import nn
 from .atomic import write_dir
 from .formats.common import json_writer, open_safetensors, read_json, save_safetensors
 from .model import Linear, forget_joined
-from .quantize import QuantLinear
+from .quantize import QuantLinear, set_module, shared_parameters
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_VERSION", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoRAConfig",
@@ -165,20 +165,6 @@ def _suffix(fqn: str, pattern: str) -> bool:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, QuantLinear))
-
-
-def _shared_parameters(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name (tied weights)."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return {pid for pid, n in counts.items() if n > 1}
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _device_of(layer: nn.Module) -> torch.device:
@@ -483,7 +469,7 @@ def _apply(model: nn.Module, rank: int, alpha: float, dropout: float, targets: U
         raise ValueError(f"model: already has LoRA adapters on {len(existing)} layer(s) (e.g. "
                          f"{next(iter(existing))}); remove_lora(model) first")
     chosen = _select_layers(model, targets, targets_where)
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     for name in chosen:
         layer = model.get_submodule(name)
         if isinstance(layer, nn.Linear) and id(layer.weight) in shared:
@@ -495,7 +481,7 @@ def _apply(model: nn.Module, rank: int, alpha: float, dropout: float, targets: U
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, dtype))
+        set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, dtype))
     for p in trainable_params.values():
         p.requires_grad_(True)
     if record_targets is None:
@@ -549,7 +535,7 @@ def remove_lora(model: nn.Module, merge: bool = True, dequantize: bool = False,
         if not merge:
             layer.unmerge()
         layer.__dict__.pop("_merged_with", None)
-        _set_module(model, name, layer.base)
+        set_module(model, name, layer.base)
     model.__dict__.pop("lora_config", None)
     return model
 

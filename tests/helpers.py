@@ -1,4 +1,5 @@
 """Shared by the tests: tolerances by dtype, poisoning, which backends can run here, transformers."""
+import contextlib
 import importlib.util
 
 import pytest
@@ -32,6 +33,32 @@ def cpu_backends():
     if dispatch.unavailable("triton", torch.device("cpu")) is None:
         backends.append("triton")
     return backends
+
+
+def cpu_variants():
+    """cpu_backends(), plus "cpu@ISA" for every instruction set the C++ kernels were built for."""
+    backends = cpu_backends()
+    if "cpu" not in backends:
+        return backends
+    import llama_kernels
+
+    return backends + [f"cpu@{isa}" for isa in llama_kernels.capabilities().ext.cpu_isas()]
+
+
+@contextlib.contextmanager
+def backend_variant(name):
+    """Yields the backend of `name`; "cpu@avx2" runs the C++ backend's AVX2 build meanwhile."""
+    backend, _, isa = name.partition("@")
+    if isa:
+        import llama_kernels
+
+        ext = llama_kernels.capabilities().ext
+        ext.set_cpu_isa(isa)
+    try:
+        yield backend
+    finally:
+        if isa:
+            ext.set_cpu_isa("")
 
 
 def transformers_installed() -> bool:

@@ -9,31 +9,17 @@ import torch
 
 import llama_kernels
 from llama_kernels.ops import cross_entropy as ce_mod
-from tests.helpers import cpu_backends, poisoned
+from tests.helpers import backend_variant, cpu_backends, cpu_variants, poisoned
 
 
-def _variants():
-    backends = cpu_backends()
-    ext = llama_kernels.capabilities().ext
-    isas = [f"cpu@{isa}" for isa in ext.cpu_isas()] if "cpu" in backends else []
-    return backends + isas
-
-
-VARIANTS = _variants()
+VARIANTS = cpu_variants()
 
 
 @contextlib.contextmanager
 def _variant(name):
-    backend, _, isa = name.partition("@")
-    ext = llama_kernels.capabilities().ext
-    if isa:
-        ext.set_cpu_isa(isa)
-    try:
-        with llama_kernels.use_backend(backend):
-            yield backend
-    finally:
-        if isa:
-            ext.set_cpu_isa("")
+    """The variant as the forced backend (and ISA)."""
+    with backend_variant(name) as backend, llama_kernels.use_backend(backend):
+        yield backend
 
 
 def _problem(n, d, v, dtype=torch.float32, ignore=0, bias=False, seed=0):

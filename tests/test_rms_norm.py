@@ -1,4 +1,3 @@
-import contextlib
 import logging
 import threading
 
@@ -9,7 +8,7 @@ import llama_kernels
 from llama_kernels import dispatch
 from llama_kernels.cpu import rms_norm as cpu_rms_norm
 from llama_kernels.ops import rms_norm as rms_mod
-from tests.helpers import assert_close, cpu_backends, poisoned
+from tests.helpers import assert_close, backend_variant, cpu_backends, poisoned
 
 # Ragged hidden sizes (1000, 4097) and odd row counts, plus leading batch dims.
 SHAPES = [(1, 8), (3, 1000), (5, 4097), (2, 3, 256), (17, 64)]
@@ -49,20 +48,6 @@ def _reference_grads(x, w, dy, eps):
     return torch.autograd.grad(y, (x64, w64), dy.double())
 
 
-@contextlib.contextmanager
-def _backend_variant(name):
-    """'cpu@avx2' runs the C++ backend's AVX2 build; other names are plain backends."""
-    backend, _, isa = name.partition("@")
-    ext = llama_kernels.capabilities().ext
-    if isa:
-        ext.set_cpu_isa(isa)
-    try:
-        yield backend
-    finally:
-        if isa:
-            ext.set_cpu_isa("")
-
-
 @pytest.mark.parametrize("backend,dtype,w_dtype", CASES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_backend_matches_reference(backend, dtype, w_dtype, shape):
@@ -70,7 +55,7 @@ def test_forward_backend_matches_reference(backend, dtype, w_dtype, shape):
     x2 = x.reshape(-1, shape[-1])
     y = poisoned(x2.shape, dtype)
     rstd = poisoned(x2.shape[:1], torch.float32)
-    with _backend_variant(backend) as b:
+    with backend_variant(backend) as b:
         rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd)
 
     expected = llama_kernels.rms_norm_reference(x2, w, 1e-5)
@@ -91,7 +76,7 @@ def test_backward_backend_matches_reference(backend, dtype, w_dtype, shape, with
     rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + 1e-5)
     dx = poisoned(x2.shape, dtype)
     dw = poisoned(w.shape, w_dtype)
-    with _backend_variant(backend) as b:
+    with backend_variant(backend) as b:
         rms_mod.BACKWARD[b](dy, x2, w, rstd, dx, dw, *([ds] if with_ds else []))
 
     ref_dx, ref_dw = _reference_grads(x2, w, dy, 1e-5)
@@ -319,7 +304,7 @@ def test_add_forward_backend_matches_reference(backend, dtype, w_dtype, shape, w
     x2, h2 = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
     y, s = poisoned(x2.shape, dtype), poisoned(x2.shape, dtype)
     rstd = poisoned(x2.shape[:1], torch.float32) if with_rstd else None
-    with _backend_variant(backend) as b:
+    with backend_variant(backend) as b:
         rms_mod.FORWARD[b](x2, w, 1e-5, y, rstd, h2, s)
 
     ref_y, ref_s = llama_kernels.add_rms_norm_reference(x2, h2, w, 1e-5)

@@ -1,45 +1,19 @@
 """SwiGLU: every backend against the fp64 reference on ragged and strided shapes, with poisoned
 outputs; autograd through the public op; named errors; opcheck."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama_kernels
 from llama_kernels.ops import swiglu as swiglu_mod
-from tests.helpers import assert_close, cpu_backends, poisoned
+from tests.helpers import assert_close, backend_variant, cpu_backends, cpu_variants, poisoned
 
 SHAPES = [(1, 1), (3, 1000), (5, 4097), (2, 3, 256), (17, 65)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _cases():
-    ext = llama_kernels.capabilities().ext
-    backends = cpu_backends()
-    isas = [f"cpu@{isa}" for isa in ext.cpu_isas()] if "cpu" in backends else []
-    for backend in backends + isas:
-        for dtype in DTYPES:
-            if backend == "triton" and dtype == torch.bfloat16:
-                continue  # the interpreter computes bf16 wrongly; checked on a GPU
-            yield backend, dtype
-
-
-CASES = list(_cases())
-
-
-@contextlib.contextmanager
-def _variant(name):
-    """'cpu@avx2' runs the C++ backend's AVX2 build; other names are plain backends."""
-    backend, _, isa = name.partition("@")
-    ext = llama_kernels.capabilities().ext
-    if isa:
-        ext.set_cpu_isa(isa)
-    try:
-        yield backend
-    finally:
-        if isa:
-            ext.set_cpu_isa("")
+CASES = [(variant, dtype) for variant in cpu_variants() for dtype in DTYPES
+         if not (variant == "triton" and dtype == torch.bfloat16)]  # the interpreter gets bf16 wrong
 
 
 def _fused(rows, cols, dtype, scale=4.0):
@@ -69,7 +43,7 @@ def test_backends_match_the_reference(backend, dtype, shape):
     dy = torch.randn(rows, cols).to(dtype)
     y = poisoned((rows, cols), dtype)
     da, db = poisoned((rows, cols), dtype), poisoned((rows, cols), dtype)
-    with _variant(backend) as name:
+    with backend_variant(backend) as name:
         swiglu_mod.FORWARD[name](a, b, y)
         swiglu_mod.BACKWARD[name](dy, a, b, da, db)
     y64, da64, db64 = _expected(a, b, dy)

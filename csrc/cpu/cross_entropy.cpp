@@ -21,30 +21,6 @@ namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
 
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// e^x in 16 lanes for x <= 0 (every exponent here is a logit minus the row's maximum): relative
-// error about 2e-7 down to -87, 0 below; NaN stays NaN. x = n ln2 + r with |r| <= ln2 / 2, e^r
-// by its Taylor polynomial to degree 6, 2^n as exponent bits.
-inline vfloat exp_nonpositive(vfloat x_in) {
-  const vfloat x = x_in < -87.f ? vfloat{} - 87.f : x_in;
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat n = (x * 1.44269504088896341f + shifter) - shifter;
-  const vfloat r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  vfloat p = vfloat{} + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vint bits = (__builtin_convertvector(n == n ? n : vfloat{}, vint) + 127) << 23;
-  vfloat two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const vfloat e = p * two_n;
-  return x_in < -87.f ? vfloat{} : (x_in == x_in ? e : x_in);
-}
-
 // Up to 16 floats of a row (the rest `fill`).
 inline vfloat load_part(const float* p, int64_t n, float fill) {
   if (n == kLanes) return loadf(p);
@@ -81,7 +57,7 @@ void row(float* x, int64_t v, int64_t target, int64_t ignore_index, float smooth
   for (int64_t c = 0; c < v; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, v - c);
     const vfloat xv = load_part(x + c, n, -INFINITY);
-    vsum += exp_nonpositive(xv - shift);
+    vsum += exp16(xv - shift);
     if (smoothing != 0.f) vx += load_part(x + c, n, 0.f);
   }
   const float lse = shift + std::log(hsum(vsum));
@@ -94,7 +70,7 @@ void row(float* x, int64_t v, int64_t target, int64_t ignore_index, float smooth
   const float gain = scale * (1.f + 2.f * z_loss * lse), floor = scale * smoothing / static_cast<float>(v);
   for (int64_t c = 0; c < v; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, v - c);
-    const vfloat g = exp_nonpositive(load_part(x + c, n, -INFINITY) - lse) * gain - floor;
+    const vfloat g = exp16(load_part(x + c, n, -INFINITY) - lse) * gain - floor;
     if (n == kLanes) {
       std::memcpy(x + c, &g, sizeof(g));
     } else {

@@ -4,8 +4,8 @@
 // projection, so every tensor has its own row stride (last dims contiguous). The backward
 // recomputes the sigmoid from a instead of keeping the forward's activations.
 //
-// The exponential is our own (below), on 16-lane vectors that each ISA's build lowers to its
-// registers; a call to expf would not vectorise without -ffast-math.
+// The exponential is exp16 (cpu/simd.h), on 16-lane vectors that each ISA's build lowers to its
+// registers.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,34 +20,6 @@ namespace llama_kernels {
 namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
-
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// e^x in 16 lanes, relative error about 2e-7 on [-87, 88], inf above and 0 below, as the
-// reference's sigmoid needs at the tails (a NaN lane gives garbage, which is harmless here
-// because every output also multiplies by a): x = n ln2 + r with |r| <= ln2 / 2, e^r by its
-// Taylor polynomial to degree 6, 2^n as exponent bits. Adding 1.5 * 2^23 rounds to an integer;
-// ln2 is split in two so that n * ln2 is exact in the first part.
-inline vfloat exp16(vfloat x_in) {
-  vfloat x = x_in < -87.f ? vfloat{} - 87.f : x_in;
-  x = x > 88.f ? vfloat{} + 88.f : x;
-  const float shifter = 12582912.f;
-  const vfloat n = (x * 1.44269504088896341f + shifter) - shifter;
-  const vfloat r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  vfloat p = vfloat{} + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  vfloat e = p * two_n;
-  e = x_in > 88.f ? vfloat{} + INFINITY : e;
-  return x_in < -87.f ? vfloat{} : e;
-}
 
 inline vfloat sigmoid16(vfloat a) { return 1.f / (1.f + exp16(-a)); }
 

@@ -15,9 +15,10 @@ import dataclasses
 import math
 import re
 import sys
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import yaml
 
@@ -226,9 +227,10 @@ def _yaml_fields(path: str | Path) -> dict[str, Any]:
     return {**PRESETS.get(preset, {}), **data}
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`["dim=512", "rope_scaling=linear"]` -> typed values (YAML scalars), field names checked."""
-    known = {f.name for f in fields(ModelConfig)}
+def parse_overrides(items: Sequence[str], known: Optional[Iterable[str]] = None, what: str = "field") -> dict[str, Any]:
+    """`["dim=512", "rope_scaling=linear"]` -> typed values (YAML scalars), names checked against
+    `known` (default: ModelConfig's fields; `what` names them in errors)."""
+    known = {f.name for f in fields(ModelConfig)} if known is None else set(known)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -236,7 +238,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"override: expected key=value, got {item!r}")
         if key not in known:
-            raise ValueError(f"override: unknown field {key!r}; fields: {', '.join(sorted(known))}")
+            raise ValueError(f"override: unknown {what} {key!r}; {what}s: {', '.join(sorted(known))}")
         out[key] = override_value(value, f"override: {item!r}")
     return out
 
@@ -270,3 +272,39 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000, max_seq_len=4096),
 }
 
+
+def type_problem(value: Any, hint: Any) -> Optional[str]:
+    """None when `value` fits the type `hint` (bool, int, float, str, Optional/Union of them,
+    list[...], dict[str, ...]), else what was expected, in words. An int fits float, a bool fits
+    nothing but bool."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if any(type_problem(value, a) is None for a in args):
+            return None
+        return " or ".join(type_problem(None if a is type(None) else object(), a) or _name(a) for a in args)
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is list:
+        if not isinstance(value, list) or not all(type_problem(v, args[0]) is None for v in value):
+            return f"a list of {_name(args[0])}s"
+        return None
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and type_problem(v, args[1]) is None
+                                                  for k, v in value.items()):
+            return f"a mapping of names to {_name(args[1])}s"
+        return None
+    return None
+
+
+def _name(hint: Any) -> str:
+    return {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}.get(
+        hint, getattr(hint, "__name__", str(hint)))

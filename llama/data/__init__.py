@@ -36,7 +36,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..tokenizer import Tokenizer
-from .shards import TokenShards, WindowLoader, prepare, val_batches
+from .shards import TokenShards, WindowLoader, prepare, split_documents, val_batches
 
 __all__ = [
     "ChecksumError", "SampleFiles", "SampleUnavailable", "batches", "default_cache_dir",
@@ -257,13 +257,7 @@ def tokenize_file(tokenizer: Tokenizer, path: PathLike, *, split: str = "paragra
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"path: {str(path)!r} is not UTF-8 text (byte {e.start})") from None
-    if split == "paragraph":
-        docs = [p.strip("\n") for p in re.split(r"\n[^\S\n]*\n", text)]
-    elif split == "line":
-        docs = text.split("\n")
-    else:
-        docs = [text]
-    docs = [d for d in docs if d.strip()]
+    docs = split_documents(text, split)
     if not docs:
         raise ValueError(f"path: {str(path)!r} has no text")
     ids = tokenizer.encode_batch(docs, bos=bos, eos=eos, progress=progress)

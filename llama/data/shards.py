@@ -110,8 +110,9 @@ def _non_empty(directory: Path) -> bool:
         return any(True for _ in entries)
 
 
-def _documents(text: str, split: str) -> list[str]:
-    """The documents of a file's text, as llama.data.tokenize_file splits them."""
+def split_documents(text: str, split: str) -> list[str]:
+    """The non-blank documents of a text: "paragraph" (text between blank lines), "line" or
+    "file" (the whole text). llama.data.tokenize_file and prepare split alike."""
     if split == "paragraph":
         docs = [p.strip("\n") for p in re.split(r"\n[^\S\n]*\n", text)]
     elif split == "line":
@@ -188,7 +189,7 @@ def prepare(tokenizer: Union[Tokenizer, PathLike], inputs: Sequence[PathLike], o
     records, lengths = [], []
     for i, path in enumerate(paths):
         text, sha, size = _read_text(path, f"inputs[{i}]")
-        docs = _documents(text, split)
+        docs = split_documents(text, split)
         del text
         if not docs:
             raise ValueError(f"inputs[{i}]: {str(path)!r} has no text")
@@ -212,7 +213,7 @@ def prepare(tokenizer: Union[Tokenizer, PathLike], inputs: Sequence[PathLike], o
                 text, sha, _ = _read_text(path, f"inputs[{i}]")
                 if sha != records[i]["sha256"]:
                     raise ValueError(f"inputs[{i}]: {str(path)!r} changed while it was being tokenized")
-                docs = _documents(text, split)
+                docs = split_documents(text, split)
                 del text
                 for start in range(0, len(docs), _ENCODE_CHUNK):
                     part = docs[start:start + _ENCODE_CHUNK]

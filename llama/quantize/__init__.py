@@ -307,7 +307,7 @@ def model_size_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def _shared_parameters(model: nn.Module) -> set[int]:
+def shared_parameters(model: nn.Module) -> set[int]:
     """ids of parameters reachable under more than one name (tied weights)."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -315,7 +315,7 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return {pid for pid, n in counts.items() if n > 1}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -349,7 +349,7 @@ def _check_filter_fn(filter_fn: Any) -> None:
 def _select(model: nn.Module, config: QuantConfig,
             filter_fn: Optional[FilterFn]) -> tuple[list[str], list[str]]:
     """The Linear layers to quantize, and notes on those kept dense."""
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     chosen, kept = [], []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or (filter_fn is not None and not filter_fn(module, name)):
@@ -399,7 +399,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
             linear = model.get_submodule(name)
             if linear.weight.is_meta:
                 raise ValueError(f"{name}: its weight is on the meta device; load the weights first")
-            _set_module(model, name, QuantLinear.from_linear(linear, config))
+            set_module(model, name, QuantLinear.from_linear(linear, config))
     after = model_size_bytes(model)
     log.info("quantize_: %d linear layers to %s (group %d%s): %.2f MB -> %.2f MB (%.2f MB saved)",
              len(chosen), config.format, config.group_size, ", double quant" if config.double_quant else "",
@@ -411,7 +411,7 @@ def prepare_quantized(model: nn.Module, config: QuantConfig, layers: Sequence[st
     """Swap the named Linear layers for empty QuantLinear layers on the same device (meta, for
     a checkpoint's model), ready to take stored 4-bit tensors; quantizes nothing."""
     config = _as_config(config)
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     for name in layers:
         try:
             linear = model.get_submodule(name) if isinstance(name, str) and name else None
@@ -422,6 +422,6 @@ def prepare_quantized(model: nn.Module, config: QuantConfig, layers: Sequence[st
         if id(linear.weight) in shared:
             raise ValueError(f"quantization.layers: {name!r} is tied to another parameter, so it stays dense")
         w = linear.weight
-        _set_module(model, name, QuantLinear(linear.in_features, linear.out_features, config,
+        set_module(model, name, QuantLinear(linear.in_features, linear.out_features, config,
                                              bias=linear.bias is not None, device=w.device, dtype=w.dtype))
     return model

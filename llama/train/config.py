@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-from ..config import override_value
+from ..config import override_value, parse_overrides, type_problem
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -86,7 +86,7 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            problem = _type_problem(value, hints[f.name])
+            problem = type_problem(value, hints[f.name])
             if problem:
                 raise ValueError(f"{f.name}: expected {problem}, got {value!r}")
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches",
@@ -156,15 +156,7 @@ class TrainConfig:
                 raise ValueError(f"--config: {path}: not valid YAML ({' '.join(str(e).split())})") from None
             if not isinstance(raw, dict):
                 raise ValueError(f"--config: {path}: expected a mapping of training settings")
-        known = {f.name for f in fields(cls)}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"override: expected key=value, got {item!r}")
-            if key not in known:
-                raise ValueError(f"override: unknown key {key!r}; keys: {', '.join(sorted(known))}")
-            raw[key] = override_value(value, f"override: {item!r}")
+        raw.update(parse_overrides(overrides, known=[f.name for f in fields(cls)], what="key"))
         return cls.from_dict({k: _numeric(v) for k, v in raw.items()}, str(path) if path is not None else "config")
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,38 +166,3 @@ class TrainConfig:
 def _numeric(value: Any) -> Any:
     """YAML 1.1 reads `1e-5` (no dot) as text, in a file as in an override; read it as a number."""
     return override_value(value) if isinstance(value, str) and value.strip() else value
-
-
-def _type_problem(value: Any, hint: Any) -> Optional[str]:
-    """None when `value` fits the type hint, else what was expected (in words)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Union:
-        if any(_type_problem(value, a) is None for a in args):
-            return None
-        return " or ".join(_type_problem(None if a is type(None) else object(), a) or _name(a) for a in args)
-    if hint is type(None):
-        return None if value is None else "null"
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
-    if origin is list:
-        if not isinstance(value, list) or not all(_type_problem(v, args[0]) is None for v in value):
-            return f"a list of {_name(args[0])}s"
-        return None
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and _type_problem(v, args[1]) is None
-                                                  for k, v in value.items()):
-            return f"a mapping of names to {_name(args[1])}s"
-        return None
-    return None
-
-
-def _name(hint: Any) -> str:
-    return {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
