@@ -10,7 +10,8 @@ AdamW's update is torch.optim.AdamW's (decoupled weight decay, bias correction),
 `correct_bias` switch of the BERT-era AdamW (minllama's) to leave the moments uncorrected. Its
 default is fused: one C++ call over every CPU parameter of a group, torch's foreach ops elsewhere
 (`fused=False` takes the plain per-tensor reference, for comparison). Parameters must be fp32
-(master weights); gradients may be fp32, fp16 or bf16.
+(master weights); gradients may be fp32, fp16 or bf16. Parameters sharded by FSDP (DTensors) are
+updated shard by shard: each rank steps its local part, the moments sharded alike.
 """
 from __future__ import annotations
 
@@ -75,10 +76,12 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+                # Sharded parameters (DTensors, under FSDP): the step updates this rank's shards.
+                param, grad, m, v = (_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                grad = grad if grad.is_contiguous() else grad.contiguous()
                 # One call per (device, grad dtype, step): tensors that joined late have their own count.
-                lists = by_kind.setdefault((p.device, grad.dtype, state["step"]), [[], [], [], []])
-                for lst, t in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
+                lists = by_kind.setdefault((param.device, grad.dtype, state["step"]), [[], [], [], []])
+                for lst, t in zip(lists, (param, grad, m, v)):
                     lst.append(t)
             for (_device, _dtype, step), (ps, gs, ms, vs) in by_kind.items():
                 contiguous = [p if p.is_contiguous() else p.contiguous() for p in ps]
@@ -92,6 +95,12 @@ class AdamW(torch.optim.Optimizer):
                     if c is not p:
                         p.copy_(c)
         return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: updating it updates the DTensor), else `t`."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 # ============================================================================ parameter groups

@@ -58,3 +58,22 @@ def tokenizer(sample, tmp_path_factory):
     from llama.tokenizer import train
 
     return train([sample.text], 384, tmp_path_factory.mktemp("tok"), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    """A prepared token folder (llama.data.prepare) from generated text, with a 300-piece
+    tokenizer trained on it: training tests need no network and no sample."""
+    import random
+
+    from llama.data import prepare
+    from llama.tokenizer import train as train_tokenizer
+
+    root = tmp_path_factory.mktemp("train-data")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(120)]
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(400))
+    (root / "text.txt").write_text(text + "\n", encoding="utf-8")
+    tok = train_tokenizer([root / "text.txt"], 300, root / "tok", quiet=True)
+    prepare(tok, [root / "text.txt"], root / "shards", val_fraction=0.1, progress=False)
+    return root / "shards"

@@ -73,3 +73,25 @@ def require_transformers():
     import transformers
 
     return transformers
+
+
+def tiny_train_config(shards, out, **changes):
+    """A TrainConfig for a tiny run on `shards` (2 layers of width 32, batch 4 of 32 tokens,
+    8 steps, a loss logged every step), with `changes` applied."""
+    from llama.train import TrainConfig
+
+    base = dict(model="stories260K", model_overrides=["vocab_size=300", "dim=32", "n_heads=4", "n_kv_heads=2",
+                                                      "n_layers=2", "max_seq_len=64"],
+                data=str(shards), seq_len=32, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=8, log_every=1,
+                eval_every=4, eval_batches=2, save_every=4, out_dir=str(out), dropout=0.1, sample_tokens=0)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def logged_losses(out):
+    """{step: training loss} from a run's metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}

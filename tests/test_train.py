@@ -2,7 +2,6 @@
 process and after SIGKILL), SIGTERM, a diverged loss, fused against eager ops, LoRA."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,39 +12,14 @@ import pytest
 import torch
 
 import llama
-from llama.data import prepare
-from llama.tokenizer import train as train_tokenizer
 from llama.train import TrainConfig, TrainingDiverged, build_run, latest_checkpoint
 from llama.train.__main__ import main as train_main
+from tests.helpers import logged_losses, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """A prepared token folder from generated text and a 300-piece tokenizer trained on it."""
-    root = tmp_path_factory.mktemp("train-data")
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(120)]
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(400))
-    (root / "text.txt").write_text(text + "\n", encoding="utf-8")
-    tok = train_tokenizer([root / "text.txt"], 300, root / "tok", quiet=True)
-    prepare(tok, [root / "text.txt"], root / "shards", val_fraction=0.1, progress=False)
-    return root / "shards"
-
-
-def _config(shards, out, **changes):
-    base = dict(model="stories260K", model_overrides=["vocab_size=300", "dim=32", "n_heads=4", "n_kv_heads=2",
-                                                      "n_layers=2", "max_seq_len=64"],
-                data=str(shards), seq_len=32, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=8, log_every=1,
-                eval_every=4, eval_batches=2, save_every=4, out_dir=str(out), dropout=0.1, sample_tokens=0)
-    base.update(changes)
-    return TrainConfig(**base)
-
-
-def _losses(out):
-    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+_config = tiny_train_config
 
 
 # ----------------------------------------------------------------------------- config
@@ -83,11 +57,11 @@ def test_demo_config_is_valid():
 
 
 # ----------------------------------------------------------------------------- a run
-def test_a_short_run_learns_and_leaves_its_files(shards, tmp_path):
+def test_a_short_run_learns_and_leaves_its_files(train_shards, tmp_path):
     out = tmp_path / "run"
-    trainer = build_run(_config(shards, out, max_steps=24, eval_every=12, save_every=12, keep_last=1))
+    trainer = build_run(_config(train_shards, out, max_steps=24, eval_every=12, save_every=12, keep_last=1))
     result = trainer.fit()
-    losses = _losses(out)
+    losses = logged_losses(out)
     assert len(losses) == 24
     assert sum(list(losses.values())[-4:]) < sum(list(losses.values())[:4]) - 0.4  # it learns
     assert result["val_ppl"] > 1 and not result["stopped_early"]
@@ -99,9 +73,9 @@ def test_a_short_run_learns_and_leaves_its_files(shards, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_resume_continues_exactly(shards, tmp_path):
+def test_resume_continues_exactly(train_shards, tmp_path):
     whole = tmp_path / "whole"
-    build_run(_config(shards, whole)).fit()
+    build_run(_config(train_shards, whole)).fit()
 
     part = tmp_path / "part"
 
@@ -109,30 +83,30 @@ def test_resume_continues_exactly(shards, tmp_path):
         if step == 3:
             trainer.stop_requested = True
 
-    trainer = build_run(_config(shards, part), on_step=stop_at_3)
+    trainer = build_run(_config(train_shards, part), on_step=stop_at_3)
     assert trainer.fit()["stopped_early"]
     assert latest_checkpoint(part).name == "step_00000003"
-    build_run(_config(shards, part, resume=True)).fit()
-    assert _losses(part) == _losses(whole)  # bit for bit on the CPU, dropout included
+    build_run(_config(train_shards, part, resume=True)).fit()
+    assert logged_losses(part) == logged_losses(whole)  # bit for bit on the CPU, dropout included
     a, b = llama.load(whole / "final").model, llama.load(part / "final").model
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
 
 
-def test_resume_after_sigkill_and_sigterm(shards, tmp_path):
+def test_resume_after_sigkill_and_sigterm(train_shards, tmp_path):
     """A run killed with SIGKILL (it saves every step, so the kill can land inside a save) and
     one stopped by SIGTERM both resume to the losses of an uninterrupted run."""
     whole = tmp_path / "whole"
-    build_run(_config(shards, whole, max_steps=10, save_every=1)).fit()
+    build_run(_config(train_shards, whole, max_steps=10, save_every=1)).fit()
     for sig in (signal.SIGKILL, signal.SIGTERM):
         out = tmp_path / f"killed-{sig}"
-        args = [f"{k}={json.dumps(v)}" for k, v in _config(shards, out, max_steps=10, save_every=1).to_dict().items()
+        args = [f"{k}={json.dumps(v)}" for k, v in _config(train_shards, out, max_steps=10, save_every=1).to_dict().items()
                 if v is not None]
         child = subprocess.Popen([sys.executable, "-m", "llama.train", *args], cwd=tmp_path,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
-            if len(_losses(out) if (out / "metrics.jsonl").exists() else {}) >= 4:
+            if len(logged_losses(out) if (out / "metrics.jsonl").exists() else {}) >= 4:
                 break
             time.sleep(0.02)
         child.send_signal(sig)
@@ -140,15 +114,15 @@ def test_resume_after_sigkill_and_sigterm(shards, tmp_path):
         if sig == signal.SIGTERM:
             assert child.returncode == 0, child.stderr.read().decode()[-2000:]
         assert latest_checkpoint(out) is not None
-        build_run(_config(shards, out, max_steps=10, save_every=1, resume=True)).fit()
-        assert _losses(out) == _losses(whole), sig
+        build_run(_config(train_shards, out, max_steps=10, save_every=1, resume=True)).fit()
+        assert logged_losses(out) == logged_losses(whole), sig
         leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
         assert not leftovers
 
 
-def test_a_diverged_loss_stops_without_saving(shards, tmp_path):
+def test_a_diverged_loss_stops_without_saving(train_shards, tmp_path):
     out = tmp_path / "nan"
-    trainer = build_run(_config(shards, out, save_every=1))
+    trainer = build_run(_config(train_shards, out, save_every=1))
     real = trainer.loss
 
     def poisoned(x, y):
@@ -161,28 +135,28 @@ def test_a_diverged_loss_stops_without_saving(shards, tmp_path):
     assert latest_checkpoint(out).name == "step_00000003"
 
 
-def test_fused_and_eager_ops_train_alike(shards, tmp_path):
+def test_fused_and_eager_ops_train_alike(train_shards, tmp_path):
     results = {}
     for fused in (True, False):
         out = tmp_path / f"fused-{fused}"
-        trainer = build_run(_config(shards, out, fused=fused, max_steps=3, dropout=0.0, label_smoothing=0.1,
+        trainer = build_run(_config(train_shards, out, fused=fused, max_steps=3, dropout=0.0, label_smoothing=0.1,
                                     z_loss=1e-3))
         trainer.fit()
-        results[fused] = (_losses(out), trainer.model.state_dict())
+        results[fused] = (logged_losses(out), trainer.model.state_dict())
     for step, loss in results[True][0].items():
         assert loss == pytest.approx(results[False][0][step], rel=1e-5, abs=1e-5)
     for name, t in results[True][1].items():
         torch.testing.assert_close(t, results[False][1][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_lora_trains_only_the_adapters_and_resumes(shards, tmp_path):
+def test_lora_trains_only_the_adapters_and_resumes(train_shards, tmp_path):
     base_dir = tmp_path / "base"
-    build_run(_config(shards, base_dir, max_steps=2)).fit()
+    build_run(_config(train_shards, base_dir, max_steps=2)).fit()
     base = llama.load(base_dir / "final").model
     cfg = dict(init_from=str(base_dir / "final"), lora=True, lora_rank=4, trainable=["norm"], max_steps=6,
                save_every=3, lr=1e-2)
     out = tmp_path / "lora"
-    trainer = build_run(_config(shards, out, **cfg))
+    trainer = build_run(_config(train_shards, out, **cfg))
     trainer.fit()
     base_state = base.state_dict()
     tuned = trainer.model.state_dict()
@@ -197,7 +171,7 @@ def test_lora_trains_only_the_adapters_and_resumes(shards, tmp_path):
         if step == 3:
             t.stop_requested = True
 
-    t = build_run(_config(shards, resumed_out, **cfg), on_step=stop_at_3)
+    t = build_run(_config(train_shards, resumed_out, **cfg), on_step=stop_at_3)
     t.fit()
-    build_run(_config(shards, resumed_out, resume=True, **cfg)).fit()
-    assert _losses(resumed_out) == _losses(out)
+    build_run(_config(train_shards, resumed_out, resume=True, **cfg)).fit()
+    assert logged_losses(resumed_out) == logged_losses(out)

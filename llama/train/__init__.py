@@ -22,6 +22,11 @@ What a run leaves in `out_dir`:
     loss.png                     the loss curves, drawn at the end
     final/                       the trained model (native), or the adapters with LoRA
 
+Under `torchrun --nproc_per_node N` the run is data-parallel with FSDP2 (distributed.py): every
+rank trains on its share of each global batch of `batch_size` rows, and checkpoints are sharded
+with torch.distributed.checkpoint (model + optimizer moments in `*.distcp` files beside the same
+trainer_state.json); they resume at any world size, a single process included.
+
 `resume=true` continues from the newest checkpoint with the model, optimizer, schedule, data
 position and RNG states, so that on a CPU the losses after resuming equal those of a run that
 was never stopped. SIGINT and SIGTERM finish the current step, save and return. A NaN or inf

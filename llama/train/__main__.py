@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 from .. import cli
 from ..api import LLaMA
-from . import build_run
+from ..checkpoint import load_model
+from . import build_run, distributed
 from .config import TrainConfig
 
 
@@ -28,8 +29,13 @@ def _run(args: argparse.Namespace) -> int:
         cli.input_path(args.config, "--config")
     cfg = TrainConfig.from_spec(args.config, args.overrides + (["resume=true"] if args.resume else []))
     cli.output_dir(cfg.out_dir, "out_dir")
-    trainer = build_run(cfg)
-    result = trainer.fit()
+    try:
+        trainer = build_run(cfg)
+        result = trainer.fit()
+    finally:
+        distributed.teardown()
+    if distributed.rank_from_env() != 0:  # under torchrun, rank 0 reports
+        return 0
     if result.get("stopped_early"):
         print(f"stopped at step {trainer.step}; continue with --resume (checkpoints in {cfg.out_dir})")
         return 0
@@ -37,9 +43,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     print(f"model: {cfg.out_dir}/final   metrics: {cfg.out_dir}/metrics.jsonl   curve: {cfg.out_dir}/loss.png")
     if trainer.tokenizer is not None and cfg.sample_tokens:
-        trainer.model.eval()
+        # sharded (torchrun): the parameters were gathered into final/ and are read from there
+        model = load_model(f"{cfg.out_dir}/final") if distributed.launched() else trainer.model
+        model.eval()
         prompt = "I"
-        text = LLaMA(trainer.model, trainer.tokenizer).generate(prompt, max_new_tokens=cfg.sample_tokens,
+        text = LLaMA(model, trainer.tokenizer).generate(prompt, max_new_tokens=cfg.sample_tokens,
                                                                temperature=0.8, seed=cfg.seed)
         print(f"sample: {prompt}{text}")
     return 0

@@ -38,7 +38,7 @@ class TrainConfig:
     data_weights: Optional[dict[str, float]] = None
     tokenizer: Optional[str] = None
     seq_len: int = 256
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch: under torchrun, split evenly across the ranks
     grad_accum: int = 1
     # optimizer and schedule
     lr: float = 3e-4

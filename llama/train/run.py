@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..lora import apply_lora
 from ..model import Transformer, build as build_model
 from ..tokenizer import Tokenizer
+from . import distributed
 from .config import TrainConfig
 from .trainer import Trainer
 
@@ -71,7 +72,16 @@ def make_data(cfg: TrainConfig) -> tuple[Any, Any, Any, int]:
 
 
 def build(cfg: TrainConfig, on_step: Optional[Callable[[int, dict], None]] = None) -> Trainer:
+    """The Trainer for `cfg`. Under torchrun with several ranks, this starts the process group
+    (llama.train.distributed) and the Trainer shards the model with FSDP2; every rank builds the
+    same model and loader from the same seed, and trains on its rows of each global batch."""
     device = resolve_device(cfg.device)
+    if distributed.launched():
+        ranks = distributed.world_size_from_env()
+        if cfg.batch_size % ranks:
+            raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the number of ranks "
+                             f"(WORLD_SIZE={ranks}); the global batch is split evenly across them")
+        device = distributed.setup(device)
     torch.manual_seed(cfg.seed)
     loader, val, tokenizer, vocab = make_data(cfg)
     model = make_model(cfg, vocab, device)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,10 +25,11 @@ import llama_kernels
 from ..atomic import atomic_file, write_bytes, write_dir
 from ..checkpoint import load_model, save
 from ..data import val_batches
-from ..formats.native import native_files
+from ..formats.native import native_files, save_native
 from ..lora import save_adapters
 from ..model import Linear, Transformer
 from ..optim import AdamW, cosine_schedule, param_groups
+from . import distributed as dist
 from .config import TrainConfig
 
 __all__ = ["Trainer", "TrainingDiverged", "latest_checkpoint"]
@@ -37,6 +40,7 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer.safetensors"
 TRAINABLE = "trainable.safetensors"
 STATE_VERSION = 1
+SHARDS_STAGING = ".{}.shards"  # where the ranks write a sharded checkpoint before it is put in place
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,6 +84,14 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`src`'s content at `dst`: a hard link where the filesystem allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 # ============================================================================ the trainer
 class Trainer:
     """Trains `model` on `data` as `config` says (see the module docstring).
@@ -106,6 +118,17 @@ class Trainer:
         model.gradient_checkpointing = config.gradient_checkpointing
         if hasattr(model, "use_fused_ops"):
             model.use_fused_ops(config.fused)
+        # Under torchrun (a process group started by llama.train.distributed.setup): FSDP2.
+        self.root = None
+        self.rows = slice(None)
+        if dist.is_distributed():
+            for name, bad in (("lora", config.lora), ("compile", config.compile)):
+                if bad:
+                    raise ValueError(f"{name}: not supported in distributed (FSDP) training yet; run it in a "
+                                     "single process, or set it to false")
+            self.rows = dist.local_rows(config.batch_size)
+            self.root = dist.shard_model(model)
+        self.rank = dist.rank()
         self.names = {}
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in self.names:
@@ -126,6 +149,11 @@ class Trainer:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean token loss of one micro-batch (with label smoothing and z-loss as configured)."""
+        if self.root is not None:  # sharded: inside the root's forward, its parameters are gathered
+            return self.root(self._loss, x, y)
+        return self._loss(x, y)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dtype = AUTOCAST.get(cfg.dtype)
         ctx = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -157,7 +185,8 @@ class Trainer:
             for stream in streams:
                 for x, y in stream:
                     x, y = x.to(self.device), y.to(self.device)
-                    loss = self.model(x, y)  # the fused loss when the model trains on fused ops
+                    # the fused loss when the model trains on fused ops (every rank: the whole batch)
+                    loss = self.model(x, y) if self.root is None else self.root(self.model, x, y)
                     total += float(loss) * y.numel()
                     count += y.numel()
         finally:
@@ -174,12 +203,16 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.resume()
-        self._trim_metrics()
+        if self.rank == 0:
+            self._trim_metrics()
+        dist.barrier()
         self.model.train()
         last: dict[str, Any] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.rank != 0)
         with self._signals(), bar:
-            while self.step < cfg.max_steps and not self.stop_requested:
+            stopping = self._stopping()
+            while self.step < cfg.max_steps and not stopping:
                 started = time.perf_counter()
                 loss = self._one_step()
                 self.step += 1
@@ -190,34 +223,45 @@ class Trainer:
                         "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": self.tokens_seen}
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if (self.step % cfg.log_every == 0 or self.step == cfg.max_steps) and self.rank == 0:
                     self._log(last)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     evaluated = self.evaluate()
                     if evaluated:
                         last.update(evaluated)
-                        self._log({"step": self.step, **evaluated})
+                        if self.rank == 0:
+                            self._log({"step": self.step, **evaluated})
                         bar.write(f"step {self.step}: val loss {evaluated['val_loss']:.4f}, "
                                   f"perplexity {evaluated['val_ppl']:.2f}")
                 if self.on_step is not None:
                     self.on_step(self.step, last)
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self.stop_requested:
+                stopping = self._stopping()
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or stopping:
                     self.save_checkpoint()
         if self.step >= cfg.max_steps:
             self.save_final()
-            self.plot()
+            if self.rank == 0:
+                self.plot()
         last["stopped_early"] = self.step < cfg.max_steps
         return last
+
+    def _stopping(self) -> bool:
+        """Whether a stop was asked (on any rank: all ranks stop after the same step)."""
+        if self.root is None:
+            return self.stop_requested
+        self.stop_requested = dist.any_rank(self.stop_requested, self.device)
+        return self.stop_requested
 
     def _one_step(self) -> float:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            x, y = self.data.next_batch()
+            x, y = self.data.next_batch()  # the global batch; this rank trains on its rows
+            x, y = x[self.rows], y[self.rows]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss = self.loss(x, y)
-            value = float(loss.detach())
+            value = dist.all_reduce_mean(float(loss.detach()), self.device)  # the global batch's mean
             if not math.isfinite(value):
                 last = latest_checkpoint(self.out_dir)
                 raise TrainingDiverged(
@@ -301,6 +345,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write out_dir/checkpoints/step_XXXXXXXX atomically; keep the newest `keep_last`."""
+        if self.root is not None:
+            return self._save_sharded()
         tensors: dict[str, torch.Tensor] = {}
         optim = {}
         for group in self.optimizer.param_groups:
@@ -309,19 +355,7 @@ class Trainer:
                 if st:
                     name = self.names[id(p)]
                     optim[name] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = list(torch.cuda.get_rng_state_all())
-        state = {
-            "version": STATE_VERSION,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "config": self.config.to_dict(),
-            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-            "optimizer": _split(optim, tensors, "optimizer"),
-            "data": _split(self.data.state_dict(), tensors, "data"),
-            "rng": _split(rng, tensors, "rng"),
-        }
+        state = self._trainer_state(optim, tensors)
         files: dict[str, Callable[[Path], None]] = {}
         if self._lora():
             trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
@@ -344,6 +378,88 @@ class Trainer:
         for old in steps[:-self.config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _trainer_state(self, optim: Any, tensors: dict[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "config": self.config.to_dict(),
+            **extra,
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "optimizer": _split(optim, tensors, "optimizer"),
+            "data": _split(self.data.state_dict(), tensors, "data"),
+            "rng": _split(rng, tensors, "rng"),
+        }
+
+    def _sharded_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of a sharded checkpoint, by name: the model's, then the optimizer moments."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st:
+                    name = self.names[id(p)]
+                    out[f"optim.{name}.exp_avg"] = st["exp_avg"]
+                    out[f"optim.{name}.exp_avg_sq"] = st["exp_avg_sq"]
+        return out
+
+    def _save_sharded(self) -> Path:
+        """Every rank writes its shards (torch.distributed.checkpoint) into a hidden staging folder;
+        rank 0 adds the trainer state and puts the whole folder in place in one step."""
+        import torch.distributed.checkpoint as dcp
+
+        root = self.out_dir / CHECKPOINTS
+        path = root / f"step_{self.step:08d}"
+        staging = root / SHARDS_STAGING.format(path.name)
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted save's
+        dist.barrier()
+        dcp.save(self._sharded_state(), checkpoint_id=str(staging))
+        dist.barrier()
+        if self.rank == 0:
+            steps = {self.names[id(p)]: {"step": st["step"]} for g in self.optimizer.param_groups
+                     for p in g["params"] if (st := self.optimizer.state.get(p))}
+            tensors: dict[str, torch.Tensor] = {}
+            state = self._trainer_state(steps, tensors, sharded=True, world_size=dist.world_size(),
+                                        model=self.model.config.to_dict())
+            files: dict[str, Callable[[Path], None]] = {
+                f.name: (lambda p, f=f: _link_or_copy(f, p)) for f in sorted(staging.iterdir()) if f.is_file()}
+            files[STATE_TENSORS] = lambda p: save_file(tensors, str(p))
+            text = json.dumps(state, indent=1) + "\n"
+            files[STATE_JSON] = lambda p: p.write_text(text, encoding="utf-8")  # last: marks the folder complete
+            write_dir(path, files, stale=lambda name: True)  # nothing of an older folder is kept
+            shutil.rmtree(staging, ignore_errors=True)
+            self._prune()
+        dist.barrier()
+        return path
+
+    def _load_sharded(self, path: Path, state: dict[str, Any], where: str) -> None:
+        """Model and optimizer moments from a sharded checkpoint, at this run's world size."""
+        import torch.distributed.checkpoint as dcp
+
+        by_name = {name: self._param(p_id) for p_id, name in self.names.items()}
+        steps = state["optimizer"]
+        if not isinstance(steps, dict):
+            raise ValueError(f"{where}: optimizer: expected a mapping of parameter names")
+        for name, st in steps.items():
+            if name not in by_name:
+                raise ValueError(f"{where}: optimizer state for unknown parameter {name}")
+            p = by_name[name]
+            self.optimizer.state[p] = {"step": int(st["step"]), "exp_avg": torch.zeros_like(p),
+                                       "exp_avg_sq": torch.zeros_like(p)}
+        wanted = self._sharded_state()
+        try:
+            with warnings.catch_warnings():  # a single process loading shards is what is meant here
+                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+                dcp.load(wanted, checkpoint_id=str(path), no_dist=not dist.is_distributed())
+        except Exception as e:  # DCP reports a missing or mis-shaped tensor as a CheckpointException
+            raise ValueError(f"{path}: does not fit this model and optimizer ({' '.join(str(e).split())[:500]})") \
+                from None
+
     def resume(self) -> Optional[Path]:
         """Load the newest checkpoint into the model, optimizer, schedule, data and RNGs."""
         path = latest_checkpoint(self.out_dir)
@@ -357,7 +473,9 @@ class Trainer:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"{where}: not a trainer state of version {STATE_VERSION}")
         tensors = load_file(str(path / STATE_TENSORS))
-        if self._lora():
+        if state.get("sharded"):
+            self._load_sharded(path, state, where)
+        elif self._lora():
             saved = load_file(str(path / TRAINABLE))
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             if set(saved) != set(params):
@@ -368,18 +486,26 @@ class Trainer:
                     p.copy_(saved[n])
         else:
             loaded = load_model(path)
-            self.model.load_state_dict(loaded.state_dict(), strict=False)
             missing = set(self.model.state_dict()) - set(loaded.state_dict())
             if missing:
                 raise ValueError(f"{path}: missing tensor(s) {', '.join(sorted(missing)[:5])}")
-        optim = _join(state["optimizer"], tensors, where)
-        by_name = {name: p for p_id, name in self.names.items() for p in [self._param(p_id)]}
-        for name, st in optim.items():
-            if name not in by_name:
-                raise ValueError(f"{where}: optimizer state for unknown parameter {name}")
-            p = by_name[name]
-            self.optimizer.state[p] = {"step": int(st["step"]), "exp_avg": st["exp_avg"].to(p.device),
-                                       "exp_avg_sq": st["exp_avg_sq"].to(p.device)}
+            if self.root is None:
+                self.model.load_state_dict(loaded.state_dict(), strict=False)
+            else:  # a single-process checkpoint resumed under FSDP: each rank takes its shards
+                full = loaded.state_dict()
+                with torch.no_grad():
+                    for name, t in self.model.state_dict().items():
+                        t.copy_(dist.shard_like(full[name], t))
+        if not state.get("sharded"):
+            optim = _join(state["optimizer"], tensors, where)
+            by_name = {name: p for p_id, name in self.names.items() for p in [self._param(p_id)]}
+            for name, st in optim.items():
+                if name not in by_name:
+                    raise ValueError(f"{where}: optimizer state for unknown parameter {name}")
+                p = by_name[name]
+                self.optimizer.state[p] = {"step": int(st["step"]),
+                                           "exp_avg": dist.shard_like(st["exp_avg"].to(p.device), p),
+                                           "exp_avg_sq": dist.shard_like(st["exp_avg_sq"].to(p.device), p)}
         sched = dict(self.scheduler.state_dict())
         sched.update(state["scheduler"])
         self.scheduler.load_state_dict(sched)
@@ -402,6 +528,12 @@ class Trainer:
     def save_final(self) -> Path:
         """out_dir/final: the trained model (native), or only the adapters with LoRA."""
         out = self.out_dir / "final"
+        if self.root is not None:  # gathered from the shards (every rank), written by rank 0
+            state = {name: dist.full_tensor(t.detach()).to("cpu") for name, t in self.model.state_dict().items()}
+            if self.rank == 0:
+                save_native(state, self.model.config, out, None)
+            dist.barrier()
+            return out
         if self._lora():
             save_adapters(self.model, out)
         else:
