@@ -175,3 +175,18 @@ def test_lora_trains_only_the_adapters_and_resumes(train_shards, tmp_path):
     t.fit()
     build_run(_config(train_shards, resumed_out, resume=True, **cfg)).fit()
     assert logged_losses(resumed_out) == logged_losses(out)
+
+
+def test_tensorboard_is_optional(train_shards, tmp_path):
+    """tensorboard=true writes event files where the package is installed, and is refused by
+    name, before training, where it is not."""
+    import importlib.util
+
+    cfg = _config(train_shards, tmp_path / "tb", max_steps=2, tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match=r"tensorboard: needs the tensorboard package"):
+            build_run(cfg)
+        assert not (tmp_path / "tb" / "metrics.jsonl").exists()
+    else:
+        build_run(cfg).fit()
+        assert any((tmp_path / "tb" / "tensorboard").iterdir())

@@ -141,6 +141,14 @@ class Trainer:
                                correct_bias=config.correct_bias)
         self.scheduler = cosine_schedule(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.forward = torch.compile(model) if config.compile else model
+        self.tensorboard = None
+        if config.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(f"tensorboard: needs the tensorboard package ({e}); pip install tensorboard, "
+                                 "or set tensorboard=false (metrics.jsonl has the same figures)") from None
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ loss
     def _head_weight(self) -> Optional[torch.Tensor]:
@@ -281,6 +289,11 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def _trim_metrics(self) -> None:
         """Drop records past the current step (a run resumed from an earlier checkpoint)."""
