@@ -30,8 +30,11 @@ and parameter counts against the safetensors or .pt contents), every config fiel
 type-checked and named when wrong, and a path that is a FIFO, socket or device is refused
 before it is opened; so loading costs at most a small multiple of the file's size. Dense
 tensors must be float32, float16 or bfloat16 unless `dtype` asks for a cast.
-Every write is atomic (llama.atomic): a failed save leaves the previous checkpoint at that path
-untouched.
+Every write is atomic (llama.atomic): a directory checkpoint is assembled beside its path and
+exchanged with the old one in one step, so a failed or killed save leaves the whole previous
+checkpoint or the whole new one, never a mix; a second save to the same path while one runs fails
+with llama.atomic.SaveInProgressError. A model with LoRA adapters is refused: merge them
+(llama.lora.remove_lora) or save the adapters apart (llama.lora.save_adapters).
 
 RoPE: our model rotates half-split pairs (i, i + D/2), as Hugging Face does. Meta, llama2.c and
 minllama rotate interleaved pairs (2i, 2i + 1); their wq/wk rows are permuted on the way in
