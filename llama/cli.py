@@ -4,7 +4,8 @@ Exit status, the same for every tool:
 
     0    done
     1    could not be done for a reason outside the command line (llama.data: the sample
-         cannot be downloaded, or the download does not match its checksum)
+         cannot be downloaded, or the download does not match its checksum; another process is
+         saving to the same output; llama.train: the loss diverged)
     2    a mistake in the command line: a bad option value, a path that is missing, unreadable,
          of the wrong kind (a directory, a FIFO) or unwritable, an output that would replace a
          checkpoint, a size that does not fit in memory; argparse's own errors (an unknown or
@@ -30,6 +31,8 @@ import sys
 import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from .atomic import SaveInProgressError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -102,6 +105,9 @@ def run(parse: Callable[[Optional[Sequence[str]]], argparse.Namespace],
         return status
     except BrokenPipeError:
         return _stdout_gone()
+    except SaveInProgressError as exc:  # another process writes the same output: not a bug
+        error(describe(exc))
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         error("interrupted")
         return EXIT_INTERRUPTED

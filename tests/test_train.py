@@ -190,3 +190,17 @@ def test_tensorboard_is_optional(train_shards, tmp_path):
     else:
         build_run(cfg).fit()
         assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_cli_reports_a_diverged_run_in_one_line(train_shards, tmp_path, capsys, monkeypatch):
+    from llama.train import trainer as trainer_mod
+
+    def diverge(self, x, y):
+        return torch.tensor(float("inf"), requires_grad=True)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "loss", diverge)
+    args = [f"{k}={json.dumps(v)}" for k, v in _config(train_shards, tmp_path / "inf").to_dict().items()
+            if v is not None]
+    assert train_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: loss is inf at step 1")

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from .. import cli
 from ..api import LLaMA
 from ..checkpoint import load_model
-from . import build_run, distributed
+from . import TrainingDiverged, build_run, distributed
 from .config import TrainConfig
 
 
@@ -32,6 +32,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trainer = build_run(cfg)
         result = trainer.fit()
+    except TrainingDiverged as e:  # not a bug and not a bad argument: the run failed
+        cli.error(str(e))
+        return cli.EXIT_FAILURE
     finally:
         distributed.teardown()
     if distributed.rank_from_env() != 0:  # under torchrun, rank 0 reports
