@@ -1,4 +1,4 @@
-"""Compile the Triton kernels (attention, RMSNorm, int4, SwiGLU, cross-entropy) for a Hopper GPU (sm_90a) without one.
+"""Compile the Triton kernels (attention, RMSNorm, int4, SwiGLU, cross-entropy, masked matmul) for a Hopper GPU (sm_90a) without one.
 
 The Triton interpreter, which runs the CPU tests, accepts code that the GPU compiler rejects
 (mismatched return types, for one). This script lowers a set of constexpr variants through
@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from llama_kernels.triton import cross_entropy as tri_ce  # noqa: E402
 from llama_kernels.triton import int4_matmul as tri_int4  # noqa: E402
+from llama_kernels.triton import masked_matmul as tri_mm  # noqa: E402
 from llama_kernels.triton import rms_norm as tri_rms  # noqa: E402
 from llama_kernels.triton import rope_attention as tri  # noqa: E402
 from llama_kernels.triton import rope_decode as tri_decode  # noqa: E402
@@ -80,12 +81,14 @@ RMS_TYPES = {"X": "*DT", "H": "*DT", "Y": "*DT", "S": "*DT", "W": "*fp32", "DY":
 SWIGLU_TYPES = {name: "*DT" for name in ("A", "B", "Y", "DY", "DA", "DB")}
 CE_TYPES = {"X": "*fp32", "V": "i32", "T": "*i64", "LOSS": "*fp32", "LSE": "*fp32", "stride": "i64", "ignore_index": "i64",
             "smoothing": "fp32", "z_loss": "fp32", "scale": "fp32"}
+MM_TYPES = {"K": "i32", "X": "*DT", "W": "*DT", "DY": "*DT", "R": "*fp32", "C": "*fp32", "BIAS": "*fp32", "DZ": "*fp32",
+            "DW": "*DT", "Y": "*DT"}
 INT4_TYPES = {"K": "i32", "X": "*DT", "P": "*u8", "S": "*fp16", "Z": "*fp16", "LUT": "*fp32", "Y": "*DT", "WS": "*fp32"}
 
 
 def other_variants():
-    """RMSNorm (plain and with the residual add, one block and chunked), the int4 kernels, SwiGLU
-    and the cross-entropy rows."""
+    """RMSNorm (plain and with the residual add, one block and chunked), the int4 kernels, SwiGLU,
+    the cross-entropy rows and the masked matmul."""
     for dtype in ("bf16", "fp16"):
         for name, kernel in (("fwd", tri_swiglu.fwd_kernel), ("bwd", tri_swiglu.bwd_kernel)):
             yield (f"swiglu {name} {dtype}", kernel, dict(BLOCK=tri_swiglu.BLOCK), 4, 1, dtype, SWIGLU_TYPES)
@@ -102,6 +105,16 @@ def other_variants():
                 yield (f"rms_norm bwd one_block={one_block} add={has_ds} {dtype}", tri_rms.bwd_kernel,
                        dict(BLOCK=block, ONE_BLOCK=one_block, HAS_DS=has_ds), tri_rms.num_warps_for(block), 3, dtype,
                        RMS_TYPES)
+    for dtype in ("bf16", "fp16", "fp32"):
+        fp32 = dtype == "fp32"
+        for bm in (16, 64):
+            blocks = dict(BLOCK_M=bm, BLOCK_N=tri_mm.BLOCK_N, BLOCK_K=tri_mm.BLOCK_K, FP32_DOT=fp32)
+            for has_row in (True, False):
+                yield (f"masked_matmul fwd M-block {bm} row={has_row} {dtype}", tri_mm.fwd_kernel,
+                       dict(blocks, HAS_ROW=has_row, HAS_BIAS=has_row), 4, 2, dtype,
+                       dict(MM_TYPES, Y="*DT" if has_row else "*fp32"))
+            yield f"masked_matmul dz M-block {bm} {dtype}", tri_mm.dz_kernel, blocks, 4, 2, dtype, MM_TYPES
+        yield (f"masked_matmul dw {dtype}", tri_mm.dw_kernel, dict(blocks, BLOCK_M=32), 4, 2, dtype, MM_TYPES)
     for group, linear in ((32, True), (128, False)):
         common = dict(GROUP=group, HAS_ZERO=linear, LINEAR_LUT=linear, SPLIT=True, EVEN_K=False)
         c = dict(common, GROUPS_PER_TILE=max(1, 256 // group), BLOCK_M=4, BLOCK_N=16)

@@ -53,6 +53,13 @@
      int64_t db_stride, int dtype, int num_threads),                                              \
     (dy, a, b, da, db, rows, cols, dy_stride, a_stride, b_stride, da_stride, db_stride, dtype,    \
      num_threads))                                                                                \
+  X(masked_matmul_fwd,                                                                           \
+    (const void* x, const void* w, const float* row_scale, const float* col_scale,                \
+     const float* bias, const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, \
+     void* y, int64_t m, int64_t n, int64_t k, int64_t x_stride, int64_t w_stride,                \
+     int64_t y_stride, int dtype, bool y_fp32, int num_threads),                                  \
+    (x, w, row_scale, col_scale, bias, rows, n_rows, cols, n_cols, y, m, n, k, x_stride,          \
+     w_stride, y_stride, dtype, y_fp32, num_threads))                                             \
   X(cross_entropy_rows,                                                                          \
     (float* logits, const int64_t* target, float* loss, float* lse, int64_t rows, int64_t v,      \
      int64_t stride, int64_t ignore_index, float smoothing, float z_loss, float scale,            \
