@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import re
 import sys
@@ -43,27 +42,17 @@ METRICS = (("tokens_per_s", "tokens/s (higher is better)"), ("gbps", "GB/s (high
            ("time_ms", "time ms (lower is better)"))
 
 
-def load_records(paths: list[Path]) -> list[dict]:
-    records = []
-    for path in paths:
-        with open(path) as f:
-            records.extend(json.loads(line) for line in f if line.strip())
-    return records
-
-
 def make_report(paths: list[Path], out_dir: Path, compare: list[Path] = ()) -> list[Path]:
     """Write the report (report.md, report.html and their charts), one detail PNG per run and pass,
     and ``summary.md`` into ``out_dir``; the written paths."""
-    from bench.report import write_report
-
-    return write_report(paths, out_dir, compare) + _details(paths, out_dir)
+    return report.write_report(paths, out_dir, compare) + _details(paths, out_dir)
 
 
 def _details(paths: list[Path], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple, list[dict]] = defaultdict(list)
-    for record in load_records(paths):
+    for record in report.load_records(paths):
         runs[(record["suite"], record["device"], record["env"]["timestamp"])].append(record)
 
     written, summary = [], ["# Benchmark summary", "",
@@ -86,19 +75,6 @@ def _details(paths: list[Path], out_dir: Path) -> list[Path]:
     return written + [path]
 
 
-def _shape_label(case: dict | None) -> str:
-    case = case or {}
-    if all(isinstance(v, int) for v in case.values()):
-        if case and all(k[:1].isupper() and len(k) <= 3 for k in case):  # dims named B, H, S, D, ...: "B4 H16"
-            return " ".join(f"{k}{v}" for k, v in case.items())
-        return "×".join(map(str, case.values()))
-    return ", ".join(f"{k}={v}" for k, v in case.items())
-
-
-def _case_label(record: dict) -> str:
-    return " ".join(filter(None, [_shape_label(record["case"]), record["dtype"]]))
-
-
 def _env_line(env: dict) -> str:
     commit = env["git_commit"] or "no commit"
     if env["git_dirty"]:
@@ -119,14 +95,14 @@ def _bar_chart(records: list[dict], title: str, subtitle: str, path: Path) -> No
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         panels[(r["dtype"], r["timer"])].append(r)
-    most_cases = max(len({_shape_label(r["case"]) for r in rows}) for rows in panels.values())
+    most_cases = max(len({report.shape_label(r["case"]) for r in rows}) for rows in panels.values())
     width_in = min(20.0, max(7.0, 1.5 + most_cases * (0.3 * len(impls) + 0.5)))
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 1.2 + 3.3 * len(panels)), squeeze=False,
                              layout="constrained")
     for ax, ((dtype, timer), rows) in zip(axes[:, 0], panels.items()):
-        cases = list(dict.fromkeys(_shape_label(r["case"]) for r in rows))
-        values = {(_shape_label(r["case"]), r["impl"]): r[key] for r in rows}
+        cases = list(dict.fromkeys(report.shape_label(r["case"]) for r in rows))
+        values = {(report.shape_label(r["case"]), r["impl"]): r[key] for r in rows}
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
             present = [(c, case) for c, case in enumerate(cases) if (case, impl) in values]
@@ -179,13 +155,13 @@ def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
     derived = [(k, name, spec) for k, name, spec in DERIVED if any(r.get(k) is not None for r in records)]
     times: dict[str, dict[str, float]] = defaultdict(dict)  # case label -> impl -> ms
     for r in records:
-        times[_case_label(r)][r["impl"]] = r["time_ms"]
+        times[report.case_label(r)][r["impl"]] = r["time_ms"]
 
     header = ["case", "impl", "time ms"] + [name for _, name, _ in derived]
     header += [f"vs {p}" for p in peers] if ours else []
     lines = [f"### {pass_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        label, impl = _case_label(r), r["impl"]
+        label, impl = report.case_label(r), r["impl"]
         cells = [label, impl, _fmt(r["time_ms"], ".4g")] + [_fmt(r.get(k), spec) for k, _, spec in derived]
         if ours:
             peer_times = times[label]
@@ -211,7 +187,7 @@ def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
 def _not_measured(records) -> list[str]:
     lines = []
     for r in records:
-        where = " ".join(filter(None, [r["pass"], r["case"] and _case_label(r)]))
+        where = " ".join(filter(None, [r["pass"], r["case"] and report.case_label(r)]))
         reason = next(iter((r["reason"] or "").strip().splitlines()), "")[:300]
         lines.append(f"- `{r['impl']}`{' ' + where if where else ''}: **{r['status']}**: {reason}")
     return ["### Not measured", "", *lines, ""] if lines else []
