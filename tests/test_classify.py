@@ -284,3 +284,17 @@ def test_cli_refuses_bad_arguments(task, checkpoint_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def test_bag_of_words_peer_learns_the_task_and_checks_its_input(task):
+    from llama.classify.bow import bag_of_words, features
+
+    assert features("A fine, fine film") == ["a", "fine", ",", "fine", "film", "a fine", "fine ,", ", fine",
+                                             "fine film"]
+    result = bag_of_words(task["train"], task["dev"], 2)
+    assert result.dev_accuracy >= 0.95 and result.l2 > 0
+    assert result.predict(["good " + task["dev"][0].sentence.replace("bad", "")])[0] == 1
+    with pytest.raises(ValueError, match=r"train: labels must lie in \[0, 2\)"):
+        bag_of_words([Example(3, "good")], task["dev"], 2)
+    with pytest.raises(ValueError, match=r"num_labels"):
+        bag_of_words(task["train"], task["dev"], 1)
