@@ -527,10 +527,12 @@ class Transformer(nn.Module):
         lengths: Optional[torch.Tensor] = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         """tokens (B, S) -> logits (B, S, vocab); or the mean cross-entropy if `targets` (B, S) is
-        given (-100 marks ignored positions); or the final hidden states (B, S, dim) if
-        `return_hidden`.
+        given (-100 marks ignored positions; `label_smoothing` and `z_loss` as in `loss`); or the
+        final hidden states (B, S, dim) if `return_hidden`.
 
         With a `cache`, each sequence continues at its own position cache.seqlens[b]; `lengths`
         (B,) says how many of the S tokens are real (right padding), and the cache advances by
@@ -590,13 +592,29 @@ class Transformer(nn.Module):
             h = h[:, -1] if lengths is None else h[torch.arange(b, device=h.device), last]
         if return_hidden:
             return h
-        if targets is not None and self.fused and type(self.output) is Linear and self.output.bias is None:
-            # The loss without the (tokens x vocab) logits: they exist one chunk at a time.
-            return llama_kernels.linear_cross_entropy(h, self.output.weight.to(h.dtype), targets)
-        logits = self.output(h)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            return self.output(h)
+        return self.loss(h, targets, label_smoothing=label_smoothing, z_loss=z_loss)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
+             z_loss: float = 0.0) -> torch.Tensor:
+        """The mean cross-entropy of the output head's logits for final hidden states h against
+        `targets` (-100 marks ignored positions), with label smoothing and z-loss (z_loss times
+        the mean squared log-sum-exp over the counted positions).
+
+        Trained on fused ops (use_fused_ops) with a plain head, the logits are never formed
+        whole: llama_kernels.linear_cross_entropy makes them one chunk at a time. Otherwise (the
+        eager ops, a 4-bit or adapted head) the head runs and the loss follows in fp32."""
+        if self.fused and type(self.output) is Linear and self.output.bias is None:
+            return llama_kernels.linear_cross_entropy(h, self.output.weight.to(h.dtype), targets,
+                                                      label_smoothing=label_smoothing, z_loss=z_loss)
+        logits = self.output(h).float().reshape(-1, self.config.vocab_size)
+        t = targets.reshape(-1)
+        loss = F.cross_entropy(logits, t, ignore_index=-100, label_smoothing=label_smoothing)
+        if z_loss:
+            keep = t != -100
+            loss = loss + z_loss * torch.logsumexp(logits[keep], -1).pow(2).mean()
+        return loss
 
     def use_fused_ops(self, fused: bool = True) -> "Transformer":
         """Train on the fused ops (llama_kernels.swiglu in every FFN, linear_cross_entropy for the

@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-
-import llama_kernels
 
 from ..atomic import atomic_file, write_bytes, write_dir
 from ..checkpoint import load_model, save
 from ..data import val_batches
 from ..formats.native import native_files, save_native
 from ..lora import save_adapters
-from ..model import Linear, Transformer
+from ..model import Transformer
 from ..optim import AdamW, cosine_schedule, param_groups
 from . import distributed as dist
 from .config import TrainConfig
@@ -151,10 +148,6 @@ class Trainer:
             self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ loss
-    def _head_weight(self) -> Optional[torch.Tensor]:
-        head = self.model.output
-        return head.weight if type(head) in (Linear, torch.nn.Linear) and head.bias is None else None
-
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean token loss of one micro-batch (with label smoothing and z-loss as configured)."""
         if self.root is not None:  # sharded: inside the root's forward, its parameters are gathered
@@ -165,17 +158,8 @@ class Trainer:
         cfg = self.config
         dtype = AUTOCAST.get(cfg.dtype)
         ctx = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
-            weight = self._head_weight()
-            if cfg.fused and weight is not None:
-                h = self.forward(x, return_hidden=True)
-                return llama_kernels.linear_cross_entropy(h, weight.to(h.dtype), y, label_smoothing=cfg.label_smoothing,
-                                                          z_loss=cfg.z_loss)
-            logits = self.forward(x).float().reshape(-1, self.model.config.vocab_size)
-            loss = F.cross_entropy(logits, y.reshape(-1), label_smoothing=cfg.label_smoothing)
-            if cfg.z_loss:
-                loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
-            return loss
+        with ctx:  # the model picks the fused loss or the eager one (use_fused_ops)
+            return self.forward(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict[str, float]]:
