@@ -116,6 +116,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every op computes on
+
+
+def check_float_tensor(name: str, t: object, x: torch.Tensor) -> None:
+    """That argument `name` is a tensor of one of FLOAT_DTYPES on the device of `x` (the op's
+    input), else TypeError or ValueError naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+
+
 def tensor_arg(t: Optional[torch.Tensor], name: str):
     """The descriptor (llama_kernels._C.TensorArg) by which a CUDA entry point takes tensor `t`:
     address, dtype code, device (-1 for the CPU), sizes and strides in elements. None gives an

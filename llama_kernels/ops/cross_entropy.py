@@ -28,7 +28,7 @@ from .. import dispatch
 from ..cpu import cross_entropy as cpu_cross_entropy
 from ..triton import kernels as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = dispatch.FLOAT_DTYPES
 IMPLEMENTED = ("triton", "cpu", "torch")
 REDUCTIONS = ("mean", "sum")
 CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk, by default

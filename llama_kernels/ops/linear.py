@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from .. import dispatch
 from ..cpu import linear as cpu_linear
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +33,7 @@ def _torch(x, weight, bias):
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     for name, t in (("x", x), ("weight", weight)):
-        _check_tensor(name, t, x)
+        dispatch.check_float_tensor(name, t, x)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -43,17 +42,8 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         _check_bias(x, bias, weight.shape[0])
 
 
-def _check_tensor(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
-
-
 def _check_bias(x: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
-    _check_tensor("bias", bias, x)
+    dispatch.check_float_tensor("bias", bias, x)
     if tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
 

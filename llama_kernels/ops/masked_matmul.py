@@ -37,7 +37,6 @@ from .. import dispatch
 from ..cpu import masked_matmul as cpu_masked_matmul
 from ..triton import kernels as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLEMENTED = ("triton", "cpu", "torch")
 
 
@@ -135,14 +134,8 @@ BACKWARD = {
 def check_inputs(x, w, row_mask=None, col_mask=None, bias=None) -> None:
     named = (("x", x), ("w", w), ("row_mask", row_mask), ("col_mask", col_mask), ("bias", bias))
     for name, t in named:
-        if t is None and name not in ("x", "w"):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+        if t is not None or name in ("x", "w"):
+            dispatch.check_float_tensor(name, t, x)
     if x.dim() < 1:
         raise ValueError("x: expected at least one dimension (..., K), got a scalar")
     if w.dim() != 2:

@@ -21,7 +21,7 @@ from ..cpu import rms_norm as cpu_rms_norm
 from ..cuda import rms_norm as cuda_rms_norm
 from ..triton import kernels as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = dispatch.FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------- reference

@@ -35,7 +35,7 @@ from ..cpu import rope_decode as cpu_decode
 from ..cuda import rope_decode as cuda_decode
 from ..triton import kernels as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = dispatch.FLOAT_DTYPES
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 

@@ -16,7 +16,7 @@ from .. import dispatch
 from ..cpu import swiglu as cpu_swiglu
 from ..triton import kernels as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = dispatch.FLOAT_DTYPES
 IMPLEMENTED = ("triton", "cpu", "torch")  # no CUDA kernel: an elementwise op gains nothing over Triton
 
 
