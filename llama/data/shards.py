@@ -265,6 +265,18 @@ def prepare(tokenizer: Union[Tokenizer, PathLike], inputs: Sequence[PathLike], o
 
 
 # ----------------------------------------------------------------------------- reading
+def _regular_file(path: Path, missing: str) -> os.stat_result:
+    """os.stat of the regular file at `path` (never opened: a FIFO cannot block); a ValueError
+    naming it when it is missing (saying `missing`) or of another kind."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing ({missing})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return st
+
+
 class TokenShards:
     """A prepared shard directory: ``manifest`` (the checked dict), ``train`` and ``val`` (read-only
     memory-mapped 1-D numpy arrays of token ids), ``vocab_size``, ``dtype``, ``bos_id``, ``eos_id``.
@@ -289,12 +301,7 @@ class TokenShards:
     def _map(self, which: str) -> np.ndarray:
         path = self.path / SPLIT_FILES[which]
         count = self.manifest[f"{which}_tokens"]
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: missing (the manifest counts {count} {which} tokens)") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file")
+        st = _regular_file(path, f"the manifest counts {count} {which} tokens")
         if st.st_size != count * self.dtype.itemsize:
             raise ValueError(f"{self.path / MANIFEST}: {which}_tokens: {count} {self.manifest['dtype']} tokens "
                              f"need {count * self.dtype.itemsize} bytes, but {path.name} has {st.st_size}")
@@ -337,12 +344,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             shown = shown[:77] + "..."
         return ValueError(f"{path}: {field}: expected {expected}, got {shown}")
 
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing (not a token shard directory written by llama.data.prepare)") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path}: not a regular file")
+    st = _regular_file(path, "not a token shard directory written by llama.data.prepare")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise ValueError(f"{path}: {st.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
 
