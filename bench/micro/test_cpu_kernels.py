@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_kernels
+from llama.optim import AdamW
 
 if "cpu" not in llama_kernels.available_backends("cpu"):
     pytest.skip("llama_kernels._C (the C++ CPU kernels) is not built", allow_module_level=True)
@@ -103,3 +104,67 @@ def test_rope_decode_attention(benchmark, impl, context):
     expected = llama_kernels.rope_decode_attention_reference(
         q, k_new, v_new, k_cache.clone(), v_cache.clone(), seqlens, cos, sin)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+def test_swiglu(benchmark, impl):
+    benchmark.group = f"swiglu 512x{FFN} fp32"
+    gate, up = torch.randn(512, FFN), torch.randn(512, FFN)
+    fn = _ours(llama_kernels.swiglu) if impl == "llama_kernels" else _torch(lambda g, u: F.silu(g) * u)
+    y = benchmark(fn, gate, up)
+    torch.testing.assert_close(y, llama_kernels.swiglu_reference(gate, up), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch"])
+def test_linear_cross_entropy(benchmark, impl):
+    """Loss and the gradients of h and the head, 512 tokens, the stories15M head (288 x 32000)."""
+    benchmark.group = "linear_cross_entropy 512x288 -> 32000 fp32, fwd+bwd"
+    h = torch.randn(512, 288, requires_grad=True)
+    w = (torch.randn(32000, 288) * 0.05).requires_grad_()
+    t = torch.randint(0, 32000, (512,))
+
+    def ours():
+        with llama_kernels.use_backend("cpu"):
+            return torch.autograd.grad(llama_kernels.linear_cross_entropy(h, w, t), (h, w))
+
+    def eager():
+        return torch.autograd.grad(F.cross_entropy(F.linear(h, w), t), (h, w))
+
+    gh, gw = benchmark(ours if impl == "llama_kernels" else eager)
+    ref_h, ref_w = torch.autograd.grad(llama_kernels.linear_cross_entropy_reference(h, w, t), (h, w))
+    torch.testing.assert_close(gh, ref_h, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(gw, ref_w, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch-foreach"])
+def test_adamw_step(benchmark, impl):
+    """One step over the parameters of a stories15M-sized model (tensors of its shapes, fp32)."""
+    benchmark.group = "adamw step, stories15M parameter shapes"
+    shapes = [(32000, 288)] + [(288, 288)] * 24 + [(768, 288), (288, 768), (768, 288)] * 6 + [(288,)] * 13
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if impl == "llama_kernels":
+        opt = AdamW(params, lr=1e-4, weight_decay=0.1)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, foreach=True)
+    benchmark(opt.step)
+
+
+@pytest.mark.parametrize("impl", ["llama_kernels", "torch-mask", "torch-compact"])
+def test_masked_matmul_half_pruned(benchmark, impl):
+    """The FFN up-projection with half of its rows and columns masked to zero: ours skips them,
+    the dense GEMM multiplies the masks in, the compact GEMM has them sliced away."""
+    benchmark.group = f"masked_matmul 64x{D} -> {FFN}, 50% rows and columns masked, fp32"
+    x, w = torch.randn(64, D), torch.randn(FFN, D) * D**-0.5
+    row, col = (torch.rand(FFN) < 0.5).float(), (torch.rand(D) < 0.5).float()
+    keep_r, keep_c = row.nonzero()[:, 0], col.nonzero()[:, 0]
+    w_compact, x_compact = w[keep_r][:, keep_c].contiguous(), x[:, keep_c].contiguous()
+    calls = {
+        "llama_kernels": _ours(lambda: llama_kernels.masked_matmul(x, w, row, col)),
+        "torch-mask": _torch(lambda: F.linear(x * col, w) * row),
+        "torch-compact": _torch(lambda: F.linear(x_compact, w_compact)),
+    }
+    y = benchmark(calls[impl])
+    if impl != "torch-compact":
+        torch.testing.assert_close(y, llama_kernels.masked_matmul_reference(x, w, row, col), atol=1e-4, rtol=1e-4)
