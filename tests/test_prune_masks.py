@@ -1,4 +1,4 @@
-"""Hard-concrete pruning masks (llama/prune.py): expected L0 against sampling, deterministic
+"""Hard-concrete pruning masks (llama/prune/masks.py): expected L0 against sampling, deterministic
 masks at the target's counts, expected parameter counts, the Lagrangian and its warmup, errors."""
 import math
 

@@ -106,7 +106,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 __all__ = ["HardConcrete", "PruningMasks", "MODULE_KINDS", "LOG_ALPHA_LIMIT", "expected_params",
            "target_params", "param_groups"]
