@@ -100,16 +100,21 @@ mlp differ from what pruning can give.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..atomic import write_dir
 from ..config import ModelConfig
+from ..formats.common import get_tensor, json_writer, make_config, open_safetensors, read_json, save_safetensors
 
 __all__ = ["HardConcrete", "PruningMasks", "MODULE_KINDS", "LOG_ALPHA_LIMIT", "expected_params",
-           "target_params", "param_groups"]
+           "target_params", "param_groups", "gate_shapes", "MASKS_CONFIG", "MASKS_WEIGHTS", "MASKS_FORMAT",
+           "MASKS_VERSION", "mask_files", "save_masks", "load_masks"]
 
 MODULE_KINDS = ("layer", "head", "intermediate", "hidden", "head_layer", "mlp")
 LIMIT_L, LIMIT_R = -0.1, 1.1
@@ -434,3 +439,137 @@ def param_groups(masks: PruningMasks, mask_lr: float, lag_lr: float) -> list[dic
             raise ValueError(f"{name}: expected a positive number, got {lr!r}")
     return [{"params": masks.mask_parameters(), "lr": float(mask_lr), "weight_decay": 0.0},
             {"params": masks.lagrangian_parameters(), "lr": float(lag_lr), "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- gate shapes and persistence
+MASKS_WEIGHTS = "masks.safetensors"
+MASKS_CONFIG = "masks.json"
+MASKS_FORMAT = "llama-kernels-prune-masks"
+MASKS_VERSION = 1
+_STORED_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def gate_shapes(cfg: ModelConfig, modules: Iterable[str] = MODULE_KINDS) -> dict[str, tuple[int, ...]]:
+    """{kind: gate shape} for a source config (the table in the module docstring), for `modules`.
+    The masked forward and the loader check tensors against these before using them."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
+    L = cfg.n_layers
+    shapes = {"layer": (L,), "head": (L, cfg.n_heads), "intermediate": (L, cfg.hidden_dim), "hidden": (cfg.dim,),
+              "head_layer": (L,), "mlp": (L,)}
+    modules = (modules,) if isinstance(modules, str) else tuple(modules)
+    unknown = [m for m in modules if m not in shapes]
+    if unknown:
+        raise ValueError(f"modules: expected names among {', '.join(MODULE_KINDS)}, got {unknown!r}")
+    return {kind: shapes[kind] for kind in modules}
+
+
+def _stored_shapes(source: ModelConfig, modules: Sequence[str], constrain_params: bool) -> dict[str, tuple]:
+    """The state_dict of PruningMasks(source, ..., modules, constrain_params): name -> shape."""
+    out: dict[str, tuple] = {f"gates.{kind}.log_alpha": shape for kind, shape in gate_shapes(source, modules).items()}
+    for k in (*modules, *(("params",) if constrain_params else ())):
+        out[f"lambda_1.{k}"] = ()
+        out[f"lambda_2.{k}"] = ()
+    return out
+
+
+def mask_files(masks: PruningMasks) -> dict[str, Callable[[Path], None]]:
+    """The files that store `masks`, as {name: writer} for llama.atomic.write_dir, so that a
+    caller can write them in the same atomic step as a checkpoint:
+
+    masks.safetensors  the state_dict: gates.<kind>.log_alpha, lambda_1.<constraint>, lambda_2.<constraint>
+    masks.json         {"format", "version", "source", "target" (ModelConfig dicts), "modules",
+                       "lagrangian_warmup_steps", "normalize", "constrain_params"}
+
+    The tensors are copied now (to the CPU), so training may go on while the files are written."""
+    if not isinstance(masks, PruningMasks):
+        raise ValueError(f"masks: expected a PruningMasks, got {type(masks).__name__}")
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in masks.state_dict().items()}
+    config = {
+        "format": MASKS_FORMAT,
+        "version": MASKS_VERSION,
+        "source": masks.source.to_dict(),
+        "target": masks.target.to_dict(),
+        "modules": list(masks.modules_),
+        "lagrangian_warmup_steps": masks.lagrangian_warmup_steps,
+        "normalize": masks.normalize,
+        "constrain_params": masks.constrain_params,
+    }
+    return {MASKS_WEIGHTS: lambda p: save_safetensors(tensors, p), MASKS_CONFIG: json_writer(config)}
+
+
+def save_masks(masks: PruningMasks, folder: Union[str, Path]) -> Path:
+    """Write `masks` (mask_files) into `folder` atomically, keeping the other files there (a
+    checkpoint beside them, say); returns the folder."""
+    folder = Path(folder)
+    write_dir(folder, mask_files(masks))
+    return folder
+
+
+def _json_field(raw: dict[str, Any], key: str, where: str, check: Callable[[Any], bool], expected: str) -> Any:
+    if key not in raw:
+        raise ValueError(f"{where}: missing field {key} (expected {expected})")
+    value = raw[key]
+    if not check(value):
+        raise ValueError(f"{where}: field {key}: expected {expected}, got {value!r:.200}")
+    return value
+
+
+def load_masks(folder: Union[str, Path]) -> PruningMasks:
+    """The PruningMasks that `save_masks` wrote into `folder`, on the CPU.
+
+    Written for files that may be hostile: every field of masks.json is type-checked (a wrong
+    one is a ValueError naming the file and the field), the configs must be valid ModelConfigs,
+    and the names, dtypes and shapes of the tensors in masks.safetensors are checked against
+    what those fields imply before anything is allocated for them; values must be finite.
+    Only safetensors is read, never pickle. The global random state is left as it was (building
+    the gates draws their initial noise, which the loaded values then replace)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / MASKS_CONFIG, folder / MASKS_WEIGHTS
+    where = str(config_path)
+    if not config_path.exists():
+        raise ValueError(f"{where}: missing masks file (save_masks writes {MASKS_CONFIG} and {MASKS_WEIGHTS})")
+    raw = read_json(config_path)
+    _json_field(raw, "format", where, lambda v: v == MASKS_FORMAT, repr(MASKS_FORMAT))
+    _json_field(raw, "version", where, lambda v: v == MASKS_VERSION, str(MASKS_VERSION))
+    configs = {}
+    for key in ("source", "target"):
+        fields = _json_field(raw, key, where, lambda v: isinstance(v, dict), "an object of ModelConfig fields")
+        configs[key] = make_config(f"{where}: field {key}", **fields)
+    modules = _json_field(raw, "modules", where,
+                          lambda v: isinstance(v, list) and v and all(m in MODULE_KINDS for m in v)
+                          and len(set(v)) == len(v),
+                          f"a non-empty list of distinct names among {', '.join(MODULE_KINDS)}")
+    warmup = _json_field(raw, "lagrangian_warmup_steps", where,
+                         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+    normalize = _json_field(raw, "normalize", where, lambda v: isinstance(v, bool), "true or false")
+    constrain = _json_field(raw, "constrain_params", where, lambda v: isinstance(v, bool), "true or false")
+    expected = _stored_shapes(configs["source"], modules, constrain)
+
+    wfile = str(weights_path)
+    with contextlib.ExitStack() as stack:
+        handles = open_safetensors(weights_path, stack)
+        missing, unexpected = sorted(set(expected) - set(handles)), sorted(set(handles) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{wfile}: expected the tensors that {MASKS_CONFIG} implies; missing {missing}, "
+                             f"unexpected {unexpected[:10]}")
+        for name, shape in expected.items():
+            piece = handles[name].get_slice(name)
+            if piece.get_dtype() not in _STORED_FLOATS:
+                raise ValueError(f"{wfile}: tensor {name}: expected a float tensor, got dtype {piece.get_dtype()}")
+            if tuple(piece.get_shape()) != shape:
+                raise ValueError(f"{wfile}: tensor {name}: expected shape {shape}, got {tuple(piece.get_shape())}")
+        state = {}
+        for name in expected:
+            t = get_tensor(handles[name], name, weights_path).to(torch.float32)
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{wfile}: tensor {name}: expected finite values")
+            state[name] = t
+    try:
+        with torch.random.fork_rng(devices=[]):
+            masks = PruningMasks(configs["source"], configs["target"], modules=modules,
+                                 lagrangian_warmup_steps=warmup, normalize=normalize, constrain_params=constrain)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    masks.load_state_dict(state)
+    return masks

@@ -126,17 +126,17 @@ class Trainer:
             self.rows = dist.local_rows(config.batch_size)
             self.root = dist.shard_model(model)
         self.rank = dist.rank()
+        self.step_metrics: dict[str, Any] = {}  # what a subclass's loss adds to the step's record
         self.names = {}
-        for name, p in model.named_parameters():
+        for name, p in self.named_trainables():
             if p.requires_grad and id(p) not in self.names:
                 self.names[id(p)] = name
-        groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
-                              decay_norms_and_embeddings=config.decay_norms_and_embeddings)
+        groups = self.param_groups()
         if not groups:
             raise ValueError("model: no parameter requires a gradient; nothing to train")
         self.optimizer = AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                                correct_bias=config.correct_bias)
-        self.scheduler = cosine_schedule(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.scheduler = self.schedule(self.optimizer)
         self.forward = torch.compile(model) if config.compile else model
         self.tensorboard = None
         if config.tensorboard and self.rank == 0:
@@ -146,6 +146,41 @@ class Trainer:
                 raise ValueError(f"tensorboard: needs the tensorboard package ({e}); pip install tensorboard, "
                                  "or set tensorboard=false (metrics.jsonl has the same figures)") from None
             self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ what a subclass extends
+    # Pruning (llama.prune.train.PruneTrainer) trains more than the model: its masks and
+    # Lagrange multipliers. These hooks are where such a trainer adds them; by default they hold
+    # the model alone.
+    def named_trainables(self):
+        """(name, parameter) of everything the optimizer may train; names key the optimizer state."""
+        return self.model.named_parameters()
+
+    def param_groups(self) -> list[dict]:
+        cfg = self.config
+        return param_groups(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                            decay_norms_and_embeddings=cfg.decay_norms_and_embeddings)
+
+    def schedule(self, optimizer: Any) -> Any:
+        cfg = self.config
+        return cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+
+    def clipped_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters whose joint gradient norm grad_clip bounds."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (pruning clamps its gates here)."""
+
+    def extra_files(self) -> dict[str, Callable[[Path], None]]:
+        """More files for each checkpoint folder, {name: writer} as llama.atomic.write_dir takes."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """More JSON values for trainer_state.json (a subclass's own state)."""
+        return {}
+
+    def load_extra(self, path: Path, state: dict[str, Any]) -> None:
+        """Resume what extra_files and extra_state saved, from checkpoint folder `path`."""
 
     # ------------------------------------------------------------------ loss
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -212,7 +247,8 @@ class Trainer:
                 tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
                 self.tokens_seen += tokens
                 last = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": self.tokens_seen}
+                        "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": self.tokens_seen,
+                        **self.step_metrics}
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}")
                 if (self.step % cfg.log_every == 0 or self.step == cfg.max_steps) and self.rank == 0:
@@ -263,10 +299,10 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             total += value / cfg.grad_accum
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.clipped_parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        self.after_step()
         return total
 
     # ------------------------------------------------------------------ what users see
@@ -352,8 +388,8 @@ class Trainer:
                 if st:
                     name = self.names[id(p)]
                     optim[name] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-        state = self._trainer_state(optim, tensors)
-        files: dict[str, Callable[[Path], None]] = {}
+        state = self._trainer_state(optim, tensors, **self.extra_state())
+        files: dict[str, Callable[[Path], None]] = dict(self.extra_files())
         if self._lora():
             trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
                          if p.requires_grad}
@@ -513,13 +549,14 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        self.load_extra(path, state)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         return path
 
     def _param(self, p_id: int) -> torch.nn.Parameter:
         if not hasattr(self, "_params_by_id"):
-            self._params_by_id = {id(p): p for p in self.model.parameters()}
+            self._params_by_id = {id(p): p for _, p in self.named_trainables()}
         return self._params_by_id[p_id]
 
     def save_final(self) -> Path:
