@@ -125,11 +125,16 @@ def load(
     return LLaMA(model, tokenizer)
 
 
-def save(model: Union[LLaMA, Transformer], path: Union[str, Path], format: str = "native") -> None:
-    """Write a model in one of checkpoint.FORMATS; a LLaMA's tokenizer is saved beside it
-    (tokenizer.model, or tokenizer.bin for a llama2.c tokenizer)."""
+def save(model: Union[LLaMA, Transformer], path: Union[str, Path], format: str = "native", *,
+         quant: Optional[str] = None) -> None:
+    """Write a model in one of checkpoint.SAVE_FORMATS; a LLaMA's tokenizer is saved beside it
+    (tokenizer.model, or tokenizer.bin for a llama2.c tokenizer), or, for format="gguf", inside
+    the file. quant (gguf only): f32, f16, q8_0 or q4_0 (llama/formats/gguf.py)."""
     lm = model if isinstance(model, LLaMA) else LLaMA(model)
-    written = checkpoint.save(lm.model, path, format=format)
+    if format == "gguf":  # the vocabulary travels inside a GGUF file
+        checkpoint.save(lm.model, path, format=format, quant=quant, tokenizer=lm.tokenizer)
+        return
+    written = checkpoint.save(lm.model, path, format=format, quant=quant)
     if lm.tokenizer is not None:
         folder = written if written.is_dir() else written.parent
         name = TOKENIZER_NAMES[0] if lm.tokenizer.format == "sentencepiece" else TOKENIZER_NAMES[1]

@@ -15,6 +15,7 @@ its layout (`FORMATS` lists their names):
     llama2c-bin-v0  llama2.c's legacy run.c export                                    llama2c_bin.py
     llama2c-bin-v1  the 256-byte "ak42" header, then fp32                             llama2c_bin.py
     llama2c-bin-v2  the same header, then Q8_0 matrices                               llama2c_bin.py
+    gguf            llama.cpp's file (F32, F16, Q8_0, Q4_0; int4 as Q4_1); written only  gguf.py
 
 `detect_format` looks at magic bytes, zip headers and JSON files, never at file names. Loading
 builds the model on the meta device and hands the checkpoint's tensors to
@@ -59,6 +60,7 @@ from .formats.common import (
     permute_interleaved_to_half,
 )
 from .formats.detect import detect, detect_format
+from .formats.gguf import save_gguf
 from .formats.hf import open_hf, save_hf
 from .formats.llama2c_bin import (
     LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA, Llama2cHeader, open_llama2c_bin, read_llama2c_header, save_bin,
@@ -72,6 +74,7 @@ from .quantize import config_from_dict, prepare_quantized, quantization_info
 __all__ = [
     "FORMATS",
     "Llama2cHeader",
+    "SAVE_FORMATS",
     "detect_format",
     "load_model",
     "permute_half_to_interleaved",
@@ -82,6 +85,8 @@ __all__ = [
 ]
 
 DIRECTORY_FORMATS = ("native", "hf")  # the others are single files
+# What save writes: every format load reads, and GGUF, which is for llama.cpp and is not read back.
+SAVE_FORMATS = FORMATS + ("gguf",)
 
 
 # ============================================================================ loading
@@ -144,33 +149,43 @@ def save(
     max_shard_bytes: Optional[int] = None,
     group_size: Optional[int] = None,
     metadata: Optional[dict[str, Any]] = None,
+    quant: Optional[str] = None,
+    tokenizer: Optional[Any] = None,
 ) -> Path:
-    """Write `model` to `path` in `format` (one of FORMATS) atomically; returns the path.
+    """Write `model` to `path` in `format` (one of SAVE_FORMATS) atomically; returns the path.
 
     Directory formats (native, hf) write into `path`, keeping unrelated files already there.
     max_shard_bytes (hf): split the weights into shards of at most this many bytes (a tensor
     larger than that gets a shard of its own). group_size (llama2c-bin-v2): the Q8_0 group; by
     default 64, halved until it divides dim, as llama2.c does. metadata (native): JSON-able
     information stored in config.json. A model with 4-bit layers (llama.quantize) is written
-    only as native.
+    only as native, or as gguf (int4 as Q4_1 blocks; llama/formats/gguf.py).
+    quant (gguf): f32, f16, q8_0 or q4_0 for the matrices; None: f32 for a float32 model, else f16.
+    tokenizer (gguf): a llama.tokenizer.Tokenizer whose vocabulary goes into the file.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(SAVE_FORMATS)}, got {format!r}")
     check_no_lora(model)  # adapters: merge them first, or save them apart (llama.lora)
     for option, value, applies in (("max_shard_bytes", max_shard_bytes, "hf"),
                                    ("group_size", group_size, "llama2c-bin-v2"),
-                                   ("metadata", metadata, "native")):
+                                   ("metadata", metadata, "native"), ("quant", quant, "gguf"),
+                                   ("tokenizer", tokenizer, "gguf")):
         if value is not None and format != applies:
             raise ValueError(f"{option}: applies only to format {applies!r}, not {format!r}")
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes: expected a positive integer, got {max_shard_bytes!r}")
     cfg = model.config
+    path = Path(path)
+    if format == "gguf":  # it checks the model itself: what llama.cpp runs differs from the others
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory; this format is a single file")
+        save_gguf(model, path, quant, tokenizer)
+        return path
     _check_representable(cfg, format)
     quantization = quantization_info(model)
     if quantization is not None and format != "native":
         raise ValueError(f"format: {format!r} cannot hold a model with 4-bit layers "
-                         f"({len(quantization['layers'])} of them); save it as 'native'")
-    path = Path(path)
+                         f"({len(quantization['layers'])} of them); save it as 'native' (or 'gguf')")
     if format in DIRECTORY_FORMATS and path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; this format is a directory")
     if format not in DIRECTORY_FORMATS and path.is_dir():

@@ -12,9 +12,15 @@ Ours: `llama.generate` eager (`llama_kernels`); on a GPU also the eager step rep
 quantize every linear layer including the head (group 32).
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
+On the CPU, at batch 1, llama.cpp through llama-cpp-python (the `peers` extra; README: Export to
+GGUF / llama.cpp) on the GGUF files our exporter writes from the same weights: `llama.cpp-f32`
+(compare with ours in fp32) and `llama.cpp-q4_0` (compare with our int4; its blocks are our Q4_0
+arithmetic, the embedding and head included). Greedy, as many new tokens, on as many threads as
+torch uses. Recorded as missing where llama_cpp is not importable.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import tempfile
 from functools import lru_cache, partial
@@ -161,6 +167,43 @@ def _hf_static_compiled(ctx, batch, new):
     return [call]
 
 
+def _llama_cpp_decode(ctx, new, quant):
+    """Batch-1 greedy decode by llama.cpp of our model written as GGUF (`quant`: f32 or q4_0)."""
+    from llama_cpp import Llama
+
+    import llama.checkpoint
+
+    ours, _ = _models(str(ctx.device), ctx.quick)
+    prompt = _tokens(ctx, 1, PROMPT, ours.config.vocab_size)[0].tolist()
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = llama.checkpoint.save(ours, f"{tmp}/model-{quant}.gguf", "gguf", quant=quant)
+        llm = Llama(model_path=str(path), n_ctx=PROMPT + new, n_batch=PROMPT, n_threads=threads,
+                    n_threads_batch=threads, logits_all=False, use_mmap=False, verbose=False)
+
+    def call():
+        llm.reset()  # else generate() reuses the cached prompt
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                  reset=False):
+            out.append(token)
+            if len(out) == new:
+                return out
+
+    return [call]
+
+
+def _llama_cpp_items(ctx: SuiteContext, case: dict, new: int) -> list[Item]:
+    impls = {"llama.cpp-f32": "f32", "llama.cpp-q4_0": "q4_0"}
+    if ctx.is_cuda:
+        return [Unavailable(impl, "measured on CPU runs only (a CPU build of llama.cpp)") for impl in impls]
+    if importlib.util.find_spec("llama_cpp") is None:
+        return [Unavailable(impl, "llama-cpp-python not installed") for impl in impls]
+    # fp32 activations both, as our int4 variants are recorded: one case compares them all
+    return [Bench(impl, {**case, "new": new}, dtype_name(torch.float32), "decode",
+                  partial(_llama_cpp_decode, ctx, new, quant), tokens=new) for impl, quant in impls.items()]
+
+
 def _cache_keyword(hf) -> str:
     """transformers 5 renamed forward's `past_key_values` to `cache` in some releases."""
     return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
@@ -202,6 +245,8 @@ def decode(ctx: SuiteContext) -> list[Item]:
                                partial(_hf_decode, ctx, batch, new), tokens=batch * new))
         items.append(Bench("hf-static-compiled", {**case, "new": new}, dtype_name(dtype), "decode",
                            partial(_hf_static_compiled, ctx, batch, new), tokens=batch * new))
+        if batch == 1:
+            items += _llama_cpp_items(ctx, case, new)
         items.append(Bench("llama_kernels", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
                            partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
         items.append(Bench("hf", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",

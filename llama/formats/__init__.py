@@ -7,6 +7,7 @@
     hf            Hugging Face LlamaForCausalLM directories (safetensors, sharded or not)
     llama2c_pt    llama2.c and minllama `.pt` training checkpoints
     llama2c_bin   llama2.c `.bin` exports, versions 0, 1 and 2 (Q8_0)
+    gguf          llama.cpp's GGUF (F32, F16, Q8_0, Q4_0; int4 layers as Q4_1): written, not read
 
 Each format module documents its own layout, and reads (`open_*`, yielding a `Source`) and
 writes (`save_*`, atomically through llama.atomic) it. Reading treats every file as hostile:

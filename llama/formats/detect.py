@@ -4,10 +4,10 @@ A directory is native when its `config.json` says {"format": "llama-kernels"}, a
 when it describes a LLaMA (model_type "llama" or architecture LlamaForCausalLM). A file is a
 llama2.c .bin v1/v2 by its magic number; a torch file (zip, or the legacy pickle format) is
 loaded safely and is llama2c-pt or minllama-pt by its tensor names; GGUF and bare safetensors
-files are refused with a hint; a file that opens with a plausible llama2.c v0 header (7 int32,
-no magic) is llama2c-bin-v0. Anything else is a ValueError that names the path, as is a path
-that is neither a regular file nor a directory (a FIFO, socket or device), refused before it is
-opened.
+files are refused with a hint (GGUF is written, for llama.cpp, not read); a file that opens
+with a plausible llama2.c v0 header (7 int32, no magic) is llama2c-bin-v0. Anything else is a
+ValueError that names the path, as is a path that is neither a regular file nor a directory (a
+FIFO, socket or device), refused before it is opened.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def detect(path: Path) -> tuple[str, Any]:
         ckpt = torch_load(path)
         return pt_flavour(ckpt, path), ckpt
     if head.startswith(_GGUF_MAGIC):
-        raise ValueError(f"{path}: a GGUF file; GGUF is not supported (formats: {', '.join(FORMATS)})")
+        raise ValueError(f"{path}: a GGUF file; GGUF is written for llama.cpp (save format='gguf') but not read "
+                         f"(formats read: {', '.join(FORMATS)})")
     if _is_safetensors(head):
         raise ValueError(f"{path}: a bare safetensors file; pass the directory holding it and its {CONFIG_JSON}")
     if len(head) >= 28 and plausible_v0(struct.unpack_from("<7i", head)):
