@@ -93,6 +93,22 @@ def test_fused_path_equals_eager_path(variant):
         torch.testing.assert_close(z_f[kind], z_e[kind], atol=1e-5, rtol=1e-4, msg=kind)
 
 
+@pytest.mark.parametrize("variant", ["swiglu-rms", "tied"])
+def test_fused_loss_over_kept_columns_equals_the_full_loss(variant):
+    """On fused ops the loss multiplies only the head's kept columns; the eager path the full head."""
+    model = model_of(**VARIANTS[variant]).use_fused_ops(True)
+    z = sampled_masks(model.config)
+    assert (z["hidden"] == 0).any()
+    tok, targets = tokens_of(), tokens_of(seed=2)
+    loss_f, w_f, z_f = _grads(model, z, False, tok, targets)
+    loss_e, w_e, z_e = _grads(model, z, True, tok, targets)
+    torch.testing.assert_close(loss_f, loss_e, atol=1e-6, rtol=1e-6)
+    for name in w_e:
+        torch.testing.assert_close(w_f[name], w_e[name], atol=1e-5, rtol=1e-4, msg=name)
+    for kind in z:
+        torch.testing.assert_close(z_f[kind], z_e[kind], atol=1e-5, rtol=1e-4, msg=kind)
+
+
 def test_gradient_reaches_every_log_alpha():
     model = model_of()
     # init_keep 0.6: samples strictly inside (0, 1), where the clamp passes a gradient

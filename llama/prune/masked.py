@@ -27,7 +27,7 @@ What is only skipped. A mask that only says "this is zero anyway" is passed as a
     rows of wq, wk, wv by head                   (a pruned head's output is zeroed by wo's column mask)
     rows of w1 by intermediate, columns of w2 by intermediate
     rows of wq, wk, wv by layer * head_layer, of w1 and w3 by layer * mlp   (a dropped branch)
-    columns of the output head by hidden
+    columns of the output head by hidden (the fused loss, too, multiplies only the kept columns)
 
 The soft values multiply in once, where the outputs are masked (the list above). A consequence:
 a gate that is exactly 0 passes no gradient to its own z through the work it skipped. That loses
@@ -73,7 +73,7 @@ import llama_kernels
 
 from ..config import ModelConfig
 from ..lora import LoRALinear
-from ..model import RMSNorm, Transformer
+from ..model import Linear, RMSNorm, Transformer
 from ..quantize import QuantLinear
 from .masks import MODULE_KINDS, gate_shapes
 
@@ -318,5 +318,16 @@ def masked_forward(model: Transformer, tokens: torch.Tensor, z: Mapping[str, tor
     if return_hidden:
         return h
     if targets is not None:
-        return model.loss(h, targets, label_smoothing=label_smoothing, z_loss=z_loss)
+        out = model.output
+        if (hidden_bin is not None and not eager and model.fused and type(out) is Linear and out.bias is None):
+            # The fused loss over the kept model dims only: h is zero at the others, so the head's
+            # product loses nothing, and its cost falls with the hidden mask like every GEMM's.
+            cols = torch.nonzero(hidden_bin).squeeze(1)  # a host sync, as the masked GEMMs' own
+            if cols.numel() < cfg.dim:
+                return llama_kernels.linear_cross_entropy(
+                    h.index_select(-1, cols), out.weight.index_select(1, cols).to(h.dtype), targets,
+                    label_smoothing=label_smoothing, z_loss=z_loss)
+        # (h times the binary hidden mask: the same function as the kept-column loss above, whose
+        # gradient does not reach the pruned dims either)
+        return model.loss(_mul(h, hidden_bin), targets, label_smoothing=label_smoothing, z_loss=z_loss)
     return masked_linear(model.output, h, None, hidden_bin, eager)
