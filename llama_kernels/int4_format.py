@@ -19,7 +19,10 @@ contract in PyTorch.
 Packed layout (`packed`, uint8, shape (N, K/2)): each row is cut into chunks of 32 codes, and
 byte j of a chunk holds code j in its low nibble and code j + 16 in its high nibble. One
 16-byte load thus yields two contiguous runs of 16 codes, which SIMD and GPU kernels widen
-without shuffles. K must be a multiple of the group size (and so of 32).
+without shuffles. K must be a multiple of the group size (and so of 32). The CPU kernel's
+int8-activation path (llama_kernels/cpu/int4_matmul.py) takes this layout as it is: masking and
+shifting 16C bytes gives the low and high codes of C chunks, and x is stored in that order, so
+the unsigned codes meet int8 x in byte dot products (vpdpbusd) with no repacking.
 """
 from __future__ import annotations
 

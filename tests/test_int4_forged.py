@@ -19,6 +19,13 @@ EXT = llama_kernels.capabilities().ext
 needs_ext = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 
 
+@pytest.fixture(autouse=True)
+def fp32_activations(monkeypatch):
+    """The CPU kernel is held to the fp32 reference here: its fp32-activation path (the int8 one,
+    the CPU default for int4, and its non-finite rows are tested in tests/test_int4_q8.py)."""
+    monkeypatch.setattr(cpu_int4, "ACTIVATIONS", "fp32")
+
+
 def _int4():
     return quantize_int4(torch.randn(8, 128), 64)
 

@@ -13,6 +13,13 @@ EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
 
 
+@pytest.fixture(autouse=True)
+def fp32_activations(monkeypatch):
+    """These tests hold the CPU kernel to the fp32 reference: its fp32-activation path. The
+    int8-activation path (the CPU default for int4) is tested in tests/test_int4_q8.py."""
+    monkeypatch.setattr(cpu_int4, "ACTIVATIONS", "fp32")
+
+
 def _quantize(fmt, w, group, double_quant=False):
     return quantize_int4(w, group) if fmt == "int4" else quantize_nf4(w, group, double_quant=double_quant)
 

@@ -1,4 +1,6 @@
-// y = x @ W^T for 4-bit group-quantized W (int4 or NF4) and a few rows of x (decode-sized M).
+// y = x @ W^T for 4-bit group-quantized W (int4 or NF4) and a few rows of x (decode-sized M),
+// with x in fp32 (int4_matmul; described here) or, for int4, x rounded to int8 and integer dot
+// products (int4_matmul_q8; described at "int8 activations" below).
 //
 // W[n, k] = lut[q] * scale[n, k / group] (+ zero[n, k / group]), the codes packed two per byte
 // in chunks of 32 (byte j = code j | code j + 16 << 4; see llama_kernels/int4_format.py). Per group,
@@ -407,6 +409,331 @@ void impl(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, in
   }
 }
 
+// ----------------------------------------------------------------------------- int8 activations
+// int4_matmul_q8: the same y = x @ W^T for int4 weights, with x quantized to int8 once per call,
+// per block of 32 elements (symmetric: d = amax / 127, xq = round(x / d) by nearest-even of
+// x * (1 / d), in [-127, 127]; d is kept in fp32; a block with d below FLT_MIN is all zero). The
+// codes (unsigned nibbles 0..15) are multiplied by the int8 activations exactly in int32:
+//   sum_k x_k w_k ~ sum_chunks s_g d_c (sum_j q_j xq_j - 8 sum_j xq_j) + sum_g z_g (sum of x over g)
+// with the zero term from the fp32 group sums of x, as the fp32 path has it. The weights keep the
+// packed layout (no repacking): a vector of 16C bytes (C chunks of 32 codes) gives, masked and
+// shifted, the low codes (code j of each chunk) and the high ones (code j + 16); x is stored per
+// block in the same order, [low halves of the C chunks | high halves], so one unsigned x signed
+// byte dot product per half, summing 4 adjacent bytes into each 32-bit lane, leaves lane L with 8
+// products of chunk L / 4: vpdpbusd in the avx512vnni build (16 lanes, 4 chunks; its 256- and
+// 128-bit forms for tails), vpmaddubsw + vpmaddwd in the avx512 (16 lanes) and avx2 (8 lanes, 2
+// chunks) builds, plain C++ in the baseline one (4 lanes, one chunk). AVX-VNNI (the VEX form, on
+// CPUs with AVX2 and VNNI but no AVX-512) is not built: this host cannot run it to test it. The
+// - 8 sum xq term is the int32 accumulator's start value, per lane. The int32 lanes become fp32
+// once per block, scaled by s_g * d_c per lane. A tail of the row narrower than the widest block
+// goes through the narrower widths (8 lanes, then 4). The integer sums are exact in every build;
+// only the fp32 order of the block sums differs between builds.
+
+// Vector types of W int32 lanes: bytes (4W), signed bytes, int32 and fp32.
+template <int W>
+struct QV {
+  typedef uint8_t b __attribute__((vector_size(4 * W)));
+  typedef int8_t sb __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef float f __attribute__((vector_size(4 * W)));
+};
+
+// acc + per lane L: sum_{j<4} u[4L + j] * s[4L + j], unsigned bytes u (codes, < 16) times signed
+// bytes s (int8 x, |s| <= 127). vpmaddubsw's int16 pair sums stay below 2 * 15 * 127: no saturation.
+template <int W>
+inline typename QV<W>::i dot(typename QV<W>::i acc, typename QV<W>::b u, typename QV<W>::sb s) {
+  typedef typename QV<W>::i vi;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+#if defined(__AVX512VNNI__)
+    return vi(_mm512_dpbusd_epi32(__m512i(acc), __m512i(u), __m512i(s)));
+#else
+    return acc + vi(_mm512_madd_epi16(_mm512_maddubs_epi16(__m512i(u), __m512i(s)), _mm512_set1_epi16(1)));
+#endif
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (W == 8) {
+#if defined(__AVX512VNNI__)
+    return vi(_mm256_dpbusd_epi32(__m256i(acc), __m256i(u), __m256i(s)));
+#else
+    return acc + vi(_mm256_madd_epi16(_mm256_maddubs_epi16(__m256i(u), __m256i(s)), _mm256_set1_epi16(1)));
+#endif
+  }
+  if constexpr (W == 4) {
+#if defined(__AVX512VNNI__)
+    return vi(_mm_dpbusd_epi32(__m128i(acc), __m128i(u), __m128i(s)));
+#else
+    return acc + vi(_mm_madd_epi16(_mm_maddubs_epi16(__m128i(u), __m128i(s)), _mm_set1_epi16(1)));
+#endif
+  }
+#endif
+  for (int l = 0; l < W; ++l)
+    for (int j = 0; j < 4; ++j) acc[l] += int32_t(u[4 * l + j]) * int32_t(s[4 * l + j]);
+  return acc;
+}
+
+// Sum of the lanes as a tree (as hsum), not as one chain of W dependent adds.
+template <int W>
+inline float hsum_w(typename QV<W>::f v) {
+  if constexpr (W == kLanes) {
+    return hsum(v);
+  } else {
+    float t[W];
+    std::memcpy(t, &v, sizeof(t));
+    for (int width = W / 2; width > 0; width /= 2)
+      for (int i = 0; i < width; ++i) t[i] += t[i + width];
+    return t[0];
+  }
+}
+
+// A 16-lane vector folded into kW lanes (lane l gets the lanes l, l + kW, ...), for one sum.
+inline typename QV<kW>::f fold(vfloat v) {
+  typename QV<kW>::f out;
+  std::memcpy(&out, &v, sizeof(out));
+  for (int part = 1; part < kLanes / kW; ++part) {
+    typename QV<kW>::f more;
+    std::memcpy(&more, reinterpret_cast<const char*>(&v) + part * sizeof(out), sizeof(more));
+    out += more;
+  }
+  return out;
+}
+
+// x of one row, prepared by q8_prepare: the int8 values in block order, and per 32-bit lane (4 per
+// chunk, lane 4c + j covering codes 4j..4j+3 and 16+4j..16+4j+3 of chunk c) the block scale d_c
+// and the start value -8 * (sum of those 8 xq); the fp32 sums of x per weight group.
+struct Q8Row {
+  const int8_t* xq;
+  const float* d;
+  const int32_t* corr;
+  const float* xsum;
+};
+
+constexpr int kQ8Chunks = kW / 4;  // chunks per widest block: 4 (AVX-512), 2 (AVX2), 1
+
+// Byte offset in a row of xq of code i (0..31) of chunk c: blocks of kQ8Chunks chunks from the
+// start, then one block of 2 chunks (AVX-512 only) and one of 1 for what is left.
+inline int64_t q8_offset(int64_t c, int i, int64_t chunks) {
+  const int64_t main = chunks / kQ8Chunks * kQ8Chunks;
+  int64_t start, width;
+  if (c < main) {
+    start = c / kQ8Chunks * kQ8Chunks, width = kQ8Chunks;
+  } else if (kQ8Chunks > 2 && chunks - main >= 2 && c < main + 2) {
+    start = main, width = 2;
+  } else {
+    start = c, width = 1;
+  }
+  return start * 32 + (i < 16 ? 0 : 16 * width) + (c - start) * 16 + (i % 16);
+}
+
+// Quantizes row x (k values) as described above; returns false if any element or group sum is not
+// finite (the row then holds zeros, and the caller redoes it with fp32 activations).
+template <typename TX>
+bool q8_prepare(const TX* x, int64_t k, int group, int8_t* xq, float* d, int32_t* corr, float* xsum) {
+  const int64_t chunks = k / 32, per_group = group / 32;
+  bool finite = true;
+  for (int64_t c = 0; c < chunks; ++c) {
+    float f[32];
+    for (int i = 0; i < 32; ++i) f[i] = to_float(x[c * 32 + i]);
+    float sum = 0.f, amax = 0.f;
+    for (int i = 0; i < 32; ++i) {
+      sum += f[i];
+      amax = std::max(amax, std::fabs(f[i]));
+    }
+    if (c % per_group == 0) xsum[c / per_group] = 0.f;
+    xsum[c / per_group] += sum;
+    int8_t q[32];
+    const float dc = amax / 127.f;
+    const float inv = std::isfinite(sum) && dc >= 0x1p-126f ? 1.f / dc : 0.f;
+    finite = finite && std::isfinite(sum);
+    for (int i = 0; i < 32; ++i) {  // f * inv is within [-127, 127] up to rounding (inv = 0: exactly 0)
+      const float r = std::nearbyint(std::isfinite(f[i]) ? f[i] * inv : 0.f);
+      q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+    }
+    for (int j = 0; j < 4; ++j) {
+      int32_t s = 0;
+      for (int t = 0; t < 4; ++t) s += q[4 * j + t] + q[16 + 4 * j + t];
+      corr[c * 4 + j] = -8 * s;
+      d[c * 4 + j] = inv == 0.f ? 0.f : dc;
+    }
+    for (int i = 0; i < 32; ++i) xq[q8_offset(c, i, chunks)] = q[i];
+  }
+  for (int64_t g = 0; g < chunks / per_group; ++g) finite = finite && std::isfinite(xsum[g]);
+  return finite;
+}
+
+// One block of W lanes (W / 4 chunks from chunk c0) of RB weight rows against MB rows of x; sw[r]
+// holds row r's weight scale per lane.
+template <int W, int RB, int MB>
+inline void q8_step(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const typename QV<W>::f* sw,
+                    int64_t c0, typename QV<W>::f acc[MB][RB]) {
+  typedef QV<W> V;
+  typename V::b lo[RB], hi[RB];
+  for (int r = 0; r < RB; ++r) {
+    typename V::b bytes;
+    std::memcpy(&bytes, packed + r * packed_stride + c0 * 16, sizeof(bytes));
+    lo[r] = bytes & 15;
+    hi[r] = bytes >> 4;
+  }
+  for (int m = 0; m < MB; ++m) {
+    typename V::sb xl, xh;
+    typename V::i corr;
+    typename V::f dv;
+    std::memcpy(&xl, xs[m].xq + c0 * 32, sizeof(xl));
+    std::memcpy(&xh, xs[m].xq + c0 * 32 + sizeof(xl), sizeof(xh));
+    std::memcpy(&corr, xs[m].corr + c0 * 4, sizeof(corr));
+    std::memcpy(&dv, xs[m].d + c0 * 4, sizeof(dv));
+    for (int r = 0; r < RB; ++r) {
+      const typename V::i a = dot<W>(dot<W>(corr, lo[r], xl), hi[r], xh);
+      acc[m][r] += __builtin_convertvector(a, typename V::f) * (sw[r] * dv);
+    }
+  }
+}
+
+// Per-lane weight scales of a W-lane block from chunk c0 (the tails; the main loop uses wide_scales).
+template <int W>
+inline typename QV<W>::f lane_scales(const float* sf, int64_t c0, int group) {
+  typename QV<W>::f v;
+  for (int l = 0; l < W; ++l) v[l] = sf[(c0 + l / 4) * 32 / group];
+  return v;
+}
+
+template <int RB, int MB, int GROUP>
+inline void q8_main(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const float* sf, int64_t groups,
+                    int64_t blocks, typename QV<kW>::f acc[MB][RB]) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    typename QV<kW>::f sw[RB];
+    for (int r = 0; r < RB; ++r) sw[r] = wide_scales<GROUP>(sf + r * groups, b);
+    q8_step<kW, RB, MB>(xs, packed, packed_stride, sw, b * kQ8Chunks, acc);
+  }
+}
+
+// A tail block of W lanes at chunk c0, its sums added to out.
+template <int W, int RB, int MB>
+inline void q8_tail(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const float* sf, int64_t groups,
+                    int group, int64_t c0, float out[MB][RB]) {
+  typename QV<W>::f sw[RB], acc[MB][RB];
+  for (int r = 0; r < RB; ++r) sw[r] = lane_scales<W>(sf + r * groups, c0, group);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = typename QV<W>::f{};
+  q8_step<W, RB, MB>(xs, packed, packed_stride, sw, c0, acc);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) out[m][r] += hsum_w<W>(acc[m][r]);
+}
+
+template <int RB, int MB>
+inline void q8_block(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const f16_t* scales,
+                     const f16_t* zeros, int64_t groups, int64_t k, int group, Scratch& scratch, float out[MB][RB]) {
+  to_fp32_rows<RB>(scales, groups, scratch.scales);
+  const float* sf = scratch.scales.data();
+  const int64_t chunks = k / 32, blocks = chunks / kQ8Chunks;
+  typename QV<kW>::f acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = typename QV<kW>::f{};
+  if (group == 32) q8_main<RB, MB, 32>(xs, packed, packed_stride, sf, groups, blocks, acc);
+  if (group == 64) q8_main<RB, MB, 64>(xs, packed, packed_stride, sf, groups, blocks, acc);
+  if (group == 128) q8_main<RB, MB, 128>(xs, packed, packed_stride, sf, groups, blocks, acc);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) out[m][r] = 0.f;
+  int64_t c = blocks * kQ8Chunks;
+  if constexpr (kQ8Chunks > 2) {
+    if (chunks - c >= 2) {
+      q8_tail<8, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, out);
+      c += 2;
+    }
+  }
+  if constexpr (kQ8Chunks > 1) {
+    if (chunks - c >= 1) q8_tail<4, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, out);
+  }
+  if (zeros) {  // sum_g zero[r, g] * (sum of x over group g), as in block(), into the same sums
+    to_fp32_rows<RB>(zeros, groups, scratch.zeros);
+    const int64_t whole = groups / kLanes * kLanes;
+    for (int r = 0; r < RB; ++r) {
+      const float* z = scratch.zeros.data() + r * groups;
+      for (int m = 0; m < MB; ++m) {
+        vfloat t{};
+        for (int64_t g = 0; g < whole; g += kLanes) t += loadf(z + g) * loadf(xs[m].xsum + g);
+        acc[m][r] += fold(t);
+        for (int64_t g = whole; g < groups; ++g) out[m][r] += z[g] * xs[m].xsum[g];
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) out[m][r] += hsum_w<kW>(acc[m][r]);
+}
+
+template <int MB, typename TX>
+void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f16_t* scales, const f16_t* zeros,
+                  int64_t n0, int64_t n1, int64_t k, int group) {
+  const int64_t groups = k / group, ps = k / 2;
+  thread_local Scratch scratch;
+  int64_t n = n0;
+  for (; n + kRowBlock <= n1; n += kRowBlock) {
+    float out[MB][kRowBlock];
+    q8_block<kRowBlock, MB>(xs, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr,
+                            groups, k, group, scratch, out);
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kRowBlock; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
+  }
+  for (; n < n1; ++n) {
+    float out[MB][1];
+    q8_block<1, MB>(xs, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr, groups, k,
+                    group, scratch, out);
+    for (int m = 0; m < MB; ++m) ys[m][n] = from_float<TX>(out[m][0]);
+  }
+}
+
+template <typename TX>
+void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m, int64_t k, int group,
+             int64_t x_stride, int64_t y_stride, int num_threads) {
+  const int64_t groups = k / group, chunks = k / 32;
+  std::vector<int8_t> xq(static_cast<size_t>(m * k));
+  std::vector<float> d(static_cast<size_t>(m * chunks * 4)), xsum(static_cast<size_t>(m * groups));
+  std::vector<int32_t> corr(static_cast<size_t>(m * chunks * 4));
+  std::vector<int64_t> redo;  // rows of x with a non-finite element or group sum
+  std::vector<Q8Row> rows(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    int8_t* qi = xq.data() + i * k;
+    float* di = d.data() + i * chunks * 4;
+    int32_t* ci = corr.data() + i * chunks * 4;
+    float* si = xsum.data() + i * groups;
+    if (!q8_prepare(x + i * x_stride, k, group, qi, di, ci, si)) {
+      redo.push_back(i);
+      std::fill(si, si + groups, 0.f);  // the row runs as zeros, then is redone in fp32 below
+    }
+    rows[i] = Q8Row{qi, di, ci, si};
+  }
+  const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
+  parallel_parts(parts.n, kRowBlock, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
+    const auto* packed = parts.packed[p];
+    const auto* scales = static_cast<const f16_t*>(parts.scales[p]);
+    const auto* zeros = static_cast<const f16_t*>(parts.zeros[p]);
+    TX* y = static_cast<TX*>(parts.y[p]);
+    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+      const int64_t t1 = std::min(n1, t0 + tile);
+      for (int64_t i = 0; i < m; i += kMaxM) {
+        TX* ys[kMaxM];
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxM, m - i));
+        for (int j = 0; j < mb; ++j) ys[j] = y + (i + j) * y_stride;
+        const Q8Row* xs = rows.data() + i;
+        switch (mb) {
+          case 1: q8_rows_pass<1>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+          case 2: q8_rows_pass<2>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+          case 3: q8_rows_pass<3>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+          default: q8_rows_pass<4>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+        }
+      }
+    }
+  });
+  // A row of x with inf or NaN (or group sums that overflow) has no int8 form: it is computed with
+  // fp32 activations, which give what the reference gives.
+  for (int64_t i : redo) {
+    Int4Parts one = parts;
+    for (void*& y : one.y) y = static_cast<TX*>(y) + i * y_stride;
+    impl(x + i * x_stride, one, lut_p, 1, k, group, x_stride, y_stride, num_threads);
+  }
+}
+
 // W (n, k) = lut[q] * scale (+ zero), one 32-code chunk (16 bytes) at a time: the two runs of 16
 // codes are looked up as in the matmul's chunk path, scaled and stored in TW.
 template <typename TW>
@@ -470,6 +797,29 @@ void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_
       return impl(static_cast<const f16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
     case DType::BF16:
       return impl(static_cast<const bf16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
+  }
+}
+
+void int4_matmul_q8(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
+                    int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
+  LLAMA_KERNELS_CHECK(m >= 0 && k > 0 && k % 32 == 0, "x, qw: expected positive sizes and in_features a multiple of 32, got m="
+                                                          << m << " k=" << k);
+  LLAMA_KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
+                    parts.zeros.size() == parts.n.size() && parts.y.size() == parts.n.size(),
+                "qw: expected one or more weights, each with packed codes, scales, zeros and an output");
+  for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
+  LLAMA_KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
+  LLAMA_KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
+  for (int q = 0; q < 16; ++q)
+    LLAMA_KERNELS_CHECK(lut[q] == static_cast<float>(q - 8),
+                        "lut: int8 activations take the int4 table (code - 8) only, not NF4's code book");
+  switch (to_dtype(x_dtype, "x")) {
+    case DType::F32:
+      return impl_q8(static_cast<const float*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
+    case DType::F16:
+      return impl_q8(static_cast<const f16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
+    case DType::BF16:
+      return impl_q8(static_cast<const bf16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
   }
 }
 

@@ -32,6 +32,10 @@
     (const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,    \
      int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads),                           \
     (x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))                       \
+  X(int4_matmul_q8,                                                                              \
+    (const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,    \
+     int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads),                           \
+    (x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))                       \
   X(int4_dequantize,                                                                             \
     (const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,     \
      int64_t n, int64_t k, int group, int w_dtype, int num_threads),                              \
@@ -108,6 +112,7 @@ struct LinearParts {
 namespace baseline { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
 namespace avx2 { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
 namespace avx512 { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
+namespace avx512vnni { LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE) }
 
 // Dispatching entry points (dispatch.cpp): the same signatures, routed to the selected ISA.
 LLAMA_KERNELS_CPU_KERNELS(LLAMA_KERNELS_CPU_DECLARE)

@@ -4,8 +4,25 @@ rows where the kernel pays, panels of dequantized weight rows handed to a BLAS G
 
 Inputs arrive validated by llama_kernels/ops/int4_matmul.py, which takes the kernel up to
 MAX_CPU_ROWS rows and the panel GEMM past it.
+
+Activations (`ACTIVATIONS`, or the `activations` argument): the kernel multiplies int4 codes
+either with x in fp32 ("fp32", the reference path: w = (q - 8) * s + z in fp32 FMAs) or with x
+quantized to int8 once per call ("int8": per block of 32 elements, d = amax / 127, xq =
+round(x / d), fp32 d; exact integer dot products of the unsigned codes with xq, AVX-512 VNNI
+vpdpbusd where the CPU has it (the avx512vnni build), vpmaddubsw + vpmaddwd on AVX2 and
+AVX-512BW; then y += s * d * (sum q xq - 8 sum xq) per block, plus z * (fp32 sum of x) per group).
+The weights keep their packed layout. "int8" is the default: 1.3-2x faster on the stories42M
+decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near 1e-2, and the
+held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe, every row
+through this kernel) within 0.03% of "fp32". NF4 always takes the fp32 path: its code book is not integers, so an int8
+dot product would need the code book rounded to int8 (a second quantization of every weight)
+and a table lookup (vpshufb) per byte. A row of x with inf or NaN is computed with fp32
+activations, so it gives what the reference gives. LLAMA_KERNELS_INT4_CPU_ACTIVATIONS sets the
+default at import.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,33 +33,50 @@ from .. import dispatch
 # the kernel's cost per row stays flat; the two meet near 64 rows on the shapes measured.
 MAX_CPU_ROWS = 64
 CPU_PANEL_BYTES = 1 << 21  # fp32 weight rows dequantized at a time past MAX_CPU_ROWS: cache-sized
+ACTIVATION_CHOICES = ("int8", "fp32")
+# How the kernel takes x for int4 weights (see the module docstring); NF4 always takes "fp32".
+ACTIVATIONS = os.environ.get("LLAMA_KERNELS_INT4_CPU_ACTIVATIONS") or "int8"
 
 
-def forward(x2, packed, scales, zeros, lut, group_size, y):
+def forward(x2, packed, scales, zeros, lut, group_size, y, activations=None):
     """The kernel for one weight: writes y (M, N) = x2 (M, K) @ dequant(W)^T."""
-    forward_parts(x2, ((packed, scales, zeros),), lut, group_size, (y,))
+    forward_parts(x2, ((packed, scales, zeros),), lut, group_size, (y,), activations)
 
 
-def forward_parts(x2, parts, lut, group_size, ys):
+def forward_parts(x2, parts, lut, group_size, ys, activations=None):
     """One kernel call for several weights against the same x2: parts[p] = (packed, scales,
     zeros) writes ys[p] (all with one row stride)."""
     if x2.shape[-1] == 0:  # an empty sum (QuantizedWeight refuses K = 0; raw parts may not)
         for y in ys:
             y.zero_()
         return
-    forward_rows(x2, x2.shape[0], x2.stride(0), parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0))
+    forward_rows(x2, x2.shape[0], x2.stride(0), parts, lut, group_size, [y.data_ptr() for y in ys], ys[0].stride(0),
+                 activations)
 
 
-def forward_rows(x, rows, x_stride, parts, lut, group_size, outs, y_stride):
+def int8_activations(parts, activations=None) -> bool:
+    """Whether the kernel takes x in int8 for these parts: `activations` (default ACTIVATIONS) is
+    "int8" and the weights are int4 (they have zeros; NF4 has none)."""
+    activations = activations or ACTIVATIONS
+    if activations not in ACTIVATION_CHOICES:
+        raise ValueError(f"activations: expected one of {ACTIVATION_CHOICES} (or LLAMA_KERNELS_INT4_CPU_ACTIVATIONS), "
+                         f"got {activations!r}")
+    return activations == "int8" and all(z is not None for _, _, z in parts)
+
+
+def forward_rows(x, rows, x_stride, parts, lut, group_size, outs, y_stride, activations=None):
     """The C++ kernel over `rows` rows of x (row stride x_stride, last dim contiguous): outs[p] is
-    the address of part p's first output, y_stride the output row stride."""
+    the address of part p's first output, y_stride the output row stride. `activations`: "int8"
+    or "fp32" (default ACTIVATIONS; NF4 always "fp32")."""
     packed, scales, zeros, n = [], [], [], []
     for p, s, z in parts:
         packed.append(p.data_ptr())
         scales.append(s.data_ptr())
         zeros.append(0 if z is None else z.data_ptr())
         n.append(p.shape[0])
-    dispatch.ext().int4_matmul_cpu(
+    ext = dispatch.ext()
+    kernel = ext.int4_matmul_q8_cpu if int8_activations(parts, activations) else ext.int4_matmul_cpu
+    kernel(
         x.data_ptr(), packed, scales, zeros, lut.data_ptr(), outs, n, rows, x.shape[-1], group_size, x_stride,
         y_stride, dispatch.DTYPE_CODES[x.dtype], torch.get_num_threads(),
     )

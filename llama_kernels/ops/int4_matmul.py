@@ -3,8 +3,10 @@
 dequantize(), whose op llama_kernels::int4_dequantize the backward and QuantizedWeight.dequantize
 run.
 
-Backends: the C++ CPU kernel, and past MAX_CPU_ROWS rows panels of dequantized rows through
-BLAS (llama_kernels/cpu/int4_matmul.py); on CUDA the tensor-core kernel for few rows and dequantize +
+Backends: the C++ CPU kernel (int4 by default with x quantized to int8 per block of 32 and
+integer dot products, NF4 with fp32 activations; `llama_kernels.cpu.int4_matmul.ACTIVATIONS`
+chooses, and int4_matmul_q8_reference below is the int8 path's maths), and past MAX_CPU_ROWS
+rows panels of dequantized rows through BLAS (llama_kernels/cpu/int4_matmul.py); on CUDA the tensor-core kernel for few rows and dequantize +
 cuBLAS for many (llama_kernels/cuda/int4_matmul.py), the Triton GEMV/GEMM in between and for fp32
 activations (llama_kernels/triton/int4_matmul.py); the PyTorch reference anywhere.
 """
@@ -17,7 +19,7 @@ import torch
 from .. import dispatch
 from ..cpu import int4_matmul as cpu_int4
 from ..cuda import int4_matmul as cuda_int4
-from ..int4_format import QuantizedWeight, dequantize_reference
+from ..int4_format import QuantizedWeight, dequantize_reference, unpack_codes
 from ..triton import kernels as triton_kernels
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,6 +73,34 @@ def int4_matmul_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[t
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), K a multiple of 32, as the CPU kernel's int8 path takes it: per block of 32
+    elements d = amax / 127 (fp32) and xq = round(x * (1 / d)) (nearest-even) in [-127, 127];
+    a block with d below FLT_MIN (2**-126) is all zero, with d = 0. Returns xq (M, K/32, 32) as
+    fp32 integers and d (M, K/32)."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // 32, 32)
+    d = xb.abs().amax(dim=-1) / 127
+    inv = torch.where(d >= 2.0**-126, 1 / d, torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None]).clamp_(-127, 127)
+    return xq, torch.where(inv == 0, torch.zeros_like(d), d)
+
+
+def int4_matmul_q8_reference(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The maths of the CPU kernel's int8-activation path (llama_kernels/cpu/int4_matmul.py),
+    in float64 for finite x (M, K), int4 weights: per 32-element block c of group g,
+    s_g * d_c * (sum q xq - 8 sum xq) (an exact integer), plus z_g * (sum of x over g)."""
+    if qw.format != "int4":
+        raise ValueError(f"qw: the int8-activation path takes int4 weights, got {qw.format}")
+    (n, k), g = qw.shape, qw.group_size
+    xq, d = quantize_activations_q8(x)
+    codes = unpack_codes(qw.packed).reshape(n, k // 32, 32).double() - 8
+    acc = torch.einsum("mcj,ncj->mnc", xq.double(), codes)  # integers below 2**53: exact
+    s = qw.scales.double().repeat_interleave(g // 32, dim=1)
+    y = (acc * (d.double()[:, None, :] * s[None])).sum(-1)
+    return y + x.double().reshape(x.shape[0], k // g, g).sum(-1) @ qw.zeros.double().t()
 
 
 def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], name: str = "qw") -> None:
