@@ -158,7 +158,7 @@ def test_default_run_keeps_headline_cases_and_full_keeps_all(monkeypatch):
     monkeypatch.setitem(SUITE_INFO, "picky", SuiteInfo("picky", headline=lambda ctx, b: False))
     assert len(headline_items("picky", ctx, items(ctx))) == 4
     # Every registered suite declares its headline cases.
-    assert all(SUITE_INFO[name].headline is not None for name in ("attention", "decode", "int4", "linear", "rms_norm"))
+    assert all(SUITE_INFO[name].headline is not None for name in ("attention", "decode", "int4", "linear", "pruned", "rms_norm"))
 
 
 def test_plot_recorded_gpu_jsonl_draws_every_chart_and_the_report(monkeypatch, tmp_path):

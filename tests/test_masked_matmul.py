@@ -15,7 +15,7 @@ SHAPES = [(1, 40, 1), (3, 96, 33), (17, 130, 64)]  # (M, K, N)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [(variant, dtype) for variant in cpu_variants() for dtype in DTYPES
          if not (variant == "triton" and dtype == torch.bfloat16)]  # the interpreter gets bf16 wrong
-MASKS = ["soft", "hard0", "hard25", "hard50", "hard75", "blocks", "zeros", "ones"]
+MASKS = ["soft", "hard0", "hard25", "hard50", "hard75", "blocks", "zeros", "ones", "heads"]
 
 
 def _mask(kind, size, gen):
@@ -24,6 +24,8 @@ def _mask(kind, size, gen):
     if kind.startswith("hard"):
         sparsity = int(kind[4:]) / 100
         return (torch.rand(size, generator=gen) >= sparsity).float()
+    if kind == "heads":  # whole "heads" of 16 pruned at random: runs of consecutive indices
+        return (torch.rand(size // 16 + 1, generator=gen) >= 0.5).float().repeat_interleave(16)[:size]
     if kind == "blocks":  # whole tiles pruned (what the Triton kernels skip), the rest soft
         m = torch.rand(size, generator=gen) + 0.5
         m[: size // 2] = 0
@@ -143,6 +145,51 @@ def test_cpu_kernel_gets_only_the_active_rows_and_columns(monkeypatch):
         assert calls == [(24, 48), (48, 48)]  # forward; then u on every row, masked columns skipped
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_cpu_paths_match_the_reference(path, dtype):
+    """The cpu backend's two forward paths, each at any number of rows (the op picks by rows, see
+    cpu.MAX_ROWS): the fused kernel, and torch's GEMM between the C++ gather and scatter, on every
+    mask kind for rows and columns (runs of whole heads included), with and without a bias."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("the C++ extension is not built")
+    forward = cpu_mm.forward_fused if path == "fused" else cpu_mm.forward_gemm
+    for m, k, n in SHAPES + [(40, 128, 96), (40, 5, 3)]:
+        gen = torch.Generator().manual_seed(m * 7 + k + n)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        for with_bias in (False, True):
+            b = torch.randn(n, generator=gen) if with_bias else None
+            for row_kind, col_kind in zip(MASKS, MASKS[4:] + MASKS[:4]):
+                r, c = _mask(row_kind, n, gen), _mask(col_kind, k, gen)
+                y = poisoned((m, n), dtype)
+                forward(x, w, r, c, b, y)
+                y64 = mm.masked_matmul_reference(x.double(), w.double(), r.double(), c.double(),
+                                                 None if b is None else b.double())
+                _close(y, y64, dtype, f"{path} {m}x{k}x{n} rows {row_kind}, cols {col_kind}, bias {with_bias}")
+
+
+def test_cpu_backend_takes_the_gemm_path_beyond_max_rows(monkeypatch):
+    """Up to cpu.MAX_ROWS rows of x the fused kernel runs; beyond, the compact GEMM; forward and
+    the backward's recomputation of u alike."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("the C++ extension is not built")
+    calls = []
+    for name in ("launch", "forward_gemm"):
+        monkeypatch.setattr(cpu_mm, name, (lambda f, name: lambda *a: (calls.append(name), f(*a)))(
+            getattr(cpu_mm, name), name))
+    w, c = torch.randn(24, 32), (torch.arange(32) % 2).float()
+    r = (torch.arange(24) % 3 != 0).float().requires_grad_()  # its gradient needs u recomputed
+    with dispatch.use_backend("cpu"):
+        for m, path in ((cpu_mm.MAX_ROWS, "launch"), (cpu_mm.MAX_ROWS + 1, "forward_gemm")):
+            calls.clear()
+            x = torch.randn(m, 32, requires_grad=True)
+            y = llama_kernels.masked_matmul(x, w, r, c)
+            torch.testing.assert_close(y, mm.masked_matmul_reference(x, w, r, c), atol=1e-5, rtol=1e-5)
+            y.sum().backward()
+            assert calls == [path, path], (m, calls)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_pruned_rows_and_columns_are_not_multiplied(backend):
     """NaN in weight rows with r = 0 and in x's columns with c = 0 (whole tiles, so Triton skips
@@ -206,4 +253,29 @@ def test_opcheck(dtype, with_masks):
     b = _t(33).requires_grad_() if with_masks else None
     torch.library.opcheck(torch.ops.llama_kernels.masked_matmul_fwd.default, (x, w, r, c, b))
     detach = [None if t is None else t.detach() for t in (x, w, r, c, b)]
-    torch.library.opcheck(torch.ops.llama_kernels.masked_matmul_bwd.default, (_t(3, 33).to(dtype), *detach))
+    for needs in ([True] * 5, [True, False, True, False, False]):
+        torch.library.opcheck(torch.ops.llama_kernels.masked_matmul_bwd.default,
+                              (_t(3, 33).to(dtype), *detach, needs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("wanted", [("x",), ("w",), ("row_mask",), ("col_mask",), ("x", "col_mask"),
+                                    ("x", "w", "row_mask")], ids=str)
+def test_backward_computes_only_the_gradients_wanted(backend, wanted):
+    """Inputs that need no gradient get none, and the ones that do are those of the full backward."""
+    gen = torch.Generator().manual_seed(7)
+    m, k, n = 37, 45, 29  # more rows than the fused kernel's limit, ragged
+    base = {"x": torch.randn(m, k, generator=gen), "w": torch.randn(n, k, generator=gen),
+            "row_mask": torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) > 0.4),
+            "col_mask": torch.rand(k, generator=gen) * (torch.rand(k, generator=gen) > 0.4)}
+    dy = torch.randn(m, n, generator=gen)
+    full = {name: t.clone().requires_grad_() for name, t in base.items()}
+    part = {name: t.clone().requires_grad_(name in wanted) for name, t in base.items()}
+    with backend_variant(backend):
+        llama_kernels.masked_matmul(**full).backward(dy)
+        llama_kernels.masked_matmul(**part).backward(dy)
+    for name in base:
+        if name in wanted:
+            torch.testing.assert_close(part[name].grad, full[name].grad, msg=name)
+        else:
+            assert part[name].grad is None, name

@@ -89,8 +89,12 @@ def test_fused_path_equals_eager_path(variant):
     for name in w_f:
         torch.testing.assert_close(w_f[name], w_e[name], atol=1e-5, rtol=1e-4, msg=name)
     for kind in z:
-        assert z_f[kind].abs().sum() > 0, kind
-        torch.testing.assert_close(z_f[kind], z_e[kind], atol=1e-5, rtol=1e-4, msg=kind)
+        # where a gate is exactly 0 its gradient may differ (the fused path multiplies a soft
+        # mask in after the kernel, from the saved output), and nothing passes to log_alpha
+        # there anyway, through the clamp; everywhere else the two agree
+        live = z[kind] != 0
+        assert z_f[kind][live].abs().sum() > 0, kind
+        torch.testing.assert_close(z_f[kind][live], z_e[kind][live], atol=1e-5, rtol=1e-4, msg=kind)
 
 
 @pytest.mark.parametrize("variant", ["swiglu-rms", "tied"])

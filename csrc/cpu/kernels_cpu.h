@@ -64,6 +64,19 @@
      int64_t y_stride, int dtype, bool y_fp32, int num_threads),                                  \
     (x, w, row_scale, col_scale, bias, rows, n_rows, cols, n_cols, y, m, n, k, x_stride,          \
      w_stride, y_stride, dtype, y_fp32, num_threads))                                             \
+  X(masked_matmul_active,                                                                        \
+    (const float* mask, int64_t n, int64_t* idx, int64_t* count, bool* all_ones),                 \
+    (mask, n, idx, count, all_ones))                                                              \
+  X(masked_matmul_gather,                                                                        \
+    (const void* src, int64_t src_stride, const int64_t* rows, int64_t n_rows,                    \
+     const int64_t* cols, int64_t n_cols, const float* scale, float* dst, int64_t dst_stride,     \
+     int dtype, int num_threads),                                                                 \
+    (src, src_stride, rows, n_rows, cols, n_cols, scale, dst, dst_stride, dtype, num_threads))    \
+  X(masked_matmul_scatter,                                                                       \
+    (const float* u, int64_t u_stride, const int64_t* rows, int64_t n_act, const float* bias,     \
+     const float* scale, void* y, int64_t m, int64_t n, int64_t y_stride, int dtype,              \
+     int num_threads),                                                                            \
+    (u, u_stride, rows, n_act, bias, scale, y, m, n, y_stride, dtype, num_threads))               \
   X(cross_entropy_rows,                                                                          \
     (float* logits, const int64_t* target, float* loss, float* lse, int64_t rows, int64_t v,      \
      int64_t stride, int64_t ignore_index, float smoothing, float z_loss, float scale,            \

@@ -42,7 +42,10 @@ trained masks most heads are open most of the time, so the saving would be small
 
 Fused and eager. The default runs every projection through `llama_kernels.masked_matmul` (the
 masked weight is never formed, and rows and columns whose mask is 0 are not multiplied) and the
-norms through `llama_kernels.rms_norm`. `eager=True` computes the same thing with dense
+norms through `llama_kernels.rms_norm`. A soft mask that needs a gradient goes to the kernel as
+its binary part, and its values multiply the kernel's input or output outside it: autograd then
+takes the mask's gradient from saved tensors, as for the dense product, where the kernel's own
+row-mask gradient would recompute the layer's output on every row (one GEMM more per layer). `eager=True` computes the same thing with dense
 `F.linear` and elementwise mask multiplies, as a baseline to measure the fused path against.
 A projection with no mask at all runs its layer's own forward, so with z = {} the fused path is
 the model's forward, bit for bit (for inputs of more than llama.model.FUSED_PROJECTION_MAX_ROWS
@@ -182,6 +185,23 @@ def _mul(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x if mask is None else x * mask.to(x.dtype)
 
 
+def _masked_matmul(x: torch.Tensor, w: torch.Tensor, row: Optional[torch.Tensor], col: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """llama_kernels.masked_matmul with a mask that needs a gradient split in two: its binary
+    part goes to the kernel (which skips the zeros) and its values multiply in outside. The
+    kernel then computes no mask gradient, which for a row mask would cost a GEMM (u recomputed
+    on every row); autograd takes the soft row mask's gradient from the saved output, as for
+    any product, and it is zero where the gate is (a hard-concrete gate at exactly 0 passes no
+    gradient to log_alpha anyway, through the clamp)."""
+    soft_row = row is not None and row.requires_grad
+    soft_col = col is not None and col.requires_grad
+    if soft_col:
+        x = x * col.to(x.dtype)
+    y = llama_kernels.masked_matmul(x, w, row_mask=_binary(row.detach()) if soft_row else row,
+                                    col_mask=_binary(col.detach()) if soft_col else col, bias=bias)
+    return y * row.to(y.dtype) if soft_row else y
+
+
 def masked_linear(layer: nn.Module, x: torch.Tensor, row: Optional[torch.Tensor] = None,
                   col: Optional[torch.Tensor] = None, eager: bool = False) -> torch.Tensor:
     """layer((x * col)) * row for an nn.Linear (our Linear included), a 4-bit QuantLinear or a
@@ -195,7 +215,7 @@ def masked_linear(layer: nn.Module, x: torch.Tensor, row: Optional[torch.Tensor]
         if eager or row is None:
             delta = _mul(F.linear(low, b), row)
         else:
-            delta = llama_kernels.masked_matmul(low, b, row_mask=row)
+            delta = _masked_matmul(low, b, row, None, None)
         return y + (delta * layer.scale).to(y.dtype)
     if isinstance(layer, QuantLinear):  # 4-bit codes: no rows to skip, the masks multiply in
         return _mul(layer(_mul(x, col)), row)
@@ -205,7 +225,7 @@ def masked_linear(layer: nn.Module, x: torch.Tensor, row: Optional[torch.Tensor]
             return layer(x)
         if eager:
             return _mul(F.linear(_mul(x, col), w, layer.bias), row)
-        return llama_kernels.masked_matmul(x, w.to(x.dtype), row_mask=row, col_mask=col, bias=layer.bias)
+        return _masked_matmul(x, w.to(x.dtype), row, col, layer.bias)
     raise TypeError(f"layer: expected an nn.Linear, QuantLinear or LoRALinear, got {type(layer).__name__}")
 
 
