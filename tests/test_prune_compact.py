@@ -106,6 +106,25 @@ def test_compact_survives_native_and_hf_checkpoints(tmp_path):
         torch.testing.assert_close(theirs(tok).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_kept_gate_whose_value_is_zero_folds_to_zeros():
+    """Top-k keeps the target's count even where a kept gate's test-time value is exactly 0; with
+    the masks' `keep`, compaction keeps that head (its wo columns zero) and the shape stays whole."""
+    model = model_of()
+    masks = masks_of(model.config, DEFAULT)
+    with torch.no_grad():
+        masks.gates["head"].log_alpha[0] = torch.tensor([-5.0, -6.0, -7.0, -8.0])  # values 0, top-2 kept
+    z, keep = masks.deterministic_masks(), masks.keep()
+    assert keep["head"][0].sum() == 2 and not z["head"][0].any()
+    with pytest.raises(ValueError, match="keeps no heads"):
+        compact(model, z, target=masks.target)  # from the values alone, layer 0 has none
+    small = compact(model, z, target=masks.target, keep=keep)
+    tok = tokens_of()
+    with torch.no_grad():
+        torch.testing.assert_close(small(tok), masked_forward(model, tok, z), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="keep"):
+        compact(model, z, keep={"head": keep["head"]})
+
+
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense-base", "4bit-base"])
 def test_compact_merges_lora_without_changing_the_model(four_bit, monkeypatch):
     # the 4-bit kernel with fp32 activations: compared with the dequantized weights at 1e-4

@@ -2,7 +2,7 @@
 computes the same thing.
 
     masks.eval()
-    small = compact(model, masks.deterministic_masks(), target=masks.target)
+    small = compact(model, masks.deterministic_masks(), target=masks.target, keep=masks.keep())
     llama.save(small, "pruned/")                  # or python -m llama.prune compact CKPT --out OUT
 
 What goes (a gate exactly 0), for z as `llama.prune.masked` applies it:
@@ -74,17 +74,36 @@ def _nonzero(t: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(t != 0).flatten()
 
 
-def _plan(cfg: ModelConfig, z: dict[str, torch.Tensor]) -> dict:
+def _kept(z: dict[str, torch.Tensor], keep: Optional[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{kind: booleans} of what is kept: `keep` where given (a kept entry may carry the value 0,
+    then its weights fold to zeros), else the nonzero entries of z."""
+    if keep is None:
+        return {kind: t != 0 for kind, t in z.items()}
+    if not isinstance(keep, Mapping) or set(keep) != set(z):
+        raise ValueError(f"keep: expected booleans for exactly the kinds of z ({', '.join(z)})")
+    out = {}
+    for kind, t in keep.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.shape != z[kind].shape:
+            raise ValueError(f"keep[{kind!r}]: expected a bool tensor of shape {tuple(z[kind].shape)}")
+        out[kind] = t.detach().cpu()
+    return out
+
+
+def _plan(cfg: ModelConfig, z: dict[str, torch.Tensor], keep: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
     """The kept layers, heads, channels and dims (CPU index tensors) and the new config; every
     non-uniformity is a ValueError naming the kind and the layer."""
     z = {kind: t.detach().float().cpu() for kind, t in z.items()}
+    k = _kept(z, keep)
     L = cfg.n_layers
     ones = torch.ones(L)
     attn = z.get("layer", ones) * z.get("head_layer", ones)
     ffn = z.get("layer", ones) * z.get("mlp", ones)
+    yes = torch.ones(L, dtype=torch.bool)
+    attn_kept = k.get("layer", yes) & k.get("head_layer", yes)
+    ffn_kept = k.get("layer", yes) & k.get("mlp", yes)
     layers = []
     for i in range(L):
-        a, f = bool(attn[i] != 0), bool(ffn[i] != 0)
+        a, f = bool(attn_kept[i]), bool(ffn_kept[i])
         if a != f:
             kept, gone = ("attention", "FFN") if a else ("FFN", "attention")
             raise ValueError(f"z: layer {i} keeps its {kept} branch but not its {gone} branch; a dense block "
@@ -97,7 +116,7 @@ def _plan(cfg: ModelConfig, z: dict[str, torch.Tensor]) -> dict:
     def per_layer(kind: str, size: int, what: str) -> tuple[list[torch.Tensor], int]:
         if kind not in z:
             return [torch.arange(size)] * L, size
-        kept = [_nonzero(z[kind][i]) for i in range(L)]
+        kept = [_nonzero(k[kind][i]) for i in range(L)]
         counts = {i: int(kept[i].numel()) for i in layers}
         first = layers[0]
         for i, n in counts.items():
@@ -110,7 +129,7 @@ def _plan(cfg: ModelConfig, z: dict[str, torch.Tensor]) -> dict:
 
     heads, n_heads = per_layer("head", cfg.n_heads, "heads")
     channels, hidden_dim = per_layer("intermediate", cfg.hidden_dim, "FFN channels")
-    dims = _nonzero(z["hidden"]) if "hidden" in z else torch.arange(cfg.dim)
+    dims = _nonzero(k["hidden"]) if "hidden" in z else torch.arange(cfg.dim)
     dim = int(dims.numel())
     if dim == 0:
         raise ValueError("z['hidden']: keeps no model dimension")
@@ -168,10 +187,13 @@ def _norm_state(norm: nn.Module, prefix: str, dims: torch.Tensor, divide: Option
 
 
 @torch.no_grad()
-def compact(model: Transformer, z: Mapping[str, torch.Tensor], target: Optional[ModelConfig] = None) -> Transformer:
+def compact(model: Transformer, z: Mapping[str, torch.Tensor], target: Optional[ModelConfig] = None,
+            keep: Optional[Mapping[str, torch.Tensor]] = None) -> Transformer:
     """The dense model of the kept shape that computes what `model` computes under the masks z
     (`masked_forward(model, tokens, z)`); see the module docstring. z: {kind: mask} with the
     gate shapes of model.config (deterministic masks: every kept layer must keep the same counts).
+    `keep`: {kind: booleans} of what is kept (PruningMasks.keep()), where a kept gate's value may
+    be exactly 0 (its weights then fold to zeros); default: the nonzero entries of z.
     `target`: a ModelConfig the result must match in every shape field."""
     if not isinstance(model, Transformer):
         raise ValueError(f"model: expected a llama.model.Transformer, got {type(model).__name__}")
@@ -181,7 +203,7 @@ def compact(model: Transformer, z: Mapping[str, torch.Tensor], target: Optional[
     if emb.is_meta:
         raise ValueError("model: its weights are on the meta device; load them first")
     device, dtype = emb.device, emb.dtype
-    plan = _plan(cfg, check_masks(cfg, z))  # any device: the plan is made on the CPU
+    plan = _plan(cfg, check_masks(cfg, z), keep)  # any device: the plan is made on the CPU
     new_cfg = plan["config"]
     if target is not None:
         for name in (*SHAPE_FIELDS, *_KEPT_FIELDS):
@@ -250,7 +272,7 @@ def compact_checkpoint(source: Union[str, Path], out: Union[str, Path], format: 
     masks = load_masks(source)  # first: a checkpoint without masks fails before the model loads
     model = checkpoint.load_model(source, device="cpu")
     masks.eval()
-    small = compact(model, masks.deterministic_masks(), target=masks.target)
+    small = compact(model, masks.deterministic_masks(), target=masks.target, keep=masks.keep())
     checkpoint.save(small, out, format=format)
     tokenizer = find_tokenizer(source)
     if tokenizer is not None:
