@@ -18,7 +18,7 @@ from .int4_format import QuantizedWeight, quantize_int4, quantize_nf4
 from .ops.adamw import adamw_reference_, adamw_step_
 from .ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .ops.int4_matmul import dequantize, int4_matmul, int4_matmul_reference
-from .ops.linear import linear, linear_reference
+from .ops.linear import linear, linear_argmax, linear_reference
 from .ops.masked_matmul import masked_matmul, masked_matmul_reference
 from .ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .ops.rope_attention import (
@@ -44,6 +44,7 @@ __all__ = [
     "int4_matmul",
     "int4_matmul_reference",
     "linear",
+    "linear_argmax",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "linear_reference",

@@ -28,6 +28,10 @@
     (const void* x, const LinearParts& parts, int64_t m, int64_t k, int64_t x_stride,             \
      int64_t y_stride, int x_dtype, int w_dtype, int bias_dtype, int num_threads),                \
     (x, parts, m, k, x_stride, y_stride, x_dtype, w_dtype, bias_dtype, num_threads))              \
+  X(linear_argmax,                                                                              \
+    (const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t x_stride,             \
+     int x_dtype, int w_dtype, int64_t* index, float* value, int num_threads),                    \
+    (x, w, m, n, k, x_stride, x_dtype, w_dtype, index, value, num_threads))                       \
   X(int4_matmul,                                                                                 \
     (const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,    \
      int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads),                           \

@@ -30,4 +30,15 @@ LLAMA_KERNELS_BIND(linear_cpu) {
       py::call_guard<py::gil_scoped_release>(),
       "y[p] = x @ w[p]^T + bias[p] for a few rows of x and one or more weights w[p] of n[p] rows; a bias "
       "entry may be 0 (none); all y[p] share y_stride");
+  m.def(
+      "linear_argmax_cpu",
+      [](uintptr_t x, uintptr_t w, int64_t m, int64_t n, int64_t k, int64_t x_stride, int x_dtype, int w_dtype,
+         uintptr_t index, uintptr_t value, int threads) {
+        llama_kernels::cpu::linear_argmax(address_ptr<const void>(x), address_ptr<const void>(w), m, n, k, x_stride,
+                                          x_dtype, w_dtype, address_ptr<int64_t>(index), address_ptr<float>(value),
+                                          threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "index[i] (int64) = argmax over the n rows of w of x[i] @ w^T, value[i] (fp32, address 0: not written) its "
+      "logit, for m rows of x; the logits are those linear_cpu computes, never written out");
 }

@@ -7,9 +7,11 @@ runs the model step by step.
         --max-new-tokens 200 --temperature 0.8 --top-p 0.9 --seed 0     # see __main__.py
 
 Prompts of different lengths are batched with right padding: every sequence keeps its own
-position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding. Sampling filters
-compose in the order top-k, epsilon (drop tokens below a probability), top-p. On a GPU the
-one-token decode step is compiled and replayed as a CUDA graph over the static cache.
+position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding (on the CPU each
+step after the prefill takes its tokens from the fused head and argmax, `Decoder.greedy_step`:
+the same tokens, without the logits). Sampling filters compose in the order top-k, epsilon (drop
+tokens below a probability), top-p. On a GPU the one-token decode step is compiled and replayed
+as a CUDA graph over the static cache.
 
 `generate` may be called from several threads: calls on one model take turns (a lock per model),
 calls on different models run at once.
@@ -23,7 +25,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..model import KVCache, Transformer
+import llama_kernels
+
+from ..model import KVCache, Linear, Transformer
+
+# Greedy decoding on the CPU takes the next token from the fused head and argmax
+# (llama_kernels.linear_argmax: the same token, without writing and re-reading the logits);
+# False runs the head and then sample(), for comparison.
+FUSED_GREEDY_HEAD = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,20 @@ class Decoder:
 
     def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, last_only=True)
+
+    def greedy_fusable(self) -> bool:
+        """Whether greedy_step can serve this decoder: an eager CPU step and a plain head (our
+        Linear without bias; a 4-bit, adapted or biased head runs as a layer)."""
+        head = self.model.output
+        return (FUSED_GREEDY_HEAD and self._step == self._eager_step and not self._use_graph
+                and type(head) is Linear and head.bias is None and not self.cache.k[0].is_cuda)
+
+    def greedy_step(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        """One step of greedy decoding: the next tokens (B,), the argmax of the logits that `step`
+        returns, from the final hidden state through llama_kernels.linear_argmax."""
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        h = self.model(self.tokens, cache=self.cache, last_only=True, return_hidden=True)
+        return llama_kernels.linear_argmax(h, self.model.output.weight)
 
     def _memory(self) -> tuple[int, ...]:
         """Where the step's inputs live: a captured graph is stale once any of them moved
@@ -251,10 +274,12 @@ def generate(
         model.eval()
         try:
             logits = decoder.prefill(padded, lengths)
+            greedy = sampling.temperature == 0 and decoder.greedy_fusable()
+            chosen: Optional[torch.Tensor] = None  # the fused greedy step's tokens
             out: list[list[int]] = [[] for _ in prompts]
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
-                next_tokens = sample(logits, sampling, generator)
+                next_tokens = sample(logits, sampling, generator) if chosen is None else chosen
                 if eos_id is not None:
                     next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
                 ids = next_tokens.tolist()
@@ -269,7 +294,10 @@ def generate(
                     if bool(finished.all()):
                         break
                 if step + 1 < max_new_tokens:
-                    logits = decoder.step(next_tokens)
+                    if greedy:
+                        chosen = decoder.greedy_step(next_tokens)
+                    else:
+                        logits = decoder.step(next_tokens)
             return out
         finally:
             decoder.in_use = False

@@ -46,6 +46,17 @@ def forward_rows(x, rows, x_stride, weights, bias_ptrs, bias_dtype, outs, y_stri
     )
 
 
+def forward_argmax(x, rows, x_stride, weight, index, value=None):
+    """The fused head and argmax: index[i] = argmax of x[i] @ weight^T over `rows` rows of x (row
+    stride x_stride, last dim contiguous), value[i] its logit (if given); the logits are never
+    written. The same logits as `forward_rows`, so the same index as its output's argmax."""
+    codes = dispatch.DTYPE_CODES
+    dispatch.ext().linear_argmax_cpu(
+        x.data_ptr(), weight.data_ptr(), rows, weight.shape[0], x.shape[-1], x_stride, codes[x.dtype],
+        codes[weight.dtype], index.data_ptr(), 0 if value is None else value.data_ptr(), torch.get_num_threads(),
+    )
+
+
 def unsupported(rows: int, weights: Sequence[torch.Tensor]) -> str | None:
     """Why the kernel should not take this call, or None."""
     if weights[0].dtype != torch.float32:  # one dtype for all (the op checks it)

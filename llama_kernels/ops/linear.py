@@ -5,6 +5,9 @@ time is the time to stream the weights. On the CPU, the C++ kernel reads each fp
 once for all rows of x and runs near memory bandwidth (1.7-3.3x `F.linear` for 1-16 rows on two
 cores; llama_kernels/cpu/linear.py); 16-bit weights, larger inputs, autograd and torch.compile go
 to `F.linear` (the `torch` backend).
+
+`linear_argmax` is greedy decoding's head: the index of the largest logit, from the same kernel
+walk without writing the logits out (llama.generate uses it for temperature 0 on the CPU).
 """
 from __future__ import annotations
 
@@ -99,6 +102,40 @@ def linear(
     cpu_linear.forward_rows(x2, rows, x_stride, weights, bias_ptrs,
                             0 if bias is None else dispatch.DTYPE_CODES[bias.dtype], outs, n)
     return y
+
+
+def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The index of the largest logit of x @ weight^T: `linear(x, weight).float().argmax(-1)`, int64
+    of shape x.shape[:-1] (greedy decoding's next token from the final hidden state and the head).
+
+    The C++ CPU kernel makes the logits exactly as `linear` does and keeps each thread's running
+    maximum, so the 32k-wide logits are never written or read back, and the result is the same
+    index (the first of equal maxima; a NaN counts as the largest, as in torch.argmax). Every
+    other case (a backend `linear` would not give the CPU kernel, autograd, torch.compile) runs
+    `linear` and then argmax.
+    """
+    check_inputs(x, weight, None)
+    if x.shape[-1] == 0 or weight.shape[0] == 0 or torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad) or torch.compiler.is_compiling():
+        return linear(x, weight).float().argmax(-1)
+    k = x.shape[-1]
+    rows = x.numel() // k
+    backend = dispatch.choose("linear", x.device, {"cpu": lambda: cpu_linear.unsupported(rows, (weight,))},
+                              implemented=("cpu", "torch"))
+    if backend == "torch":
+        return linear(x, weight).float().argmax(-1)
+    index = torch.empty(x.shape[:-1], dtype=torch.long, device=x.device)
+    if not rows:
+        return index
+    if x.is_contiguous():
+        x2, x_stride = x, k
+    else:
+        x2 = x.reshape(rows, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        x_stride = x2.stride(0)
+    cpu_linear.forward_argmax(x2, rows, x_stride, weight, index)
+    return index
 
 
 def _torch_parts(x, weights, bias):
