@@ -13,6 +13,21 @@ namespace py = pybind11;
 using llama_kernels::address_ptr;
 using llama_kernels::address_ptrs;
 
+namespace {
+// The weights of one call, from the addresses Python passes (both kernels take the same).
+llama_kernels::cpu::Int4Parts parts_of(const std::vector<uintptr_t>& packed, const std::vector<uintptr_t>& scales,
+                                       const std::vector<uintptr_t>& zeros, const std::vector<uintptr_t>& y,
+                                       const std::vector<int64_t>& n) {
+  llama_kernels::cpu::Int4Parts parts;
+  parts.packed = address_ptrs<const uint8_t>(packed);
+  parts.scales = address_ptrs<const void>(scales);
+  parts.zeros = address_ptrs<const void>(zeros);
+  parts.y = address_ptrs<void>(y);
+  parts.n = n;
+  return parts;
+}
+}  // namespace
+
 LLAMA_KERNELS_BIND(int4_matmul_cpu) {
   m.def(
       "int4_matmul_cpu",
@@ -20,14 +35,9 @@ LLAMA_KERNELS_BIND(int4_matmul_cpu) {
          const std::vector<uintptr_t>& zeros, uintptr_t lut, const std::vector<uintptr_t>& y,
          const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
          int x_dtype, int threads) {
-        llama_kernels::cpu::Int4Parts parts;
-        parts.packed = address_ptrs<const uint8_t>(packed);
-        parts.scales = address_ptrs<const void>(scales);
-        parts.zeros = address_ptrs<const void>(zeros);
-        parts.y = address_ptrs<void>(y);
-        parts.n = n;
-        llama_kernels::cpu::int4_matmul(address_ptr<const void>(x), parts, address_ptr<const float>(lut), m, k,
-                                        group, x_stride, y_stride, x_dtype, threads);
+        llama_kernels::cpu::int4_matmul(address_ptr<const void>(x), parts_of(packed, scales, zeros, y, n),
+                                        address_ptr<const float>(lut), m, k, group, x_stride, y_stride, x_dtype,
+                                        threads);
       },
       py::call_guard<py::gil_scoped_release>(),
       "y[p] = x @ dequant(W[p])^T for one or more 4-bit weights W[p] of n[p] rows (packed codes, fp16 "
@@ -38,14 +48,9 @@ LLAMA_KERNELS_BIND(int4_matmul_cpu) {
          const std::vector<uintptr_t>& zeros, uintptr_t lut, const std::vector<uintptr_t>& y,
          const std::vector<int64_t>& n, int64_t m, int64_t k, int group, int64_t x_stride, int64_t y_stride,
          int x_dtype, int threads) {
-        llama_kernels::cpu::Int4Parts parts;
-        parts.packed = address_ptrs<const uint8_t>(packed);
-        parts.scales = address_ptrs<const void>(scales);
-        parts.zeros = address_ptrs<const void>(zeros);
-        parts.y = address_ptrs<void>(y);
-        parts.n = n;
-        llama_kernels::cpu::int4_matmul_q8(address_ptr<const void>(x), parts, address_ptr<const float>(lut), m, k,
-                                           group, x_stride, y_stride, x_dtype, threads);
+        llama_kernels::cpu::int4_matmul_q8(address_ptr<const void>(x), parts_of(packed, scales, zeros, y, n),
+                                           address_ptr<const float>(lut), m, k, group, x_stride, y_stride, x_dtype,
+                                           threads);
       },
       py::call_guard<py::gil_scoped_release>(),
       "int4_matmul_cpu with x quantized to int8 per block of 32 (an fp32 scale each) and integer dot "

@@ -83,14 +83,7 @@ def linear(
     y = x.new_empty((*x.shape[:-1], n))
     if not rows:
         return y
-    # A contiguous x needs no 2-D view: the kernel takes its address, row count and row stride K.
-    if x.is_contiguous():
-        x2, x_stride = x, k
-    else:
-        x2 = x.reshape(rows, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        x_stride = x2.stride(0)
+    x2, x_stride = _row_view(x, rows, k)
     if bias is not None:
         bias = bias.contiguous()
     # The parts' outputs (and biases) sit side by side, each after the columns of those before.
@@ -102,6 +95,17 @@ def linear(
     cpu_linear.forward_rows(x2, rows, x_stride, weights, bias_ptrs,
                             0 if bias is None else dispatch.DTYPE_CODES[bias.dtype], outs, n)
     return y
+
+
+def _row_view(x: torch.Tensor, rows: int, k: int) -> tuple[torch.Tensor, int]:
+    """x as the kernels take it, (tensor, row stride): a contiguous x needs no 2-D view (the
+    kernel takes its address, row count and row stride K); otherwise rows of contiguous K."""
+    if x.is_contiguous():
+        return x, k
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.stride(0)
 
 
 def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -127,13 +131,7 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     index = torch.empty(x.shape[:-1], dtype=torch.long, device=x.device)
     if not rows:
         return index
-    if x.is_contiguous():
-        x2, x_stride = x, k
-    else:
-        x2 = x.reshape(rows, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        x_stride = x2.stride(0)
+    x2, x_stride = _row_view(x, rows, k)
     cpu_linear.forward_argmax(x2, rows, x_stride, weight, index)
     return index
 
