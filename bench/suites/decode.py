@@ -16,7 +16,8 @@ On the CPU, at batch 1, llama.cpp through llama-cpp-python (the `peers` extra; R
 GGUF / llama.cpp) on the GGUF files our exporter writes from the same weights: `llama.cpp-f32`
 (compare with ours in fp32) and `llama.cpp-q4_0` (compare with our int4; its blocks are our Q4_0
 arithmetic, the embedding and head included). Greedy, as many new tokens, on as many threads as
-torch uses. Recorded as missing where llama_cpp is not importable.
+torch uses; and `llama.cpp-f32` prefill of the same prompt at batch 1. Recorded as missing where
+llama_cpp is not importable.
 """
 from __future__ import annotations
 
@@ -193,12 +194,41 @@ def _llama_cpp_decode(ctx, new, quant):
     return [call]
 
 
+def _llama_cpp_prefill(ctx, length):
+    """llama.cpp's prefill of a `length`-token prompt (batch 1) on our model written as f32 GGUF:
+    the prompt evaluated into an empty context, as _ours_prefill fills an empty cache."""
+    from llama_cpp import Llama
+
+    import llama.checkpoint
+
+    ours, _ = _models(str(ctx.device), ctx.quick)
+    prompt = _tokens(ctx, 1, length, ours.config.vocab_size)[0].tolist()
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = llama.checkpoint.save(ours, f"{tmp}/model-f32.gguf", "gguf", quant="f32")
+        llm = Llama(model_path=str(path), n_ctx=length + 1, n_batch=length, n_threads=threads,
+                    n_threads_batch=threads, logits_all=False, use_mmap=False, verbose=False)
+
+    def call():
+        llm.reset()
+        llm.eval(prompt)
+
+    return [call]
+
+
+def _llama_cpp_missing(ctx: SuiteContext) -> str | None:
+    if ctx.is_cuda:
+        return "measured on CPU runs only (a CPU build of llama.cpp)"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python not installed"
+    return None
+
+
 def _llama_cpp_items(ctx: SuiteContext, case: dict, new: int) -> list[Item]:
     impls = {"llama.cpp-f32": "f32", "llama.cpp-q4_0": "q4_0"}
-    if ctx.is_cuda:
-        return [Unavailable(impl, "measured on CPU runs only (a CPU build of llama.cpp)") for impl in impls]
-    if importlib.util.find_spec("llama_cpp") is None:
-        return [Unavailable(impl, "llama-cpp-python not installed") for impl in impls]
+    missing = _llama_cpp_missing(ctx)
+    if missing:
+        return [Unavailable(impl, missing) for impl in impls]
     # fp32 activations both, as our int4 variants are recorded: one case compares them all
     return [Bench(impl, {**case, "new": new}, dtype_name(torch.float32), "decode",
                   partial(_llama_cpp_decode, ctx, new, quant), tokens=new) for impl, quant in impls.items()]
@@ -251,4 +281,7 @@ def decode(ctx: SuiteContext) -> list[Item]:
                            partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
         items.append(Bench("hf", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
                            partial(_hf_prefill, ctx, batch, prefill), tokens=batch * prefill))
+        if batch == 1 and not _llama_cpp_missing(ctx):  # (missing: recorded once, with decode)
+            items.append(Bench("llama.cpp-f32", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+                               partial(_llama_cpp_prefill, ctx, prefill), tokens=prefill))
     return items
