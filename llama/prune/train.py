@@ -212,8 +212,7 @@ class PruneTrainer(Trainer):
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         z = self.masks()  # sampled: the masks are in training mode here
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with self.autocast():
             lm = masked_forward(self.model, x, z, y, eager=cfg.eager_masks, label_smoothing=cfg.label_smoothing,
                                 z_loss=cfg.z_loss)
         penalty, log = self.masks.lagrangian_loss(self.step)

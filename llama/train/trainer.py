@@ -189,11 +189,14 @@ class Trainer:
             return self.root(self._loss, x, y)
         return self._loss(x, y)
 
+    def autocast(self):
+        """The context the loss runs in: autocast to the config's dtype (none for fp32)."""
+        dtype = AUTOCAST.get(self.config.dtype)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        dtype = AUTOCAST.get(cfg.dtype)
-        ctx = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:  # the model picks the fused loss or the eager one (use_fused_ops)
+        with self.autocast():  # the model picks the fused loss or the eager one (use_fused_ops)
             return self.forward(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
 
     @torch.no_grad()
