@@ -84,6 +84,18 @@ inline DType to_dtype(int code, const char* arg) {
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
+// fn(static_cast<T*>(nullptr)) with T the storage type of dtype code `code` (float, f16_t or
+// bf16_t): how a kernel entry turns a dtype code into a template argument. `arg` names the
+// argument in the error for an unknown code.
+template <typename Fn>
+inline void with_float_type(int code, const char* arg, Fn&& fn) {
+  switch (to_dtype(code, arg)) {
+    case DType::F32: return fn(static_cast<float*>(nullptr));
+    case DType::F16: return fn(static_cast<f16_t*>(nullptr));
+    case DType::BF16: return fn(static_cast<bf16_t*>(nullptr));
+  }
+}
+
 inline float to_float(float v) { return v; }
 
 inline float to_float(bf16_t v) {

@@ -781,46 +781,42 @@ void int4_dequantize(const uint8_t* packed, const void* scales, const void* zero
   }
 }
 
-void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
-                 int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
-  LLAMA_KERNELS_CHECK(m >= 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " k=" << k);
+namespace {
+
+// The checks both entries make of the weights they are given.
+void check_parts(const Int4Parts& parts, int64_t k, int group) {
   LLAMA_KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
                     parts.zeros.size() == parts.n.size() && parts.y.size() == parts.n.size(),
                 "qw: expected one or more weights, each with packed codes, scales, zeros and an output");
   for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
   LLAMA_KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
   LLAMA_KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
-  switch (to_dtype(x_dtype, "x")) {
-    case DType::F32:
-      return impl(static_cast<const float*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-    case DType::F16:
-      return impl(static_cast<const f16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-    case DType::BF16:
-      return impl(static_cast<const bf16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-  }
+}
+
+}  // namespace
+
+void int4_matmul(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
+                 int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
+  LLAMA_KERNELS_CHECK(m >= 0 && k > 0, "x, qw: expected positive sizes, got m=" << m << " k=" << k);
+  check_parts(parts, k, group);
+  with_float_type(x_dtype, "x", [&](auto* xt) {
+    using TX = std::remove_pointer_t<decltype(xt)>;
+    impl(static_cast<const TX*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
+  });
 }
 
 void int4_matmul_q8(const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,
                     int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads) {
   LLAMA_KERNELS_CHECK(m >= 0 && k > 0 && k % 32 == 0, "x, qw: expected positive sizes and in_features a multiple of 32, got m="
                                                           << m << " k=" << k);
-  LLAMA_KERNELS_CHECK(!parts.n.empty() && parts.packed.size() == parts.n.size() && parts.scales.size() == parts.n.size() &&
-                    parts.zeros.size() == parts.n.size() && parts.y.size() == parts.n.size(),
-                "qw: expected one or more weights, each with packed codes, scales, zeros and an output");
-  for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "qw: expected positive out_features, got " << n);
-  LLAMA_KERNELS_CHECK(group == 32 || group == 64 || group == 128, "group_size: expected 32, 64 or 128, got " << group);
-  LLAMA_KERNELS_CHECK(k % group == 0, "qw: in_features " << k << " is not a multiple of group_size " << group);
+  check_parts(parts, k, group);
   for (int q = 0; q < 16; ++q)
     LLAMA_KERNELS_CHECK(lut[q] == static_cast<float>(q - 8),
                         "lut: int8 activations take the int4 table (code - 8) only, not NF4's code book");
-  switch (to_dtype(x_dtype, "x")) {
-    case DType::F32:
-      return impl_q8(static_cast<const float*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-    case DType::F16:
-      return impl_q8(static_cast<const f16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-    case DType::BF16:
-      return impl_q8(static_cast<const bf16_t*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
-  }
+  with_float_type(x_dtype, "x", [&](auto* xt) {
+    using TX = std::remove_pointer_t<decltype(xt)>;
+    impl_q8(static_cast<const TX*>(x), parts, lut, m, k, group, x_stride, y_stride, num_threads);
+  });
 }
 
 }  // namespace LLAMA_KERNELS_ISA

@@ -300,47 +300,27 @@ void linear(const void* x, const LinearParts& parts, int64_t m, int64_t k, int64
                     parts.y.size() == parts.n.size(),
                 "weight: expected one or more weights, each with a bias (or none) and an output");
   for (int64_t n : parts.n) LLAMA_KERNELS_CHECK(n > 0, "weight: expected positive out_features, got " << n);
-  auto with_w = [&](auto* xt) {
-    using TX = std::remove_pointer_t<decltype(xt)>;
-    auto run = [&](auto* wt) {
+  with_float_type(x_dtype, "x", [&](auto* xt) {
+    with_float_type(w_dtype, "weight", [&](auto* wt) {
+      using TX = std::remove_pointer_t<decltype(xt)>;
       using TW = std::remove_pointer_t<decltype(wt)>;
       linear_impl<TX, TW>(static_cast<const TX*>(x), parts, bias_dtype, m, k, x_stride, y_stride, num_threads);
-    };
-    switch (to_dtype(w_dtype, "weight")) {
-      case DType::F32: return run(static_cast<float*>(nullptr));
-      case DType::F16: return run(static_cast<f16_t*>(nullptr));
-      case DType::BF16: return run(static_cast<bf16_t*>(nullptr));
-    }
-  };
-  switch (to_dtype(x_dtype, "x")) {
-    case DType::F32: return with_w(static_cast<float*>(nullptr));
-    case DType::F16: return with_w(static_cast<f16_t*>(nullptr));
-    case DType::BF16: return with_w(static_cast<bf16_t*>(nullptr));
-  }
+    });
+  });
 }
 
 void linear_argmax(const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t x_stride, int x_dtype,
                    int w_dtype, int64_t* index, float* value, int num_threads) {
   LLAMA_KERNELS_CHECK(m >= 0 && n > 0 && k > 0,
                       "x, weight: expected positive sizes, got m=" << m << " n=" << n << " k=" << k);
-  auto with_w = [&](auto* xt) {
-    using TX = std::remove_pointer_t<decltype(xt)>;
-    auto run = [&](auto* wt) {
+  with_float_type(x_dtype, "x", [&](auto* xt) {
+    with_float_type(w_dtype, "weight", [&](auto* wt) {
+      using TX = std::remove_pointer_t<decltype(xt)>;
       using TW = std::remove_pointer_t<decltype(wt)>;
       linear_argmax_impl<TX, TW>(static_cast<const TX*>(x), static_cast<const TW*>(w), m, n, k, x_stride, index,
                                  value, num_threads);
-    };
-    switch (to_dtype(w_dtype, "weight")) {
-      case DType::F32: return run(static_cast<float*>(nullptr));
-      case DType::F16: return run(static_cast<f16_t*>(nullptr));
-      case DType::BF16: return run(static_cast<bf16_t*>(nullptr));
-    }
-  };
-  switch (to_dtype(x_dtype, "x")) {
-    case DType::F32: return with_w(static_cast<float*>(nullptr));
-    case DType::F16: return with_w(static_cast<f16_t*>(nullptr));
-    case DType::BF16: return with_w(static_cast<bf16_t*>(nullptr));
-  }
+    });
+  });
 }
 
 }  // namespace LLAMA_KERNELS_ISA
