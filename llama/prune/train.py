@@ -43,7 +43,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ModelConfig, parse_overrides
-from ..data import val_batches
 from ..atomic import atomic_file, write_dir
 from ..formats.native import native_files
 from ..lora import has_lora, remove_lora
@@ -224,28 +223,16 @@ class PruneTrainer(Trainer):
     @torch.no_grad()
     def domain_losses(self, masked: bool = True) -> dict[str, float]:
         """{domain: mean validation loss} under the deterministic masks (masked) or none."""
-        cfg = self.config
-        batches = val_batches(self.val, cfg.seq_len, cfg.batch_size, max_batches=cfg.eval_batches)
-        streams = batches if isinstance(batches, dict) else {"default": batches}
-        was = self.model.training, self.masks.training
-        self.model.eval()
+        was = self.masks.training
         self.masks.eval()
         try:
             z = self.masks() if masked else {}
-            out = {}
-            for name, stream in streams.items():
-                total, count = 0.0, 0
-                for x, y in stream:
-                    x, y = x.to(self.device), y.to(self.device)
-                    loss = masked_forward(self.model, x, z, y, eager=cfg.eager_masks) if masked else self.model(x, y)
-                    total += float(loss) * y.numel()
-                    count += y.numel()
-                if count:
-                    out[name] = total / count
-            return out
+            eager = self.config.eager_masks
+            sums = self.validation_sums(lambda x, y: masked_forward(self.model, x, z, y, eager=eager) if masked
+                                        else self.model(x, y))
         finally:
-            self.model.train(was[0])
-            self.masks.train(was[1])
+            self.masks.train(was)
+        return {name: total / count for name, (total, count) in sums.items() if count}
 
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.val is None:

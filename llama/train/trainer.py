@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -200,27 +201,36 @@ class Trainer:
             return self.forward(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
 
     @torch.no_grad()
+    def validation_sums(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                        ) -> dict[str, tuple[float, int]]:
+        """{domain: (summed token loss, token count)} of loss(x, y) over `eval_batches` windows of
+        each domain's validation split ("default" for a single source), the model in eval mode."""
+        batches = val_batches(self.val, self.config.seq_len, self.config.batch_size,
+                              max_batches=self.config.eval_batches)
+        streams = batches if isinstance(batches, dict) else {"default": batches}
+        was_training = self.model.training
+        self.model.eval()
+        out = {}
+        try:
+            for name, stream in streams.items():
+                total, count = 0.0, 0
+                for x, y in stream:
+                    x, y = x.to(self.device), y.to(self.device)
+                    total += float(loss(x, y)) * y.numel()
+                    count += y.numel()
+                out[name] = (total, count)
+        finally:
+            self.model.train(was_training)
+        return out
+
     def evaluate(self) -> Optional[dict[str, float]]:
         """Mean validation loss and perplexity over `eval_batches` windows (plain cross-entropy)."""
         if self.val is None:
             return None
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        batches = val_batches(self.val, self.config.seq_len, self.config.batch_size,
-                              max_batches=self.config.eval_batches)
+        # the fused loss when the model trains on fused ops (every rank: the whole batch)
+        sums = self.validation_sums(self.model if self.root is None else partial(self.root, self.model))
         # Several domains: every domain's windows count alike, token for token.
-        streams = list(batches.values()) if isinstance(batches, dict) else [batches]
-        try:
-            for stream in streams:
-                for x, y in stream:
-                    x, y = x.to(self.device), y.to(self.device)
-                    # the fused loss when the model trains on fused ops (every rank: the whole batch)
-                    loss = self.model(x, y) if self.root is None else self.root(self.model, x, y)
-                    total += float(loss) * y.numel()
-                    count += y.numel()
-        finally:
-            self.model.train(was_training)
+        total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
         if not count:
             return None
         mean = total / count
