@@ -4,7 +4,9 @@ A suite is a function decorated with ``@suite("name")`` in a module under
 ``bench/suites/``. It receives a :class:`SuiteContext` and returns a list of
 :class:`Bench` (something to time) and :class:`Unavailable` (an impl that cannot
 run here, recorded once with its reason). ``bench/run.py`` times each Bench with
-the timer that fits the device and writes one JSONL record per item.
+the timer that fits the device and writes one JSONL record per item. A ``setup`` may return
+its calls as :class:`Calls`, with fields known only once it has built them (a model's trainable
+parameter count, say); they go into the record's ``extra``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Bench:
     """One measurement: ``setup()`` builds inputs and returns the calls to time.
 
     ``setup`` returns one zero-argument call per input copy (see
-    :func:`rotating_copies`); timers cycle through them. ``bytes``/``flops``/``tokens``
+    :func:`rotating_copies`), a list or :class:`Calls`; timers cycle through them. ``bytes``/``flops``/``tokens``
     are the work of one call, used for GB/s, TFLOP/s and tokens/s. ``cuda_graph`` selects the
     CUDA-graph timer on GPU (for launch-bound, decode-sized ops).
     """
@@ -51,6 +53,20 @@ class Bench:
     flops: int | None = None
     tokens: int | None = None
     cuda_graph: bool = False
+
+
+class Calls(list):
+    """What ``Bench.setup`` may return instead of a plain list: the calls, and ``extra`` fields
+    measured while building them (numbers or short strings), recorded in the record's ``extra``."""
+
+    def __init__(self, calls: Sequence[Call], **extra):
+        super().__init__(calls)
+        self.extra = extra
+
+
+def extra_fields(calls: Sequence[Call]) -> dict | None:
+    """The ``extra`` fields that a setup's calls carry (:class:`Calls`), None for a plain list."""
+    return dict(calls.extra) if isinstance(calls, Calls) and calls.extra else None
 
 
 @dataclass(frozen=True)
@@ -104,31 +120,61 @@ OURS_PREFIXES = ("llama_kernels", "kernels")
 
 
 @dataclass(frozen=True)
+class HeadlineRatio:
+    """A figure for the report's headline table beside (or, for a suite without ours and peers,
+    instead of) the speedups: per case, the record field ``field`` of impl ``num`` over the same
+    field of impl ``den`` (QLoRA's peak memory over full fine-tuning's, say). ``target``: the
+    value the ratio should stay at or below, on devices of type ``target_device`` (every device
+    when None); ``label``: how the report names the field; ``plus``: an ``extra`` field added to
+    ``field`` in each record first (the resident bytes a method keeps between steps, added to the
+    step's own peak)."""
+
+    field: str
+    num: str
+    den: str
+    target: float | None = None
+    target_device: str | None = None
+    label: str = ""
+    plus: str | None = None
+
+    def value(self, record: dict) -> float | None:
+        """The record's figure: ``field``, plus the ``extra`` field ``plus`` where set (None if either is missing)."""
+        value = record.get(self.field)
+        if value is None or self.plus is None:
+            return value
+        added = (record.get("extra") or {}).get(self.plus)
+        return None if added is None else value + added
+
+
+@dataclass(frozen=True)
 class SuiteInfo:
     """What the runner and the report know about a suite beyond its items.
 
     ``headline(ctx, bench)`` picks the items of the default run (every impl of a few cases that
     say where the suite stands); ``--full`` runs every item. ``references`` name impls that are
     rooflines, not peers: the report uses them for the fraction of the roofline and leaves them
-    out of the speedups.
+    out of the speedups. ``ratio``: a :class:`HeadlineRatio` the report's headline shows.
     """
 
     name: str
     headline: Headline | None = None
     references: tuple[str, ...] = ()
+    ratio: HeadlineRatio | None = None
 
 
 SUITE_INFO: dict[str, SuiteInfo] = {}
 
 
-def suite(name: str, *, headline: Headline | None = None, references: Sequence[str] = ()) -> Callable[[SuiteFn], SuiteFn]:
-    """Register a suite under ``name``; see :class:`SuiteInfo` for ``headline`` and ``references``."""
+def suite(name: str, *, headline: Headline | None = None, references: Sequence[str] = (),
+          ratio: HeadlineRatio | None = None) -> Callable[[SuiteFn], SuiteFn]:
+    """Register a suite under ``name``; see :class:`SuiteInfo` for ``headline``, ``references``
+    and ``ratio``."""
 
     def register(fn: SuiteFn) -> SuiteFn:
         if name in SUITES:
             raise ValueError(f"suite {name!r} registered twice")
         SUITES[name] = fn
-        SUITE_INFO[name] = SuiteInfo(name, headline, tuple(references))
+        SUITE_INFO[name] = SuiteInfo(name, headline, tuple(references), ratio)
         return fn
 
     return register

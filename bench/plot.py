@@ -11,7 +11,8 @@ Records are grouped into runs (suite, device, timestamp). Per run and pass, one
 grouped bar chart: x = case and dtype, bars = impl, y = GB/s (else TFLOP/s,
 else time). ``summary.md`` holds a table per run and pass with the speedup of
 each of ours ("llama_kernels*" impls) over each peer of the same run: peer time / our
-time. Records with status missing/error are listed there, not plotted.
+time, and the fields a suite's set-up measured (``extra``) where records have them. Records
+with status missing/error are listed there, not plotted.
 """
 
 from __future__ import annotations
@@ -157,12 +158,14 @@ def _pass_tables(pass_: str, records: list[dict]) -> list[str]:
     for r in records:
         times[report.case_label(r)][r["impl"]] = r["time_ms"]
 
-    header = ["case", "impl", "time ms"] + [name for _, name, _ in derived]
+    keys = report.extra_keys(records)
+    header = ["case", "impl", "time ms"] + [name for _, name, _ in derived] + [k.replace("_", " ") for k in keys]
     header += [f"vs {p}" for p in peers] if ours else []
     lines = [f"### {pass_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         label, impl = report.case_label(r), r["impl"]
         cells = [label, impl, _fmt(r["time_ms"], ".4g")] + [_fmt(r.get(k), spec) for k, _, spec in derived]
+        cells += [report.extra_text(k, (r.get("extra") or {}).get(k)) for k in keys]
         if ours:
             peer_times = times[label]
             cells += [f"{peer_times[p] / r['time_ms']:.2f}×" if impl in ours and p in peer_times else ""

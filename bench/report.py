@@ -16,7 +16,11 @@ bytes, are rooflines, not peers):
 * the fraction of the roofline, where records carry bytes or FLOPs: a suite's own reference in
   the same case (the copy of the same bytes), else the copy bandwidth and matmul throughput that
   `bench/run.py` measured on the device at the start of the run (``env.roofline``);
-* with ``--compare``, the same cases before and after, regressions flagged beyond the spread.
+* with ``--compare``, the same cases before and after, regressions flagged beyond the spread;
+* a suite's own headline ratio (``@suite(..., ratio=HeadlineRatio(...))``: one impl's field over
+  another's per case, such as QLoRA's peak memory over full fine-tuning's) in the headline table,
+  against its target; and per pass, a table of every record with the fields its set-up measured
+  (``extra``, such as trainable parameters) where records have them.
 
 A ratio is "within noise" when the spreads overlap 1x: peer p20 / our p80 <= 1 <= peer p80 /
 our p20. Such ratios are greyed, not counted as wins or losses.
@@ -626,7 +630,17 @@ def write_report(paths, out_dir: Path, compare_paths=(), title: str = "Benchmark
                          f"`{s['best_peers'].most_common(1)[0][0]}`", run.device_name, run.date, run.commit,
                          _load_text(run)])
             muted.append(v["noise"] == s["n"])  # grey only when every case is within noise
-        if not any(v.summary() for v in run.passes):
+        ratios = headline_ratios(run)
+        for view, values in ratios:
+            spec, target = suite_info(run.suite).ratio, _target(run)
+            numbers = [v for _, v in values]
+            met = f"{sum(v <= target for v in numbers)} of {len(numbers)} at or under the target" \
+                if target is not None else ""
+            rows.append([f"`{run.suite}` · {view.name}", _headline_ratio_text(spec, geomean(numbers) or 0.0, target),
+                         f"{min(numbers):.2f}-{max(numbers):.2f}×", met, str(len(numbers)), "", run.device_name,
+                         run.date, run.commit, _load_text(run)])
+            muted.append(False)
+        if not ratios and not any(v.summary() for v in run.passes):
             rows.append([f"`{run.suite}`", "no peer and ours in the same case", "", "", "", "", run.device_name,
                          run.date, run.commit, _load_text(run)])
             muted.append(True)
@@ -675,6 +689,17 @@ def write_report(paths, out_dir: Path, compare_paths=(), title: str = "Benchmark
                 page.h(3, f"{run.suite} · {view.name}")
                 page.table(["case", "ours (fastest)", "ours ms (p20-p80)", "best peer", "peer ms (p20-p80)",
                             "speedup", "spread bounds", "ours, fraction of roofline"], table_rows, table_muted)
+            keys = extra_keys(view.records)
+            if keys:
+                page.h(3, f"{run.suite} · {view.name}: every impl")
+                page.table(["case", "impl", "ms (p20-p80)", "peak memory"] + [k.replace("_", " ") for k in keys],
+                           [[case_label(r), f"`{r['impl']}`", _ms(r), _bytes_text(r.get("peak_mem_bytes"))]
+                            + [extra_text(k, (r.get("extra") or {}).get(k)) for k in keys] for r in view.records])
+        for view, values in headline_ratios(run):
+            spec, target = suite_info(run.suite).ratio, _target(run)
+            page.p(f"Headline, {view.name}: `{spec.num}` / `{spec.den}` {spec.label or spec.field} per case: "
+                   + ", ".join(f"{label} {v:.3f}×" for label, v in values)
+                   + (f"; target ≤ {target:.2f}×." if target is not None else "."))
         chart, used = roofline_chart(run, out_dir / f"{prefix}_roofline.png")
         if chart:
             written.append(chart)
@@ -723,6 +748,61 @@ def write_report(paths, out_dir: Path, compare_paths=(), title: str = "Benchmark
     md.write_text(page.markdown())
     htm.write_text(page.html(title))
     return written + [md, htm]
+
+
+def headline_ratios(run: RunView) -> list[tuple[PassView, list[tuple[str, float]]]]:
+    """Per pass, the suite's HeadlineRatio per case, [(case label, value)]; passes without one are left out."""
+    spec = suite_info(run.suite).ratio
+    if spec is None:
+        return []
+    found = []
+    for view in run.passes:
+        by_case: dict[str, dict[str, dict]] = defaultdict(dict)
+        for r in view.records:
+            by_case[case_label(r)][r["impl"]] = r
+        values = []
+        for label, impls in by_case.items():
+            num, den = spec.value(impls.get(spec.num) or {}), spec.value(impls.get(spec.den) or {})
+            if num is not None and den:
+                values.append((label, num / den))
+        if values:
+            found.append((view, values))
+    return found
+
+
+def _target(run: RunView) -> float | None:
+    """The target of the suite's HeadlineRatio on this run's device, None if it has none here."""
+    spec = suite_info(run.suite).ratio
+    if spec is None or spec.target_device not in (None, run.device):
+        return None
+    return spec.target
+
+
+def _headline_ratio_text(spec, value: float, target: float | None) -> str:
+    text = f"`{spec.num}` / `{spec.den}` {spec.label or spec.field}: {value:.2f}×"
+    if target is None:
+        return text
+    return f"{text} (target ≤ {target:.2f}×: {'met' if value <= target else '**missed**'})"
+
+
+def extra_keys(records: list[dict]) -> list[str]:
+    """The ``extra`` fields of the records, in the order they first appear."""
+    return list(dict.fromkeys(k for r in records for k in (r.get("extra") or {})))
+
+
+def _bytes_text(value: float | None) -> str:
+    return "" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def extra_text(key: str, value) -> str:
+    """An ``extra`` field for a table: bytes (``*_bytes``) in MiB, counts with thousands separators."""
+    if value is None:
+        return ""
+    if key.endswith("_bytes") and isinstance(value, (int, float)):
+        return _bytes_text(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _ms(record: dict) -> str:

@@ -43,16 +43,17 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import bench.suites  # noqa: E402
+from llama.peak import cpu_peak_bytes, cuda_peak_bytes  # noqa: E402
 from bench.common import (  # noqa: E402
-    SUITES, Bench, Item, SuiteContext, Timing, cpu_samples, headline_items, steady_cpu_allocator, suite_info,
-    time_cpu, time_cuda_graph, time_gpu,
+    SUITES, Bench, Item, SuiteContext, Timing, cpu_samples, extra_fields, headline_items, steady_cpu_allocator,
+    suite_info, time_cpu, time_cuda_graph, time_gpu,
 )
 
 RECORD_FIELDS = (
     "suite", "impl", "status", "reason", "case", "dtype", "pass",
     "timer", "time_ms", "min_ms", "p20_ms", "p80_ms", "reps",
     "bytes", "gbps", "flops", "tflops", "tokens", "tokens_per_s", "peak_mem_bytes", "device",
-    "load_1min", "wall_s", "env",
+    "load_1min", "wall_s", "extra", "env",
 )
 
 # Timer settings: (default and full, quick).
@@ -143,7 +144,7 @@ def measure(item: Bench, ctx: SuiteContext) -> dict:
     if not ctx.is_cuda:  # the profiled call (peak memory) first: it is the first of the warm-up calls,
         settings = dict(CPU_TIMER[ctx.quick])  # and the only one where it alone outlasts the warm-up
         start = time.perf_counter()
-        peak = _cpu_peak_bytes(calls[0])
+        peak = cpu_peak_bytes(calls[0])
         if time.perf_counter() - start > 5 * settings["warmup_s"]:
             settings["warmup_s"] = 0.0
         timer, timing = "perf_counter", time_cpu(calls, **settings)
@@ -152,8 +153,8 @@ def measure(item: Bench, ctx: SuiteContext) -> dict:
     else:
         timer, timing = "do_bench", time_gpu(calls, **GPU_TIMER[ctx.quick])
     if ctx.is_cuda:
-        peak = _cuda_peak_bytes(calls[0])
-    return _fields(item, timer, timing, peak)
+        peak = cuda_peak_bytes(calls[0])
+    return {**_fields(item, timer, timing, peak), "extra": extra_fields(calls)}
 
 
 def _fields(item: Bench, timer: str, timing: Timing, peak: int | None) -> dict:
@@ -170,50 +171,6 @@ def _fields(item: Bench, timer: str, timing: Timing, peak: int | None) -> dict:
         "tokens_per_s": item.tokens / seconds if item.tokens else None,
         "peak_mem_bytes": peak,
     }
-
-
-def _cuda_peak_bytes(call) -> int:
-    """Peak bytes allocated during one call beyond what was allocated before it (inputs)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    call()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (the profiler's start/stop lines) for the duration of the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _cpu_peak_bytes(call) -> int | None:
-    """Peak bytes torch's CPU allocator holds during one call beyond what it held before (inputs).
-
-    From the profiler's memory events: each op's own allocations net of its frees, and the frees
-    between ops, summed in time order. Memory a kernel allocates outside torch is not seen."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            call()
-        events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-    except Exception:  # noqa: BLE001 - a profiler that cannot run here leaves the field empty
-        return None
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def _record(suite: str, item: Item, ctx: SuiteContext, env: dict) -> dict:
@@ -284,8 +241,9 @@ def run_rounds(suite: str, items: list[Item], ctx: SuiteContext, env: dict, roun
             if i in errors:
                 record.update(_error(errors[i]))
             else:
-                peak = _cpu_peak_bytes(calls[i][0])
-                record.update(_fields(item, "perf_counter", Timing.from_samples(samples[i]), peak), status="ok")
+                peak = cpu_peak_bytes(calls[i][0])
+                record.update(_fields(item, "perf_counter", Timing.from_samples(samples[i]), peak),
+                              extra=extra_fields(calls[i]), status="ok")
             record.update(wall_s=round(wall[i], 3), load_1min=loads.get(i))
         records.append(record)
     return records

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bench import run
-from bench.common import SUITES, Bench, Unavailable
+from bench.common import SUITES, Bench, Calls, Unavailable
 
 
 def _suite(ctx):
@@ -13,7 +13,7 @@ def _suite(ctx):
         raise RuntimeError("no inputs today")
 
     return [
-        Bench("fast", {"n": 1}, "fp32", "fwd", lambda: [lambda: None], tokens=1),
+        Bench("fast", {"n": 1}, "fp32", "fwd", lambda: Calls([lambda: None], params=3, note="built"), tokens=1),
         Bench("slow", {"n": 1}, "fp32", "fwd", lambda: [lambda: time.sleep(0.001)], tokens=1),
         Bench("broken", {"n": 1}, "fp32", "fwd", broken),
         Unavailable("absent", "not installed here"),
@@ -33,6 +33,8 @@ def test_records_with_rounds(monkeypatch, tmp_path, rounds):
     assert "RuntimeError: no inputs today" in records["broken"]["reason"]
     assert records["absent"]["reason"] == "not installed here"
     fast, slow = records["fast"], records["slow"]
+    # Fields the set-up measured (Calls) land in the record's extra; a plain list of calls has none.
+    assert fast["extra"] == {"params": 3, "note": "built"} and slow["extra"] is None
     assert slow["time_ms"] >= 1.0 > fast["time_ms"] and slow["min_ms"] <= slow["time_ms"] <= slow["p80_ms"]
     assert slow["tokens_per_s"] == pytest.approx(1e3 / slow["time_ms"])
     # Each pass takes at least ceil(5 / rounds) samples of every item: the pooled count shows them all.
@@ -159,7 +161,44 @@ def test_default_run_keeps_headline_cases_and_full_keeps_all(monkeypatch):
     monkeypatch.setitem(SUITE_INFO, "picky", SuiteInfo("picky", headline=lambda ctx, b: False))
     assert len(headline_items("picky", ctx, items(ctx))) == 4
     # Every registered suite declares its headline cases.
-    assert all(SUITE_INFO[name].headline is not None for name in ("attention", "decode", "int4", "linear", "pruned", "rms_norm"))
+    assert all(SUITE_INFO[name].headline is not None
+               for name in ("attention", "decode", "finetune", "int4", "linear", "pruned", "rms_norm"))
+
+
+def test_finetune_suite_on_a_tiny_model(monkeypatch, tmp_path):
+    """The finetune suite on stories260K: a step per method, trainable parameters in the records
+    (LoRA's: rank x (in + out) per adapted layer, and the head), the QLoRA / full peak-memory ratio
+    in the report's headline and the trainable parameters in its table."""
+    from bench.suites import finetune
+    from llama.config import ModelConfig
+    from llama.model import build
+
+    run.load_suites()
+    monkeypatch.setattr(finetune, "_shape", lambda ctx: ("stories260K", 3, 16, None))
+    monkeypatch.setitem(run.CPU_TIMER[1], "budget_s", 0.02)
+    assert run.main(["--suite", "finetune", "--device", "cpu", "--quick", "--no-roofline",
+                     "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("finetune_cpu_*.jsonl")
+    records = {r["impl"]: r for r in _records(path)}
+    assert set(records) == {"full", "lora", "qlora"}
+    assert all(r["status"] == "ok" and r["pass"] == "step" and r["tokens"] == 48 for r in records.values())
+    assert all(r["peak_mem_bytes"] > 0 and r["extra"]["resident_bytes"] > 0 for r in records.values())
+    cfg = ModelConfig.preset("stories260K")
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    adapters = finetune.LORA_RANK * ((cfg.dim + q) * 2 + (cfg.dim + kv) * 2) * cfg.n_layers
+    head = cfg.dim * finetune.NUM_LABELS + finetune.NUM_LABELS
+    trainable = {impl: r["extra"]["trainable_params"] for impl, r in records.items()}
+    assert trainable["lora"] == trainable["qlora"] == adapters + head
+    assert trainable["full"] == sum(p.numel() for p in build(cfg).parameters()) + head  # tied: no LM head to freeze
+    # The 4-bit base keeps less between steps than the dense one.
+    assert records["qlora"]["extra"]["resident_bytes"] < records["lora"]["extra"]["resident_bytes"]
+    md = (tmp_path / "report.md").read_text()
+    headline = next(line for line in md.splitlines() if line.startswith("| `finetune` · step"))
+    total = {impl: r["peak_mem_bytes"] + r["extra"]["resident_bytes"] for impl, r in records.items()}
+    ratio = total["qlora"] / total["full"]
+    assert f"`qlora` / `full` peak memory (resident + step): {ratio:.2f}×" in headline
+    assert "target" not in headline  # the target is the GPU's
+    assert "trainable params" in md and f"{trainable['full']:,}" in md
 
 
 def test_plot_recorded_gpu_jsonl_draws_every_chart_and_the_report(monkeypatch, tmp_path):

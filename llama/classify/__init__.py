@@ -31,9 +31,10 @@ prompt    Zero-shot: the model is frozen and nothing trains. Each sentence goes 
           the prompt; the prediction is the label with the highest score.
 finetune  Full fine-tuning with a classification head: the final hidden state of each
           sentence's last real token (batches are right-padded; attention is causal, so padding
-          never reaches a real token) goes through dropout and a linear layer to num_labels
-          logits; cross-entropy loss. Every parameter of the model trains, except an untied LM
-          output layer, which the head does not use (it is saved unchanged).
+          never reaches a real token), or with `pooling="mean"` the mean of the real tokens'
+          final hidden states (better on long reviews), goes through dropout and a linear layer
+          to num_labels logits; cross-entropy loss. Every parameter of the model trains, except
+          an untied LM output layer, which the head does not use (it is saved unchanged).
 lora      The same head, over a model whose chosen linear layers (`lora_targets`) carry LoRA
           adapters (llama.lora.apply_lora): only the adapters and the head train.
 qlora     LoRA over a frozen 4-bit base: the model's linear layers are first quantized
@@ -51,6 +52,9 @@ Saving (`Classifier.save(DIR)`) writes `classifier.json` (method, label names, s
 native checkpoint in DIR (with the tokenizer), and for lora/qlora the adapters in DIR/adapter
 (llama.lora.save_adapters), without the base weights. `load_classifier(DIR, ...)` reads it back.
 
+`python -m llama.classify.pipeline` (llama/classify/pipeline.py) runs every method on several
+datasets from one config, beside a bag-of-words peer (llama/classify/bow.py), and reports them.
+
 Metrics: `accuracy`, `macro_f1` (the mean F1 over the labels that occur among the gold labels
 or the predictions), `confusion_matrix` (rows: gold label, columns: prediction) and
 `plot_confusion` (a PNG, written atomically).
@@ -59,6 +63,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -75,6 +80,7 @@ from ..api import find_tokenizer
 from ..atomic import atomic_file, write_bytes
 from ..lora import apply_lora, load_adapters, save_adapters
 from ..model import Transformer
+from ..peak import peak_bytes
 from ..optim import AdamW, cosine_schedule, param_groups
 from ..quantize import Int4Config, NF4Config, quantize_
 from ..tokenizer import Tokenizer
@@ -282,13 +288,20 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], path: PathLike, title: 
 
 
 # ============================================================================ the model
-class ClassifierModel(nn.Module):
-    """A base Transformer and a head: the last real token's final hidden state -> dropout ->
-    linear (num_labels)."""
+POOLINGS = ("last", "mean")
 
-    def __init__(self, base: Transformer, num_labels: int, dropout: float = 0.1):
+
+class ClassifierModel(nn.Module):
+    """A base Transformer and a head: a pooled final hidden state -> dropout -> linear
+    (num_labels). `pooling` "last": the last real token's hidden state (it has attended to the
+    whole sentence); "mean": the mean over the real tokens' hidden states (long reviews)."""
+
+    def __init__(self, base: Transformer, num_labels: int, dropout: float = 0.1, pooling: str = "last"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.base = base
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(base.config.dim, num_labels)
         device = next(base.parameters()).device
@@ -296,8 +309,13 @@ class ClassifierModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens (B, S), right-padded, with `lengths` (B,) real tokens -> logits (B, num_labels)."""
-        h = self.base(tokens, lengths=lengths, last_only=True, return_hidden=True)
-        return self.head(self.dropout(h.float()))
+        if self.pooling == "last":
+            h = self.base(tokens, lengths=lengths, last_only=True, return_hidden=True).float()
+        else:
+            h = self.base(tokens, return_hidden=True).float()  # (B, S, dim); causal: padding reaches no real token
+            real = (torch.arange(tokens.shape[1], device=h.device)[None, :] < lengths.to(h.device)[:, None])
+            h = (h * real[..., None]).sum(1) / lengths.to(h.device, h.dtype).clamp(min=1)[:, None]
+        return self.head(self.dropout(h))
 
 
 def trainable_names(module: nn.Module) -> set[str]:
@@ -449,7 +467,7 @@ def load_classifier(path: PathLike, base: Optional[Transformer] = None, tokenize
         load_adapters(base, path / ADAPTER_DIR)
     if base.config.dim != meta.get("dim"):
         raise ValueError(f"{config_path}: dim {meta.get('dim')} does not match the base model's {base.config.dim}")
-    model = ClassifierModel(base, len(names), float(meta.get("dropout", 0.0)))
+    model = ClassifierModel(base, len(names), float(meta.get("dropout", 0.0)), meta.get("pooling", "last"))
     head = load_file(str(path / HEAD_WEIGHTS))
     model.head.load_state_dict(head)
     model.to(device).eval()
@@ -522,6 +540,10 @@ class TrainResult:
     best_dev_accuracy: Optional[float]
     best_epoch: int
     history: list[dict[str, float]]
+    trainable_params: int = 0
+    step_seconds: Optional[float] = None  # mean wall time of an optimizer step (the first one left out)
+    model_bytes: int = 0  # parameters and buffers (4-bit weights as stored)
+    peak_bytes: Optional[int] = None  # model_bytes + the peak of the first step (measure_memory=True)
 
 
 def _quantize(model: Transformer, quant: str, block_size: int) -> None:
@@ -544,7 +566,8 @@ def _check_positive(value: Any, name: str, integer: bool = False) -> None:
 
 def prepare_model(model: Transformer, method: str, num_labels: int, *, lora_rank: int = 8, lora_alpha: float = 16,
                   lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("wq", "wk", "wv", "wo"),
-                  dropout: float = 0.1, quant: str = "nf4", quant_block_size: int = 64) -> nn.Module:
+                  dropout: float = 0.1, quant: str = "nf4", quant_block_size: int = 64,
+                  pooling: str = "last") -> nn.Module:
     """Set `model` up for `method`, in place (freezing, adapters, quantization) and return what
     trains: the model itself for prompt (frozen), else a ClassifierModel around it."""
 
@@ -560,7 +583,7 @@ def prepare_model(model: Transformer, method: str, num_labels: int, *, lora_rank
         if method == "qlora":
             _quantize(model, quant, quant_block_size)
         apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=tuple(lora_targets))
-    return ClassifierModel(model, num_labels, dropout)
+    return ClassifierModel(model, num_labels, dropout, pooling)
 
 
 def _check_examples(examples: Sequence[Example], num_labels: int, what: str) -> None:
@@ -579,21 +602,25 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
                      max_grad_norm: float = 1.0, lora_rank: int = 8, lora_alpha: float = 16,
                      lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("wq", "wk", "wv", "wo"),
                      dropout: float = 0.1, quant: str = "nf4", quant_block_size: int = 64,
-                     prompt: str = DEFAULT_PROMPT, max_len: Optional[int] = None, seed: int = 0,
-                     progress: bool = True) -> TrainResult:
+                     pooling: str = "last", prompt: str = DEFAULT_PROMPT, max_len: Optional[int] = None, seed: int = 0,
+                     measure_memory: bool = False, progress: bool = True) -> TrainResult:
     """Train a classifier by `method` (see the module docstring) on `model`, which is changed in
     place (fine-tuned, or given adapters, or quantized); returns the best dev epoch's classifier.
 
     label_names: the names of labels 0..n-1 (by default "0".."n-1" with n one more than the
     largest label seen). lr: by default 2e-5 for finetune and 2e-4 for lora/qlora. max_len: the
     token limit per sentence (default: the model's max_seq_len). For prompt, nothing trains: the
-    classifier is scored on the dev set once.
+    classifier is scored on the dev set once. measure_memory: profile the first step's peak
+    memory (TrainResult.peak_bytes: the model's bytes plus the peak of that step, which holds the
+    gradients, the optimizer state it creates, and the activations).
     """
 
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected a llama Transformer, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
     train_examples = list(train_examples or [])
     dev_examples = list(dev_examples or [])
     if label_names is None:
@@ -622,13 +649,14 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
     max_len = min(max_len, model.config.max_seq_len)
 
     torch.manual_seed(seed)  # head and adapter initialisation, dropout
-    settings = {"dropout": dropout}
+    settings = {"dropout": dropout, "pooling": pooling}
     if method in ("lora", "qlora"):
         settings.update(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=list(lora_targets))
     if method == "qlora":
         settings.update(quant=quant, quant_block_size=quant_block_size)
     net = prepare_model(model, method, n, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        lora_targets=lora_targets, dropout=dropout, quant=quant, quant_block_size=quant_block_size)
+                        lora_targets=lora_targets, dropout=dropout, quant=quant, quant_block_size=quant_block_size,
+                        pooling=pooling)
     clf = Classifier(method, tokenizer, list(label_names), net, max_len, prompt, settings)
     dev_labels = [e.label for e in dev_examples]
 
@@ -638,9 +666,11 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
         return accuracy(clf.predict(dev_examples, batch_size=max(batch_size if method != "prompt" else 8, 8)),
                         dev_labels)
 
+    model_bytes = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     if method == "prompt":
         acc = evaluate()
-        return TrainResult(clf, acc, 0, [] if acc is None else [{"epoch": 0, "dev_accuracy": acc}])
+        return TrainResult(clf, acc, 0, [] if acc is None else [{"epoch": 0, "dev_accuracy": acc}],
+                           model_bytes=model_bytes)
 
     # token ids once; the order of batches comes from a seeded generator
     encoded = [clf.encode(e.sentence) for e in train_examples]
@@ -659,6 +689,18 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
     best_epoch = 0
     best_state: Optional[dict[str, torch.Tensor]] = None
     history = []
+    step_peak: Optional[int] = None
+    timed_steps, timed_seconds = 0, 0.0
+
+    def train_step(tokens: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = net(tokens, lengths)
+        loss = F.cross_entropy(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        return loss.detach()
     bar = tqdm(total=total, desc=f"{method}", disable=not progress, unit="step")
     try:
         for epoch in range(1, epochs + 1):
@@ -668,13 +710,18 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 tokens, lengths = _pad_batch([encoded[i] for i in idx], pad, device)
-                logits = net(tokens, lengths)
-                loss = F.cross_entropy(logits.float(), labels[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-                optimizer.step()
-                schedule.step()
+                target = labels[idx].to(device)
+                first = epoch == 1 and step == 0
+                if first and measure_memory:
+                    result: list[torch.Tensor] = []
+                    step_peak = peak_bytes(lambda: result.append(train_step(tokens, lengths, target)), device)
+                    loss = result[0]
+                else:
+                    started = time.perf_counter()
+                    loss = train_step(tokens, lengths, target)
+                    loss.item()  # waits for the step (a GPU runs ahead of the host)
+                    if not first:
+                        timed_steps, timed_seconds = timed_steps + 1, timed_seconds + time.perf_counter() - started
                 running += loss.item()
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
@@ -699,4 +746,6 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
             for name, value in best_state.items():
                 params[name].copy_(value)
     net.eval()
-    return TrainResult(clf, best_acc, best_epoch, history)
+    return TrainResult(clf, best_acc, best_epoch, history, trainable_params=sum(p.numel() for p in trainable),
+                       step_seconds=timed_seconds / timed_steps if timed_steps else None, model_bytes=model_bytes,
+                       peak_bytes=None if step_peak is None else model_bytes + step_peak)

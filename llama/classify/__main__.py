@@ -54,6 +54,8 @@ def _parse(argv):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--dropout", "--hidden_dropout_prob", dest="dropout", type=float, default=0.1,
                    help="dropout before the classification head")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last",
+                   help="what the head reads: the last real token's hidden state, or the mean over the tokens")
     p.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=8)
     p.add_argument("--lora-alpha", "--lora_alpha", dest="lora_alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -210,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=c["targets"], dropout=args.dropout, quant=args.quant,
-        quant_block_size=args.quant_block_size, max_len=args.max_len, seed=args.seed,
+        quant_block_size=args.quant_block_size, pooling=args.pooling, max_len=args.max_len, seed=args.seed,
         progress=not args.no_progress, **extra)
     clf = result.classifier
     if method != "prompt":

@@ -3,6 +3,10 @@ sample text and BPE model (see llama.data); prints where they are. Exit status 1
 cannot be had (no network, a download that fails its checksum), 2 for a bad --cache-dir, each
 with one `error:` line saying why (see llama/cli.py).
 
+`python -m llama.data fetch-sentiment --out DIR [--force]`: download the SST-5 and CFIMDB
+sentiment files (see llama.data.sentiment) into DIR, checked against pinned SHA-256 sums. Exit
+status 1 without a network, with one `error:` line saying what to download and from where.
+
 `python -m llama.data prepare --tokenizer T --input FILE [FILE ...] --out DIR [--val-fraction X]
 [--seed S] [--split paragraph|line|file] [--no-eos] [--force] [--quiet]`: tokenize text files into
 token shards (see llama.data.shards) and print a one-line summary. DIR must be new or empty unless
@@ -40,6 +44,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     fetch.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"default: ${CACHE_ENV}, else $XDG_CACHE_HOME/llama-kernels or ~/.cache/llama-kernels")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    senti = commands.add_parser("fetch-sentiment", help="download the SST-5 and CFIMDB sentiment files")
+    senti.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
+    senti.add_argument("--force", action="store_true", help="download again files already there")
     prep = commands.add_parser("prepare", help="tokenize text files into memory-mapped train/val token shards")
     prep.add_argument("--tokenizer", required=True, help="a SentencePiece .model or llama2.c tokenizer.bin")
     prep.add_argument("--input", required=True, nargs="+", metavar="FILE", help="UTF-8 text files")
@@ -87,9 +94,24 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_sentiment(args: argparse.Namespace) -> int:
+    from .sentiment import fetch_sentiment
+
+    out = cli.output_dir(args.out, "--out")
+    try:
+        paths = fetch_sentiment(out, force=args.force)
+    except (SampleUnavailable, ChecksumError) as e:
+        cli.error(str(e))
+        return cli.EXIT_FAILURE
+    print(f"{len(paths)} files in {out}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "fetch-sentiment":
+        return _fetch_sentiment(args)
     if args.cache_dir is not None:
         cli.output_dir(args.cache_dir, "--cache-dir")
     try:
@@ -102,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Command line: ``fetch-sample``, ``prepare``."""
+    """Command line: ``fetch-sample``, ``fetch-sentiment``, ``prepare``."""
     return cli.run(_parse, _run, argv)
 
 
