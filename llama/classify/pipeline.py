@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import yaml
 
 from .. import api, cli
 from ..atomic import atomic_file, write_bytes
-from ..config import override_value, type_problem
+from ..config import override_value, read_config_file, type_problem
 from . import (METHODS, POOLINGS, Example, accuracy, confusion_matrix, macro_f1, plot_confusion, read_examples,
                read_label_names, train_classifier, write_predictions)
 from .bow import bag_of_words
@@ -131,27 +130,15 @@ class PipelineConfig:
 
     @classmethod
     def from_spec(cls, path: Optional[str | Path], overrides: Sequence[str] = ()) -> "PipelineConfig":
-        raw: dict[str, Any] = {}
-        where = "config"
-        if path is not None:
-            where = str(path)
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"--config: {path}: no such file") from None
-            try:
-                raw = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"--config: {path}: not valid YAML ({' '.join(str(e).split())})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"--config: {path}: expected a mapping of pipeline settings")
+        raw = {} if path is None else read_config_file(path, "pipeline settings")
+        where = "config" if path is None else str(path)
         known = {f.name for f in fields(cls)}
         for item in overrides:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or not key:
                 raise ValueError(f"override: expected key=value, got {item!r}")
-            head, _, rest = key.partition(".")
+            head = key.partition(".")[0]
             if head not in known:
                 raise ValueError(f"override: unknown key {head!r}; keys: {', '.join(sorted(known))}")
             target = raw

@@ -227,6 +227,23 @@ def _yaml_fields(path: str | Path) -> dict[str, Any]:
     return {**PRESETS.get(preset, {}), **data}
 
 
+def read_config_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in the YAML file `path` (--config): an empty file is {}; a missing file, YAML
+    it cannot read, or anything but a mapping is an error naming --config (`what`: the kind of
+    settings the mapping holds, for the message)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config: {path}: no such file") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config: {path}: expected a mapping of {what}")
+    return raw
+
+
 def parse_overrides(items: Sequence[str], known: Optional[Iterable[str]] = None, what: str = "field") -> dict[str, Any]:
     """`["dim=512", "rope_scaling=linear"]` -> typed values (YAML scalars), names checked against
     `known` (default: ModelConfig's fields; `what` names them in errors)."""

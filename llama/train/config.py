@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import yaml
 
-from ..config import override_value, parse_overrides, type_problem
+from ..config import override_value, parse_overrides, read_config_file, type_problem
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -143,19 +142,7 @@ class TrainConfig:
     @classmethod
     def from_spec(cls, path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) -> "TrainConfig":
         """The YAML file at `path` (None: the defaults), then `key=value` overrides (YAML values)."""
-        raw: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"--config: {path}: no such file") from None
-            try:
-                raw = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"--config: {path}: not valid YAML ({' '.join(str(e).split())})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"--config: {path}: expected a mapping of training settings")
+        raw = {} if path is None else read_config_file(path, "training settings")
         raw.update(parse_overrides(overrides, known=[f.name for f in fields(cls)], what="key"))
         return cls.from_dict({k: _numeric(v) for k, v in raw.items()}, str(path) if path is not None else "config")
 
