@@ -132,8 +132,9 @@ def test_pipeline_from_a_given_base(data_dir, tmp_path):
     (["classify.speed=1"], "classify: unknown setting 'speed'"),
     (["classify.pooling=max"], "classify.pooling: expected one of last, mean"),
     (["per_method.sing.lr=1"], "per_method: unknown method 'sing'"),
-    (["per_dataset.imdb.lr=1"], "per_dataset: 'imdb' is not one of the datasets"),
-    (["per_dataset_method.sst=1"], "per_dataset_method"),
+    (["per_dataset.imdb.lr=x"], "per_dataset.imdb.lr: expected a number"),
+    (["per_dataset_method.sst={lr: 1}"], "per_dataset_method: expected keys DATASET.METHOD"),
+    (["per_dataset_method.sst.dance.lr=1"], "per_dataset_method: expected keys DATASET.METHOD"),
     (["pretrain.max_stepz=3"], "pretrain: unknown key(s) max_stepz"),
     (["pretrain.lr=-1"], "pretrain: lr: expected a number in [0.0, inf)"),
     (["vocab_size=70000"], "vocab_size: expected an integer in [100, 65535]"),
@@ -160,8 +161,16 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_the_real_config_reads():
     from pathlib import Path
-    cfg = PipelineConfig.from_spec(Path(__file__).resolve().parents[1] / "configs" / "classify" / "reviews.yaml")
+    path = Path(__file__).resolve().parents[1] / "configs" / "classify" / "reviews.yaml"
+    cfg = PipelineConfig.from_spec(path)
     assert cfg.datasets == ["sst", "cfimdb"] and set(cfg.methods) == {"prompt", "finetune", "lora", "qlora"}
+    assert cfg.settings("cfimdb", "lora")["pooling"] == "mean"
+    # one dataset of the config: its settings for the other one stay, unused
+    one = PipelineConfig.from_spec(path, ["datasets=[cfimdb]"])
+    assert one.settings("cfimdb", "qlora") == cfg.settings("cfimdb", "qlora")
+    changed = PipelineConfig.from_spec(path, ["per_dataset_method.sst.qlora.lr=5e-4", "per_dataset.sst.epochs=2"])
+    assert changed.settings("sst", "qlora")["lr"] == 5e-4 and changed.settings("sst", "lora")["lr"] == 2e-3
+    assert changed.settings("sst", "finetune")["epochs"] == 2
 
 
 # ----------------------------------------------------------------------------- pooling and cost figures

@@ -61,7 +61,8 @@ CLASSIFY_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "
 @dataclass
 class PipelineConfig:
     """The pipeline's settings (see the module docstring); read from YAML and `key=value`
-    overrides, with dotted keys for the nested mappings (`classify.epochs=2`, `pretrain.max_steps=100`)."""
+    overrides, with dotted keys for the nested mappings (`classify.epochs=2`, `pretrain.max_steps=100`,
+    `per_dataset_method.sst.qlora.lr=1e-3`)."""
 
     data_dir: Optional[str] = None
     datasets: list[str] = field(default_factory=lambda: ["sst", "cfimdb"])
@@ -104,15 +105,14 @@ class PipelineConfig:
             if name not in METHODS:
                 raise ValueError(f"per_method: unknown method {name!r}; methods: {', '.join(METHODS)}")
             _check_settings(settings, f"per_method.{name}")
+        # settings may name datasets that this run leaves out (datasets=[cfimdb] with the full config)
         for name, settings in self.per_dataset.items():
-            if name not in self.datasets:
-                raise ValueError(f"per_dataset: {name!r} is not one of the datasets ({', '.join(self.datasets)})")
             _check_settings(settings, f"per_dataset.{name}")
         for key, settings in self.per_dataset_method.items():
             name, _, method = key.partition(".")
-            if name not in self.datasets or method not in METHODS:
-                raise ValueError(f"per_dataset_method: expected keys DATASET.METHOD (datasets "
-                                 f"{', '.join(self.datasets)}; methods {', '.join(METHODS)}), got {key!r}")
+            if not name or method not in METHODS:
+                raise ValueError(f"per_dataset_method: expected keys DATASET.METHOD (methods "
+                                 f"{', '.join(METHODS)}), got {key!r}")
             _check_settings(settings, f"per_dataset_method.{key}")
         if self.base is None and self.pretrain:
             from ..train import TrainConfig
@@ -143,6 +143,8 @@ class PipelineConfig:
                 raise ValueError(f"override: unknown key {head!r}; keys: {', '.join(sorted(known))}")
             target = raw
             parts = key.split(".")
+            if head == "per_dataset_method" and len(parts) > 2:  # its keys are DATASET.METHOD
+                parts = [head, f"{parts[1]}.{parts[2]}", *parts[3:]]
             for part in parts[:-1]:
                 if not isinstance(target.get(part), dict):
                     target[part] = {}
