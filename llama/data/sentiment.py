@@ -10,6 +10,7 @@ which folder; a user who has the files elsewhere passes their paths to llama.cla
 from __future__ import annotations
 
 import hashlib
+import http.client
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -70,7 +71,7 @@ def fetch_sentiment(out: Union[str, Path], force: bool = False) -> list[Path]:
         try:
             with urllib.request.urlopen(sentiment_url(name), timeout=TIMEOUT_S) as response:
                 data = response.read(size + 1)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise SampleUnavailable(
                 f"cannot download {sentiment_url(name)} ({reason}). Without a network, download the files "
