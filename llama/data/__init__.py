@@ -16,6 +16,9 @@ files into memory-mapped train/val files with a manifest, ``TokenShards`` opens 
 change while training, exact resume), ``val_batches`` walks the validation split in order::
 
     python -m llama.data prepare --tokenizer T --input FILE [FILE ...] --out DIR
+
+The SST-5 and CFIMDB sentiment files (llama.data.sentiment) are downloaded on request, never at
+run time: ``python -m llama.data fetch-sentiment --out DIR``.
 """
 from __future__ import annotations
 
