@@ -43,7 +43,7 @@ import torch
 
 from .. import api, cli
 from ..atomic import atomic_file, write_bytes
-from ..config import override_value, read_config_file, type_problem
+from ..config import check_field_types, override_value, read_config_file, type_problem
 from . import (METHODS, POOLINGS, Example, accuracy, confusion_matrix, macro_f1, plot_confusion, read_examples,
                read_label_names, train_classifier, write_predictions)
 from .bow import bag_of_words
@@ -85,12 +85,7 @@ class PipelineConfig:
     progress: bool = True
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            problem = type_problem(value, hints[f.name])
-            if problem:
-                raise ValueError(f"{f.name}: expected {problem}, got {value!r}")
+        check_field_types(self)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {self.methods!r}")

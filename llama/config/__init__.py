@@ -290,6 +290,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_field_types(obj: Any) -> None:
+    """Raise ValueError naming the first field of the dataclass instance `obj` whose value does
+    not fit its annotation (see type_problem)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        problem = type_problem(value, hints[f.name])
+        if problem:
+            raise ValueError(f"{f.name}: expected {problem}, got {value!r}")
+
+
 def type_problem(value: Any, hint: Any) -> Optional[str]:
     """None when `value` fits the type `hint` (bool, int, float, str, Optional/Union of them,
     list[...], dict[str, ...]), else what was expected, in words. An int fits float, a bool fits

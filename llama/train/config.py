@@ -6,13 +6,12 @@ key and type checked before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 
-from ..config import override_value, parse_overrides, read_config_file, type_problem
+from ..config import check_field_types, override_value, parse_overrides, read_config_file
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -82,12 +81,7 @@ class TrainConfig:
     sample_tokens: int = 64  # generated at the end from the trained model; 0 for none
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            problem = type_problem(value, hints[f.name])
-            if problem:
-                raise ValueError(f"{f.name}: expected {problem}, got {value!r}")
+        check_field_types(self)
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches",
                     "save_every", "keep_last", "lora_rank")
         for name in positive:
