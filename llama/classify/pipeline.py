@@ -391,6 +391,30 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _grouped_bars(ax, runs: list[dict], datasets: Sequence[str], methods: Sequence[str], key: str, scale: float,
+                  colors: dict[str, str], **label) -> None:
+    """One group of bars per dataset, one bar per method: run[key] * scale, where the run has it."""
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        xs, ys = [], []
+        for j, d in enumerate(datasets):
+            r = next((r for r in runs if r["dataset"] == d and r["method"] == m), None)
+            if r is not None and r.get(key) is not None:
+                xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                ys.append(r[key] * scale)
+        ax.bar_label(ax.bar(xs, ys, width, label=METHOD_LABELS[m], color=colors[m]), fontsize=7, **label)
+    ax.set_xticks(range(len(datasets)), datasets)
+
+
+def _save_chart(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     """accuracy.png (dev accuracy per method and dataset) and cost.png (trainable parameters, step
     time and peak memory per method and dataset)."""
@@ -405,57 +429,28 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     datasets = results["config"]["datasets"]
     methods = [m for m in ("bow", *METHODS) if any(r["method"] == m for r in runs)]
     colors = {m: c for m, c in zip(("bow", *METHODS), ("#888888", "#c9a227", "#1f77b4", "#2ca02c", "#d62728"))}
-    written = []
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        xs, ys = [], []
-        for j, d in enumerate(datasets):
-            r = next((r for r in runs if r["dataset"] == d and r["method"] == m), None)
-            if r is not None:
-                xs.append(j + (i - (len(methods) - 1) / 2) * width)
-                ys.append(r["dev_accuracy"])
-        bars = ax.bar(xs, ys, width, label=METHOD_LABELS[m], color=colors[m])
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
-    ax.set_xticks(range(len(datasets)), datasets)
+    _grouped_bars(ax, runs, datasets, methods, "dev_accuracy", 1.0, colors, fmt="%.3f", rotation=90, padding=2)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("dev accuracy (higher is better)")
     ax.set_title("Sentiment classification: dev accuracy")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    path = out / "accuracy.png"
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
+    written = [_save_chart(fig, out / "accuracy.png")]
 
     trained = [m for m in methods if m in ("finetune", "lora", "qlora")]
     if trained:
         metrics = (("trainable_params", "trainable parameters (M)", 1e-6), ("step_seconds", "step time (ms)", 1e3),
                    ("peak_bytes", "peak memory (MiB)", 1 / 2**20))
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        width = 0.8 / len(trained)
         for ax, (key, label, scale) in zip(axes, metrics):
-            for i, m in enumerate(trained):
-                xs, ys = [], []
-                for j, d in enumerate(datasets):
-                    r = next((r for r in runs if r["dataset"] == d and r["method"] == m), None)
-                    if r is not None and r.get(key) is not None:
-                        xs.append(j + (i - (len(trained) - 1) / 2) * width)
-                        ys.append(r[key] * scale)
-                bars = ax.bar(xs, ys, width, label=METHOD_LABELS[m], color=colors[m])
-                ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
-            ax.set_xticks(range(len(datasets)), datasets)
+            _grouped_bars(ax, runs, datasets, trained, key, scale, colors, fmt="%.3g", padding=1)
             ax.set_title(label, fontsize=9)
             ax.margins(y=0.15)
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
         fig.suptitle("Cost per method (lower is better)")
         fig.tight_layout()
-        path = out / "cost.png"
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_chart(fig, out / "cost.png"))
     return written
 
 
