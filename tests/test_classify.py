@@ -7,7 +7,8 @@ import torch
 
 import llama
 from llama.classify import (
-    ClassifierModel, Example, accuracy, confusion_matrix, load_classifier, macro_f1, parse_label_names,
+    ClassifierModel, Example, accuracy, confusion_matrix, length_batches, load_classifier, macro_f1,
+    parse_label_names,
     plot_confusion, prepare_model, read_examples, read_label_names, train_classifier, trainable_names,
     write_predictions,
 )
@@ -191,6 +192,36 @@ def test_methods_learn_the_task(task, method, lr, tmp_path):
     loaded = load_classifier(tmp_path / "saved", base=None if method == "finetune" else tiny(),
                              tokenizer=task["tok"])
     assert loaded.predict(task["dev"]) == preds
+
+
+def test_length_batches_cover_every_index_once_with_little_padding():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 200) for _ in range(1003)]
+    plain = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    plain = [plain[k:k + 16] for k in range(0, len(plain), 16)]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    for generator in (None, torch.Generator().manual_seed(0)):
+        batches = length_batches(lengths, 16, generator, window=8)
+        assert len(batches) == -(-len(lengths) // 16)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= 16 for b in batches)
+        assert padded(batches) < 0.75 * padded(plain)
+    ordered = length_batches(lengths, 16)
+    assert [lengths[i] for b in ordered for i in b] == sorted(lengths, reverse=True)
+    first = length_batches(lengths, 16, torch.Generator().manual_seed(3))
+    assert first == length_batches(lengths, 16, torch.Generator().manual_seed(3))
+    assert first != length_batches(lengths, 16, torch.Generator().manual_seed(4))
+
+
+def test_scores_come_back_in_the_input_order(task):
+    result = train_classifier(tiny(), task["tok"], task["train"][:16], None, "finetune", label_names=NAMES,
+                              lr=1e-3, **{**FAST, "epochs": 1})
+    clf, items = result.classifier, task["dev"][:21]
+    alone = torch.cat([clf.scores([e]) for e in items])
+    assert torch.allclose(clf.scores(items, batch_size=4), alone, atol=1e-5)
 
 
 def test_training_is_deterministic(task):

@@ -78,6 +78,7 @@ def test_pipeline_runs_every_method_and_the_peer(pipeline_run):
             r = runs[d, m]
             assert r["dev_accuracy"] > chance + 0.2, (d, m, r["dev_accuracy"])
             assert r["step_seconds"] > 0 and r["peak_bytes"] > r["model_bytes"] > 0
+            assert r["stage_seconds"] > r["seconds"] > 0  # the stage adds loading, predicting and saving
             assert (out / d / m / "model" / "classifier.json").is_file()
         assert runs[d, "finetune"]["trainable_params"] > runs[d, "lora"]["trainable_params"] > 0
         assert runs[d, "lora"]["trainable_params"] == runs[d, "qlora"]["trainable_params"]
@@ -94,6 +95,7 @@ def test_pipeline_runs_every_method_and_the_peer(pipeline_run):
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
     assert (out / "pretrain" / "final").is_dir()
+    assert results["pretrain"]["prepare_seconds"] > 0 and results["pretrain"]["seconds"] > 0
     reviews = (out / "text" / "reviews.txt").read_text().splitlines()
     assert len(reviews) == 2 * 160 and "|||" not in "".join(reviews)  # train sentences, labels dropped
 

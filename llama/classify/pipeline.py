@@ -225,6 +225,7 @@ def _pretrain(cfg: PipelineConfig, datasets: list[DatasetFiles], out: Path) -> t
     if cfg.botchan:
         texts["botchan"] = sample_files().text
     tokenizer = out / "tokenizer" / "tokenizer.model"
+    prepare_started = time.perf_counter()
     if cfg.force or not tokenizer.is_file():
         train_tokenizer([str(p) for p in texts.values()], cfg.vocab_size, tokenizer.parent, quiet=True)
     sources = {}
@@ -243,7 +244,8 @@ def _pretrain(cfg: PipelineConfig, datasets: list[DatasetFiles], out: Path) -> t
     pre = TrainConfig.from_dict(fields_, "pretrain")
     manifests = {n: json.loads((Path(f) / "manifest.json").read_text()) for n, f in sources.items()}
     info: dict[str, Any] = {"tokens": {n: m.get("train_tokens", 0) + m.get("val_tokens", 0)
-                                       for n, m in manifests.items()}}
+                                       for n, m in manifests.items()},
+                            "prepare_seconds": time.perf_counter() - prepare_started}  # tokenizer, tokens
     if cfg.force or not (final / "config.json").is_file():
         started = time.perf_counter()
         result = build_run(pre).fit()
@@ -264,6 +266,7 @@ def _load_base(path: Path, tokenizer: Optional[str], device: str):
 def _run_one(cfg: PipelineConfig, data: DatasetFiles, method: str, base: Path, tokenizer: Optional[str],
              device: str, folder: Path) -> dict[str, Any]:
     settings = cfg.settings(data.name, method)
+    stage_started = time.perf_counter()
     llm = _load_base(base, tokenizer, device)
     started = time.perf_counter()
     result = train_classifier(llm.model, llm.tokenizer, data.train, data.dev, method, label_names=data.label_names,
@@ -289,6 +292,7 @@ def _run_one(cfg: PipelineConfig, data: DatasetFiles, method: str, base: Path, t
               "best_epoch": result.best_epoch, "history": result.history,
               "trainable_params": result.trainable_params, "step_seconds": result.step_seconds,
               "peak_bytes": result.peak_bytes, "model_bytes": result.model_bytes, "seconds": seconds,
+              "stage_seconds": time.perf_counter() - stage_started,  # with loading, predictions and saving
               "settings": settings, "train_examples": len(data.train), "dev_examples": len(data.dev)}
     write_bytes(folder / "result.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     return record
@@ -367,11 +371,12 @@ def report(results: dict[str, Any]) -> str:
                      f"a {cfg['vocab_size']}-piece BPE tokenizer"
                      + (f", {steps} steps in {secs / 60:.1f} min" if steps and secs else "")
                      + (f", validation loss {pre['val_loss']:.3f}" if pre.get("val_loss") else "") + ".")
-    stages = (pre.get("seconds") or 0) + sum(r["seconds"] for r in results["runs"])
+    stages = ((pre.get("prepare_seconds") or 0) + (pre.get("seconds") or 0)
+              + sum(r.get("stage_seconds", r["seconds"]) for r in results["runs"]))
     lines += [f"Device {results['device']} ({results['machine']}, {results['threads']} threads), torch "
-              f"{results['torch']}, seed {cfg['seed']}, {results['date']}; {stages / 60:.1f} min in all: the "
-              "pretraining and every run, each timed when it ran (tokenizer training and tokenizing not "
-              "included).", ""]
+              f"{results['torch']}, seed {cfg['seed']}, {results['date']}; {stages / 60:.1f} min in all: every "
+              "stage, each timed when it ran (the tokenizer and tokenizing, the pretraining, and each run with "
+              "its loading, predictions and saving).", ""]
     for name in cfg["datasets"]:
         rows = [r for r in results["runs"] if r["dataset"] == name]
         lines += [f"## {name}", "",
@@ -382,7 +387,7 @@ def report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {METHOD_LABELS[r['method']]} | {r['dev_accuracy']:.4f} | {r['dev_macro_f1']:.4f} | "
                 f"{r.get('trainable_params') or 0:,} | {'' if step is None else f'{step * 1e3:.0f} ms'} | "
-                f"{_mib(r.get('peak_bytes'))} | {r.get('best_epoch', '') or ''} | {r['seconds'] / 60:.1f} min |")
+                f"{_mib(r.get('peak_bytes'))} | {r.get('best_epoch', '') or ''} | {r.get('stage_seconds', r['seconds']) / 60:.1f} min |")
         lines.append("")
     lines += ["Step time: the mean wall time of an optimizer step (the first left out); peak memory: the model's "
               "parameters and buffers plus the peak of the first step (gradients, optimizer state, activations). "
