@@ -98,6 +98,8 @@ def test_pipeline_runs_every_method_and_the_peer(pipeline_run):
     assert results["pretrain"]["prepare_seconds"] > 0 and results["pretrain"]["seconds"] > 0
     reviews = (out / "text" / "reviews.txt").read_text().splitlines()
     assert len(reviews) == 2 * 160 and "|||" not in "".join(reviews)  # train sentences, labels dropped
+    manifest = json.loads((out / "tokens" / "reviews" / "manifest.json").read_text())
+    assert manifest["split"] == "line" and manifest["train_documents"] + manifest["val_documents"] == 2 * 160
 
 
 def test_pipeline_rerun_keeps_finished_runs(pipeline_run, data_dir, capsys):

@@ -231,8 +231,11 @@ def _pretrain(cfg: PipelineConfig, datasets: list[DatasetFiles], out: Path) -> t
     sources = {}
     for name, path in texts.items():
         folder = out / "tokens" / name
-        if cfg.force or not (folder / "manifest.json").is_file():
-            prepare(tokenizer, [path], folder)
+        # a review (line) is a document, bos first, as the classifier reads it; botchan's are paragraphs
+        split = "line" if name == "reviews" else "paragraph"
+        manifest = folder / "manifest.json"
+        if cfg.force or not manifest.is_file() or json.loads(manifest.read_text()).get("split") != split:
+            prepare(tokenizer, [path], folder, split=split, force=True)
         sources[name] = str(folder)
     fields_ = cfg._pretrain_fields()
     fields_.update(data=sources, tokenizer=str(tokenizer))
