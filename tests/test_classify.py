@@ -8,9 +8,8 @@ import torch
 import llama
 from llama.classify import (
     ClassifierModel, Example, accuracy, confusion_matrix, length_batches, load_classifier, macro_f1,
-    parse_label_names,
-    plot_confusion, prepare_model, read_examples, read_label_names, train_classifier, trainable_names,
-    write_predictions,
+    parse_label_names, plot_confusion, prepare_model, read_examples, read_label_names, train_classifier,
+    trainable_names, write_predictions,
 )
 from llama.classify.__main__ import main
 from llama.lora import lora_layers

@@ -45,10 +45,9 @@ Training (`train_classifier`) uses llama.optim's AdamW over the trainable parame
 warmup (`warmup_ratio` of the steps) then a cosine decay, and gradient-norm clipping. Batches
 group sentences of similar length (`length_batches`: shuffled windows of 50 batches, each sorted
 by length), which halves the padding that plain shuffled batches of SST-5 sentences carry;
-prediction runs in length order too. After each
-epoch it measures accuracy on the dev set and keeps the weights of the best epoch, which it
-loads back at the end. The same seed gives the same run (shuffling, head and adapter
-initialisation, dropout) on the same device.
+prediction runs in length order too. After each epoch it measures accuracy on the dev set and
+keeps the weights of the best epoch, which it loads back at the end. The same seed gives the
+same run (shuffling, head and adapter initialisation, dropout) on the same device.
 
 Saving (`Classifier.save(DIR)`) writes `classifier.json` (method, label names, settings) and
 `head.safetensors` (the head's weight and bias), plus, for finetune, the fine-tuned model as a
@@ -90,8 +89,8 @@ from ..tokenizer import Tokenizer
 
 __all__ = [
     "METHODS", "Classifier", "ClassifierModel", "Example", "TrainResult", "accuracy", "confusion_matrix",
-    "load_classifier", "macro_f1", "parse_label_names", "plot_confusion", "predict", "read_examples",
-    "read_label_names", "train_classifier", "trainable_names", "write_predictions",
+    "length_batches", "load_classifier", "macro_f1", "parse_label_names", "plot_confusion", "predict",
+    "read_examples", "read_label_names", "train_classifier", "trainable_names", "write_predictions",
 ]
 
 METHODS = ("prompt", "finetune", "lora", "qlora")

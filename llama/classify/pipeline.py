@@ -7,9 +7,9 @@ and report them beside a bag-of-words peer.
    (the sentences of every dataset's train split, labels dropped) plus botchan.txt (the
    sentencepiece sample, `botchan: false` leaves it out), and a small LLaMA is pretrained on that
    text by the trainer (`pretrain`: llama.train.TrainConfig keys). Each review line is a
-   document (bos first, as the classifier reads a sentence); botchan's are its paragraphs. With `base` (any checkpoint
-   llama.load reads, e.g. stories42M.pt, with `tokenizer` where none lies beside it), that model
-   is the base and nothing is pretrained.
+   document (bos first, as the classifier reads a sentence); botchan's are its paragraphs.
+   With `base` (any checkpoint llama.load reads, e.g. stories42M.pt, with `tokenizer` where
+   none lies beside it), that model is the base and nothing is pretrained.
 2. For each dataset (`datasets`: file stems in `data_dir`: NAME-train.txt, NAME-dev.txt,
    NAME-label-mapping.json, and NAME-test.txt where present) and each method (`methods`), a
    fresh copy of the base is trained by llama.classify.train_classifier with `classify`'s
