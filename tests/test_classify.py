@@ -176,6 +176,7 @@ def test_methods_learn_the_task(task, method, lr, tmp_path):
     acc = accuracy(preds, [e.label for e in task["dev"]])
     assert acc >= 0.85, (method, result.history)
     assert acc == pytest.approx(result.best_dev_accuracy)  # the best epoch's weights are the ones kept
+    assert result.dev_predictions == preds  # made at that epoch, while training
     assert result.best_dev_accuracy == max(h["dev_accuracy"] for h in result.history)
     if method == "lora":  # the base weights did not move
         after, wrapped = model.state_dict(), lora_layers(model)

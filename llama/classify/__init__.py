@@ -556,7 +556,7 @@ def _fit_prompt(clf: Classifier, sentence: str, labels_text: str, limit: int) ->
 @dataclass
 class TrainResult:
     """What train_classifier gives back: the classifier holding the best epoch's weights, its dev
-    accuracy (None without a dev set) and epoch (1-based), and per-epoch history."""
+    accuracy (None without a dev set), epoch (1-based) and dev predictions, and per-epoch history."""
 
     classifier: Classifier
     best_dev_accuracy: Optional[float]
@@ -566,6 +566,7 @@ class TrainResult:
     step_seconds: Optional[float] = None  # mean wall time of an optimizer step (the first one left out)
     model_bytes: int = 0  # parameters and buffers (4-bit weights as stored)
     peak_bytes: Optional[int] = None  # model_bytes + the peak of the first step (measure_memory=True)
+    dev_predictions: Optional[list[int]] = None  # the best epoch's, one per dev example
 
 
 def _quantize(model: Transformer, quant: str, block_size: int) -> None:
@@ -682,17 +683,17 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
     clf = Classifier(method, tokenizer, list(label_names), net, max_len, prompt, settings)
     dev_labels = [e.label for e in dev_examples]
 
-    def evaluate() -> Optional[float]:
+    def evaluate() -> tuple[Optional[float], Optional[list[int]]]:
         if not dev_examples:
-            return None
-        return accuracy(clf.predict(dev_examples, batch_size=max(batch_size if method != "prompt" else 8, 8)),
-                        dev_labels)
+            return None, None
+        preds = clf.predict(dev_examples, batch_size=max(batch_size if method != "prompt" else 8, 8))
+        return accuracy(preds, dev_labels), preds
 
     model_bytes = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     if method == "prompt":
-        acc = evaluate()
+        acc, preds = evaluate()
         return TrainResult(clf, acc, 0, [] if acc is None else [{"epoch": 0, "dev_accuracy": acc}],
-                           model_bytes=model_bytes)
+                           model_bytes=model_bytes, dev_predictions=preds)
 
     # token ids once; the order of batches comes from a seeded generator
     encoded = [clf.encode(e.sentence) for e in train_examples]
@@ -711,6 +712,7 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
     best_acc: Optional[float] = None
     best_epoch = 0
     best_state: Optional[dict[str, torch.Tensor]] = None
+    best_preds: Optional[list[int]] = None
     history = []
     step_peak: Optional[int] = None
     timed_steps, timed_seconds = 0, 0.0
@@ -747,14 +749,14 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
                 running += loss.item()
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-            acc = evaluate()
+            acc, preds = evaluate()
             record = {"epoch": epoch, "train_loss": running / steps_per_epoch}
             if acc is not None:
                 record["dev_accuracy"] = acc
                 bar.set_postfix(epoch=epoch, loss=f"{record['train_loss']:.4f}", dev_acc=f"{acc:.3f}")
             history.append(record)
             if acc is None or best_acc is None or acc > best_acc:
-                best_acc, best_epoch = acc, epoch
+                best_acc, best_epoch, best_preds = acc, epoch, preds
                 if acc is not None and epoch < epochs:
                     best_state = {name: p.detach().to("cpu", copy=True)
                                   for name, p in net.named_parameters() if p.requires_grad}
@@ -770,4 +772,4 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
     net.eval()
     return TrainResult(clf, best_acc, best_epoch, history, trainable_params=sum(p.numel() for p in trainable),
                        step_seconds=timed_seconds / timed_steps if timed_steps else None, model_bytes=model_bytes,
-                       peak_bytes=None if step_peak is None else model_bytes + step_peak)
+                       peak_bytes=None if step_peak is None else model_bytes + step_peak, dev_predictions=best_preds)

@@ -278,7 +278,7 @@ def _run_one(cfg: PipelineConfig, data: DatasetFiles, method: str, base: Path, t
     seconds = time.perf_counter() - started
     clf = result.classifier
     batch = int(settings.get("batch_size", 8))
-    preds = clf.predict(data.dev, batch_size=max(batch, 8))
+    preds = result.dev_predictions  # the best epoch's, made while training
     gold = [e.label for e in data.dev]
     acc, f1 = accuracy(preds, gold), macro_f1(preds, gold, len(data.label_names))
     folder.mkdir(parents=True, exist_ok=True)
