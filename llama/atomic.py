@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import platform
 import re
@@ -66,7 +67,7 @@ except ImportError:  # Windows: no advisory locks; writes go on unlocked (see th
 
 __all__ = [
     "SaveInProgressError", "atomic_file", "dir_mode", "file_mode", "fsync_dir", "fsync_file", "recover",
-    "temp_path", "umask", "write_bytes", "write_dir",
+    "temp_path", "umask", "write_bytes", "write_dir", "write_json",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -315,6 +316,11 @@ def write_bytes(path: PathLike, data: Union[bytes, bytearray, memoryview]) -> Pa
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
     return path
+
+
+def write_json(path: PathLike, obj) -> Path:
+    """Write `obj` to `path` as indented UTF-8 JSON with a final newline, atomically."""
+    return write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _make_parent(path: Path) -> None:

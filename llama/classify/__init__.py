@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 from .. import api, checkpoint
 from ..api import find_tokenizer
-from ..atomic import atomic_file, write_bytes
+from ..atomic import atomic_file, write_bytes, write_json
 from ..lora import apply_lora, load_adapters, save_adapters
 from ..model import Transformer
 from ..peak import peak_bytes
@@ -441,7 +441,7 @@ class Classifier:
         meta = {"format": FORMAT, "version": 1, "method": self.method, "label_names": list(self.label_names),
                 "max_len": self.max_len, "dim": self.model.base.config.dim,
                 "pretrained": pretrained, **self.settings}
-        write_bytes(path / CLASSIFIER_CONFIG, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        write_json(path / CLASSIFIER_CONFIG, meta)
         return path
 
 

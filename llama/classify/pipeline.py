@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .. import api, cli
-from ..atomic import atomic_file, write_bytes
+from ..atomic import atomic_file, write_bytes, write_json
 from ..config import check_field_types, override_value, read_config_file, type_problem
 from . import (METHODS, POOLINGS, Example, accuracy, confusion_matrix, macro_f1, plot_confusion, read_examples,
                read_label_names, train_classifier, write_predictions)
@@ -254,7 +254,7 @@ def _pretrain(cfg: PipelineConfig, datasets: list[DatasetFiles], out: Path) -> t
         started = time.perf_counter()
         result = build_run(pre).fit()
         info.update(seconds=time.perf_counter() - started, val_loss=result.get("val_loss"), steps=pre.max_steps)
-        write_bytes(out / "pretrain" / "pipeline.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+        write_json(out / "pretrain" / "pipeline.json", info)
     elif (out / "pretrain" / "pipeline.json").is_file():
         info = json.loads((out / "pretrain" / "pipeline.json").read_text())
     return final, str(tokenizer), info
@@ -298,7 +298,7 @@ def _run_one(cfg: PipelineConfig, data: DatasetFiles, method: str, base: Path, t
               "peak_bytes": result.peak_bytes, "model_bytes": result.model_bytes, "seconds": seconds,
               "stage_seconds": time.perf_counter() - stage_started,  # with loading, predictions and saving
               "settings": settings, "train_examples": len(data.train), "dev_examples": len(data.dev)}
-    write_bytes(folder / "result.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_json(folder / "result.json", record)
     return record
 
 
@@ -312,7 +312,7 @@ def _run_bow(data: DatasetFiles, folder: Path) -> dict[str, Any]:
     record = {"dataset": data.name, "method": "bow", "dev_accuracy": accuracy(preds, gold),
               "dev_macro_f1": macro_f1(preds, gold, len(data.label_names)), "l2": peer.l2,
               "trainable_params": int(peer.weight.numel()), "seconds": time.perf_counter() - started}
-    write_bytes(folder / "result.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_json(folder / "result.json", record)
     return record
 
 
@@ -342,7 +342,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                "machine": platform.processor() or platform.machine(),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "seconds": time.perf_counter() - started}
-    write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_json(out / "results.json", results)
     write_bytes(out / "results.md", report(results).encode("utf-8"))
     plot_results(results, out)
     return results
