@@ -293,6 +293,12 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], path: PathLike, title: 
 POOLINGS = ("last", "mean")
 
 
+def check_pooling(pooling: object, name: str = "pooling") -> None:
+    """ValueError naming `name` unless `pooling` is one of POOLINGS."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"{name}: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 class ClassifierModel(nn.Module):
     """A base Transformer and a head: a pooled final hidden state -> dropout -> linear
     (num_labels). `pooling` "last": the last real token's hidden state (it has attended to the
@@ -300,8 +306,7 @@ class ClassifierModel(nn.Module):
 
     def __init__(self, base: Transformer, num_labels: int, dropout: float = 0.1, pooling: str = "last"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+        check_pooling(pooling)
         self.base = base
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
@@ -642,8 +647,7 @@ def train_classifier(model: Transformer, tokenizer: Tokenizer, train_examples: S
         raise TypeError(f"model: expected a llama Transformer, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+    check_pooling(pooling)  # before prepare_model changes the model
     train_examples = list(train_examples or [])
     dev_examples = list(dev_examples or [])
     if label_names is None:

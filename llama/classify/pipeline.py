@@ -45,8 +45,8 @@ import torch
 from .. import api, cli
 from ..atomic import atomic_file, write_bytes, write_json
 from ..config import check_field_types, override_value, read_config_file, type_problem
-from . import (METHODS, POOLINGS, Example, accuracy, confusion_matrix, macro_f1, plot_confusion, read_examples,
-               read_label_names, train_classifier, write_predictions)
+from . import (METHODS, Example, accuracy, check_pooling, confusion_matrix, macro_f1, plot_confusion,
+               read_examples, read_label_names, train_classifier, write_predictions)
 from .bow import bag_of_words
 
 __all__ = ["DatasetFiles", "PipelineConfig", "dataset_files", "review_text", "run_pipeline"]
@@ -175,8 +175,8 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
         problem = type_problem(value, hints[key])
         if problem:
             raise ValueError(f"{where}.{key}: expected {problem}, got {value!r}")
-    if "pooling" in settings and settings["pooling"] not in POOLINGS:
-        raise ValueError(f"{where}.pooling: expected one of {', '.join(POOLINGS)}, got {settings['pooling']!r}")
+    if "pooling" in settings:
+        check_pooling(settings["pooling"], f"{where}.pooling")
 
 
 # ============================================================================ data
