@@ -47,6 +47,7 @@ constexpr int kMaxM = 4;
 constexpr int kRowBlock = 2;
 constexpr int kMaxM = 2;
 #endif
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead the int8-activation kernel prefetches codes
 
 // The 16 codes of one half-chunk, looked up in the 16-entry table: lut[b & 0xF] or lut[b >> 4].
 // AVX-512 widens to 16 lanes and permutes once; AVX2 does two 8-lane halves, looking up each
@@ -598,10 +599,13 @@ inline typename QV<W>::f lane_scales(const float* sf, int64_t c0, int group) {
   return v;
 }
 
+// `ahead`: the byte offset of the codes to prefetch (0: none), one 64-byte line per row and block.
 template <int RB, int MB, int GROUP>
 inline void q8_main(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const float* sf, int64_t groups,
-                    int64_t blocks, typename QV<kW>::f acc[MB][RB]) {
+                    int64_t blocks, typename QV<kW>::f acc[MB][RB], int64_t ahead) {
   for (int64_t b = 0; b < blocks; ++b) {
+    if (ahead)
+      for (int r = 0; r < RB; ++r) __builtin_prefetch(packed + ahead + r * packed_stride + b * kQ8Chunks * 16, 0, 0);
     typename QV<kW>::f sw[RB];
     for (int r = 0; r < RB; ++r) sw[r] = wide_scales<GROUP>(sf + r * groups, b);
     q8_step<kW, RB, MB>(xs, packed, packed_stride, sw, b * kQ8Chunks, acc);
@@ -623,16 +627,17 @@ inline void q8_tail(const Q8Row* xs, const uint8_t* packed, int64_t packed_strid
 
 template <int RB, int MB>
 inline void q8_block(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const f16_t* scales,
-                     const f16_t* zeros, int64_t groups, int64_t k, int group, Scratch& scratch, float out[MB][RB]) {
+                     const f16_t* zeros, int64_t groups, int64_t k, int group, Scratch& scratch, float out[MB][RB],
+                     int64_t ahead = 0) {
   to_fp32_rows<RB>(scales, groups, scratch.scales);
   const float* sf = scratch.scales.data();
   const int64_t chunks = k / 32, blocks = chunks / kQ8Chunks;
   typename QV<kW>::f acc[MB][RB];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = typename QV<kW>::f{};
-  if (group == 32) q8_main<RB, MB, 32>(xs, packed, packed_stride, sf, groups, blocks, acc);
-  if (group == 64) q8_main<RB, MB, 64>(xs, packed, packed_stride, sf, groups, blocks, acc);
-  if (group == 128) q8_main<RB, MB, 128>(xs, packed, packed_stride, sf, groups, blocks, acc);
+  if (group == 32) q8_main<RB, MB, 32>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
+  if (group == 64) q8_main<RB, MB, 64>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
+  if (group == 128) q8_main<RB, MB, 128>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) out[m][r] = 0.f;
   int64_t c = blocks * kQ8Chunks;
@@ -667,11 +672,19 @@ void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f
                   int64_t n0, int64_t n1, int64_t k, int group) {
   const int64_t groups = k / group, ps = k / 2;
   thread_local Scratch scratch;
+  // Row blocks side by side restart short streams at every block, which the hardware prefetchers
+  // pick up late (as in linear.cpp): the codes of the rows a block or more ahead (at least
+  // kPrefetchBytes) are prefetched, and the next block's scales and zeros.
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (kRowBlock * ps)) * kRowBlock * ps;
   int64_t n = n0;
   for (; n + kRowBlock <= n1; n += kRowBlock) {
+    for (int64_t g = 0; g < kRowBlock * groups; g += 32) {
+      __builtin_prefetch(scales + (n + kRowBlock) * groups + g, 0, 0);
+      if (zeros) __builtin_prefetch(zeros + (n + kRowBlock) * groups + g, 0, 0);
+    }
     float out[MB][kRowBlock];
     q8_block<kRowBlock, MB>(xs, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr,
-                            groups, k, group, scratch, out);
+                            groups, k, group, scratch, out, n + kRowBlock < n1 ? ahead : 0);
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < kRowBlock; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
   }

@@ -10,8 +10,10 @@ Prompts of different lengths are batched with right padding: every sequence keep
 position in the cache (`KVCache.seqlens`). Temperature 0 is greedy decoding (on the CPU each
 step after the prefill takes its tokens from the fused head and argmax, `Decoder.greedy_step`:
 the same tokens, without the logits). Sampling filters compose in the order top-k, epsilon (drop
-tokens below a probability), top-p. On a GPU the one-token decode step is compiled and replayed
-as a CUDA graph over the static cache.
+tokens below a probability), top-p. On the CPU, a float32 model of our dense or 4-bit layers
+decodes through the decode plan (`llama.generate.plan`): each step is one C++ call that runs the
+same kernels as the eager step, with the same results. On a GPU the one-token decode step is
+compiled and replayed as a CUDA graph over the static cache.
 
 `generate` may be called from several threads: calls on one model take turns (a lock per model),
 calls on different models run at once.
@@ -28,11 +30,15 @@ import torch
 import llama_kernels
 
 from ..model import KVCache, Linear, Transformer
+from . import plan
 
 # Greedy decoding on the CPU takes the next token from the fused head and argmax
 # (llama_kernels.linear_argmax: the same token, without writing and re-reading the logits);
 # False runs the head and then sample(), for comparison.
 FUSED_GREEDY_HEAD = True
+# On the CPU, a decode step of a model the plan runs (llama.generate.plan) is one C++ call;
+# False runs the eager step, for comparison.
+CPU_DECODE_PLAN = True
 
 
 @dataclass(frozen=True)
@@ -101,22 +107,34 @@ class Decoder:
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._logits: Optional[torch.Tensor] = None
         self._captured: tuple[int, ...] = ()
+        self._plan = None  # the CPU decode plan (see prefill) and the addresses it was built for
+        self._planned: tuple[int, ...] = ()
         self.in_use = False  # set by generate() while a generation runs on this cache
 
     def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, last_only=True)
 
     def greedy_fusable(self) -> bool:
-        """Whether greedy_step can serve this decoder: an eager CPU step and a plain head (our
-        Linear without bias; a 4-bit, adapted or biased head runs as a layer)."""
+        """Whether greedy_step can serve this decoder: the CPU decode plan (any head it runs), or
+        an eager CPU step and a plain head (our Linear without bias; a 4-bit, adapted or biased
+        head runs as a layer)."""
         head = self.model.output
-        return (FUSED_GREEDY_HEAD and self._step == self._eager_step and not self._use_graph
+        if not FUSED_GREEDY_HEAD:
+            return False
+        if self._plan is not None:
+            return True
+        return (self._step == self._eager_step and not self._use_graph
                 and type(head) is Linear and head.bias is None and not self.cache.k[0].is_cuda)
 
     def greedy_step(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """One step of greedy decoding: the next tokens (B,), the argmax of the logits that `step`
-        returns, from the final hidden state through llama_kernels.linear_argmax."""
+        returns, from the final hidden state through llama_kernels.linear_argmax (or the plan's head
+        and argmax)."""
         self.tokens.copy_(next_tokens.view(-1, 1))
+        if self._plan is not None:
+            chosen = torch.empty(self.cache.batch, dtype=torch.long)
+            self._plan.step(self.tokens.view(-1), argmax=chosen)
+            return chosen
         h = self.model(self.tokens, cache=self.cache, last_only=True, return_hidden=True)
         return llama_kernels.linear_argmax(h, self.model.output.weight)
 
@@ -136,7 +154,20 @@ class Decoder:
         if self._graph is not None and self._captured != self._memory():
             self._graph = self._logits = None
         self.cache.reset()
-        return self.model(tokens, cache=self.cache, lengths=lengths, last_only=True)
+        logits = self.model(tokens, cache=self.cache, lengths=lengths, last_only=True)
+        self._update_plan()
+        return logits
+
+    def _update_plan(self) -> None:
+        """The CPU decode plan for the model as it is now: kept while the model's tensors stay
+        where they were (the cache is this decoder's own), rebuilt when any moved (quantize_, a load,
+        longer RoPE tables), dropped where the plan cannot run the model or the step is compiled."""
+        if not CPU_DECODE_PLAN or self._step != self._eager_step or self.cache.k[0].is_cuda:
+            self._plan = None
+            return
+        memory = self._memory()
+        if self._plan is None or self._planned != memory:
+            self._plan, self._planned = plan.build(self.model, self.cache), memory
 
     def _capture(self) -> None:
         """Warm up (compiles, autotunes) on a side stream, then capture one step.
@@ -159,6 +190,10 @@ class Decoder:
 
     def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(next_tokens.view(-1, 1))
+        if self._plan is not None:
+            logits = torch.empty(self.cache.batch, self.model.config.vocab_size)
+            self._plan.step(self.tokens.view(-1), logits=logits)
+            return logits
         if not self._use_graph:
             return self._step(self.tokens)
         if self._graph is None:
