@@ -9,6 +9,8 @@ Random weights in the preset's shape (bf16 on a GPU, fp32 on the CPU). Phases:
 * `decode`: one-token steps of the eager step, which a CUDA graph then replays unchanged (the
   kernels, and so their count per step, are the same); on a GPU the projections are joined, as
   generation joins them;
+* on the CPU, `decode-plan`: the decode plan's step (one C++ call, what generation runs there),
+  timed op by op by the plan itself (greedy: the head's argmax);
 * with `--hf`, `hf-prefill`: Hugging Face's model on the same shape, for the peer's kernel mix.
 
 For each phase, DIR/profile_<phase>.txt holds the operators and kernels sorted by self time,
@@ -66,6 +68,37 @@ def _profile(name: str, call, device: torch.device, out: Path, iters: int = ITER
     return summary
 
 
+def _plan_ops(model, cache, prefill, tokens: torch.Tensor, out: Path, steps: int = 20) -> dict:
+    """`decode-plan`: the CPU decode plan's step (what generation runs on the CPU), op by op, as
+    the plan times them (microseconds per step, summed over layers); `outside_ops_us` is the rest
+    of a step's wall time (Python, the call, the checks)."""
+    from llama.generate import plan
+
+    why = plan.unsupported(model, cache)
+    if why is not None:
+        summary = {"phase": "decode-plan", "skipped": why}
+        print(json.dumps(summary))
+        return summary
+    with torch.inference_mode():
+        prefill()
+        decode_plan = plan.build(model, cache)
+        argmax = torch.empty_like(tokens)
+        for _ in range(WARMUP):
+            decode_plan.step(tokens, argmax=argmax)
+        decode_plan.time_ops(True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            decode_plan.step(tokens, argmax=argmax)
+        wall_us = (time.perf_counter() - start) * 1e6 / steps
+    ops = decode_plan.op_times()
+    summary = {"phase": "decode-plan", "wall_ms_per_iter": round(wall_us / 1e3, 3),
+               "op_us_per_step": {op: round(us, 1) for op, us in ops.items()},
+               "outside_ops_us": round(wall_us - sum(ops.values()), 1)}
+    (out / "profile_decode-plan.txt").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="folder for the tables and traces")
@@ -95,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         model.join_projections()  # as generation does on a GPU
     tokens = torch.randint(3, cfg.vocab_size, (args.batch, prompt), device=device)
-    cache = KVCache.allocate(cfg, args.batch, prompt + WARMUP + ITERS + 1, device=device, dtype=dtype)
+    cache = KVCache.allocate(cfg, args.batch, prompt + 64, device=device, dtype=dtype)  # room for every phase's steps
 
     def prefill():
         cache.reset()
@@ -109,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [_profile("prefill", prefill, device, args.out)]
     prefill()
     summaries.append(_profile("decode", decode_step, device, args.out))
+    if not cuda:
+        summaries.append(_plan_ops(model, cache, prefill, step_tokens[:, 0].contiguous(), args.out))
     if args.hf:
         try:
             from transformers import LlamaConfig, LlamaForCausalLM

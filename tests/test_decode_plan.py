@@ -241,3 +241,19 @@ def test_plan_runs_on_the_threads_torch_uses(eager_only):
     finally:
         torch.set_num_threads(threads)
     assert one == two
+
+
+def test_plan_times_its_ops_when_asked():
+    model = model_of(quant=Int4Config(group_size=32))
+    plan, cache = plan_for(model, batch=1, capacity=16)
+    out = torch.empty(1, dtype=torch.long)
+    plan.step(torch.tensor([3]), argmax=out)
+    assert all(v == 0 for v in plan.op_times().values())  # off by default
+    plan.time_ops(True)
+    for t in range(4):
+        plan.step(torch.tensor([t]), argmax=out)
+    times = plan.op_times()
+    assert list(times) == ["embedding", "rms_norm", "qkv", "attention", "wo", "gate_up", "swiglu", "down", "head"]
+    assert all(v >= 0 for v in times.values()) and times["qkv"] > 0 and times["head"] > 0
+    plan.time_ops(False)
+    assert all(v == 0 for v in plan.op_times().values())

@@ -14,6 +14,7 @@
 #include "cpu/decode_plan.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include "common.h"
@@ -34,6 +35,38 @@ int64_t argmax_row(const float* v, int64_t n) {
   return at;
 }
 }  // namespace
+
+const char* const DecodePlan::kOpNames[DecodePlan::kOps] = {
+    "embedding", "rms_norm", "qkv", "attention", "wo", "gate_up", "swiglu", "down", "head"};
+
+namespace {
+enum Op { kEmbedding, kNorm, kQkv, kAttention, kWo, kGateUp, kSwiglu, kDown, kHead };
+
+// Adds the time since the last lap to an op's total, when timing is on.
+class Laps {
+ public:
+  Laps(bool on, std::vector<double>& totals) : on_(on), totals_(totals) {
+    if (on_) last_ = std::chrono::steady_clock::now();
+  }
+  void lap(Op op) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    totals_[op] += std::chrono::duration<double, std::micro>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  bool on_;
+  std::vector<double>& totals_;
+  std::chrono::steady_clock::time_point last_;
+};
+}  // namespace
+
+void DecodePlan::set_timing(bool on) {
+  timing_ = on;
+  std::fill(op_micros_.begin(), op_micros_.end(), 0.0);
+  timed_steps_ = 0;
+}
 
 int64_t PlanWeights::total() const {
   int64_t t = 0;
@@ -119,10 +152,12 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
                         "cache: sequence " << b << " is at position " << seqlens_[b] << ", past the cache's "
                                            << capacity_ << " slots or the RoPE tables' " << table_len_ << " rows");
   }
+  Laps laps(timing_, op_micros_);
   int cur = 0;
   float* x = stream_[0].data();
   for (int64_t b = 0; b < batch_; ++b)
     std::copy(embedding_ + tokens[b] * dim_, embedding_ + (tokens[b] + 1) * dim_, x + b * dim_);
+  laps.lap(kEmbedding);
   float* normed = normed_.data();
   float* h = branch_.data();
   // normed = rms_norm(x + h), and x + h becomes the stream (the other buffer); h null adds nothing.
@@ -131,6 +166,7 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
     rms_norm_fwd(stream_[cur].data(), h_or_null, w, normed, h_or_null ? next : nullptr, nullptr, batch_, dim_, dim_,
                  dim_, dim_, dim_, kF32, kF32, eps_, threads);
     if (h_or_null) cur = 1 - cur;
+    laps.lap(kNorm);
   };
   const int64_t q = heads_ * head_dim_, kv = kv_heads_ * head_dim_, qkv_row = q + 2 * kv;
   // rope_decode_attention's strides (elements): q, k_new, v_new (batch, head), the caches (batch,
@@ -143,16 +179,22 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
     first = false;
     float* qkv = qkv_.data();
     layer.qkv.apply(normed, qkv, batch_, threads);
+    laps.lap(kQkv);
     rope_decode_attention(qkv, qkv + q, qkv + q + kv, layer.k_cache, layer.v_cache, seqlens_, true, cos_, sin_,
                           attention_.data(), batch_, heads_, kv_heads_, head_dim_, capacity_, table_len_, strides,
                           kF32, scale_, threads);
+    laps.lap(kAttention);
     layer.wo.apply(attention_.data(), h, batch_, threads);
+    laps.lap(kWo);
     add_norm(h, layer.ffn_norm);
     const int64_t hidden = layer.gate_up.n[0];
     float* gu = gate_up_.data();
     layer.gate_up.apply(normed, gu, batch_, threads);
+    laps.lap(kGateUp);
     swiglu_fwd(gu, gu + hidden, hidden_.data(), batch_, hidden, 2 * hidden, 2 * hidden, hidden, kF32, threads);
+    laps.lap(kSwiglu);
     layer.down.apply(hidden_.data(), h, batch_, threads);
+    laps.lap(kDown);
   }
   add_norm(first ? nullptr : h, final_norm_);
   if (argmax && !logits && !head_.int4) {  // the greedy head: no logits written
@@ -163,7 +205,9 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
     if (argmax)
       for (int64_t b = 0; b < batch_; ++b) argmax[b] = argmax_row(out + b * vocab_, vocab_);
   }
+  laps.lap(kHead);
   for (int64_t b = 0; b < batch_; ++b) ++seqlens_[b];
+  if (timing_) ++timed_steps_;
 }
 
 }  // namespace cpu

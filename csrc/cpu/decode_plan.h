@@ -55,6 +55,14 @@ class DecodePlan {
   // (batch,) (either may be null).
   void step(const int64_t* tokens, float* logits, int64_t* argmax, int threads);
 
+  // Time spent per op over the steps since timing was switched on (microseconds, summed over
+  // layers), in kOpNames order; steps() counts those steps. Off by default.
+  static constexpr int kOps = 9;
+  static const char* const kOpNames[kOps];
+  void set_timing(bool on);
+  const std::vector<double>& op_micros() const { return op_micros_; }
+  int64_t timed_steps() const { return timed_steps_; }
+
  private:
   int64_t batch_, dim_, heads_, kv_heads_, head_dim_, vocab_, capacity_;
   float eps_, scale_;
@@ -70,6 +78,9 @@ class DecodePlan {
   // reads), a branch output, the normed input, q|k|v, the attention output, gate|up, the FFN's
   // hidden activations, and the logits when the caller wants only the argmax.
   std::vector<float> stream_[2], branch_, normed_, qkv_, attention_, gate_up_, hidden_, logits_;
+  bool timing_ = false;
+  std::vector<double> op_micros_ = std::vector<double>(kOps, 0.0);
+  int64_t timed_steps_ = 0;
 };
 
 }  // namespace cpu

@@ -90,5 +90,15 @@ LLAMA_KERNELS_BIND(decode_plan_cpu) {
           py::arg("tokens"), py::arg("logits"), py::arg("argmax"), py::arg("threads"),
           py::call_guard<py::gil_scoped_release>(),
           "tokens (batch,) int64 -> logits (batch, vocab) fp32 and/or argmax (batch,) int64 (address 0: not "
-          "wanted); advances seqlens by one");
+          "wanted); advances seqlens by one")
+      .def("set_timing", &DecodePlan::set_timing, py::arg("on"),
+           "Time each op of the steps that follow (totals reset)")
+      .def(
+          "timings",
+          [](const DecodePlan& plan) {
+            py::dict d;
+            for (int i = 0; i < DecodePlan::kOps; ++i) d[DecodePlan::kOpNames[i]] = plan.op_micros()[i];
+            return py::make_tuple(d, plan.timed_steps());
+          },
+          "({op: microseconds summed over the timed steps}, timed steps)");
 }

@@ -173,3 +173,13 @@ class DecodePlan:
             raise ValueError("logits, argmax: expected at least one output")
         self._plan.step(tokens.data_ptr(), 0 if logits is None else logits.data_ptr(),
                         0 if argmax is None else argmax.data_ptr(), torch.get_num_threads())
+
+    def time_ops(self, on: bool = True) -> None:
+        """Time each op of the steps that follow (or stop timing); the totals restart."""
+        self._plan.set_timing(on)
+
+    def op_times(self) -> dict[str, float]:
+        """Microseconds per step of each op (summed over layers), averaged over the steps timed
+        since time_ops(True): embedding, rms_norm, qkv, attention, wo, gate_up, swiglu, down, head."""
+        totals, steps = self._plan.timings()
+        return {op: total / max(steps, 1) for op, total in totals.items()}
