@@ -78,8 +78,11 @@ def test_profile_model_writes_tables_traces_and_a_summary(tmp_path):
     assert profile_model.main(["--out", str(tmp_path), "--device", "cpu", "--preset", "stories260K",
                                "--prompt", "12", "--int4"]) == 0
     summary = json.loads((tmp_path / "profile_summary.json").read_text())
-    assert [p["phase"] for p in summary["phases"]] == ["prefill", "decode"]
+    assert [p["phase"] for p in summary["phases"]] == ["prefill", "decode", "decode-plan"]
     assert summary["meta"]["preset"] == "stories260K" and summary["meta"]["int4"] is True
+    plan = summary["phases"][2]  # the CPU decode plan's step, timed op by op
+    assert plan["op_us_per_step"]["qkv"] > 0 and plan["op_us_per_step"]["head"] > 0
+    assert sum(plan["op_us_per_step"].values()) <= plan["wall_ms_per_iter"] * 1e3
     for phase in ("prefill", "decode"):
         assert "aten::" in (tmp_path / f"profile_{phase}.txt").read_text()
         assert json.loads((tmp_path / f"profile_{phase}.json").read_text())["traceEvents"]

@@ -95,8 +95,11 @@ def test_op_dispatch_shapes_and_fallbacks():
         llama_kernels.linear_argmax(torch.randn(2, 41), w)
 
 
+@pytest.mark.parametrize("plan", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_generation_same_tokens_with_and_without_the_fused_head(monkeypatch, batch):
+def test_greedy_generation_same_tokens_with_and_without_the_fused_head(monkeypatch, batch, plan):
+    """The eager step's fused head (linear_argmax, once per step after the prefill) and the decode
+    plan's (which takes the argmax inside its C++ step) give the tokens of full logits + argmax."""
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=515, hidden_dim=96,
                       max_seq_len=128, tie_embeddings=False)
     torch.manual_seed(0)
@@ -107,10 +110,11 @@ def test_greedy_generation_same_tokens_with_and_without_the_fused_head(monkeypat
     calls = []
     real = llama_kernels.linear_argmax
     monkeypatch.setattr(gen.llama_kernels, "linear_argmax", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gen, "CPU_DECODE_PLAN", plan)
     fused = gen.generate(model, prompts, 24, gen.Sampling(temperature=0))
-    assert len(calls) == 23  # every step after the prefill
+    assert len(calls) == (0 if plan else 23)  # the eager step: every step after the prefill
     monkeypatch.setattr(gen, "FUSED_GREEDY_HEAD", False)
     plain = gen.generate(model, prompts, 24, gen.Sampling(temperature=0))
-    assert len(calls) == 23
+    assert len(calls) == (0 if plan else 23)
     assert fused == plain
     assert len(set(fused[0])) > 1  # not one token repeated

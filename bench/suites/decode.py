@@ -7,16 +7,18 @@ Sheared-LLaMA-1.3B in bf16. Weights are random, written by `transformers` and lo
 * decode: greedy generation of N new tokens after a short prompt (tokens/s counts new tokens
   over all sequences; the prompt's prefill is included and is a few percent of the time).
 
-Ours: `llama.generate` eager (`llama_kernels`); on a GPU also the eager step replayed as a CUDA graph
-(`llama_kernels-graph`) and the compiled step in a CUDA graph (`llama_kernels-compiled`). `int4` variants
-quantize every linear layer including the head (group 32).
+Ours: `llama.generate` as it runs by default (`llama_kernels`: on the CPU each step is the decode
+plan's one C++ call, on a GPU the eager step); on the CPU also the eager step without the plan
+(`llama_kernels-eager`); on a GPU the eager step replayed as a CUDA graph (`llama_kernels-graph`)
+and the compiled step in a CUDA graph (`llama_kernels-compiled`). `int4` variants quantize every
+linear layer including the head (group 32); on the CPU the int4 model's prefill is timed too.
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
 On the CPU, at batch 1, llama.cpp through llama-cpp-python (the `peers` extra; README: Export to
 GGUF / llama.cpp) on the GGUF files our exporter writes from the same weights: `llama.cpp-f32`
 (compare with ours in fp32) and `llama.cpp-q4_0` (compare with our int4; its blocks are our Q4_0
 arithmetic, the embedding and head included). Greedy, as many new tokens, on as many threads as
-torch uses; and `llama.cpp-f32` prefill of the same prompt at batch 1. Recorded as missing where
+torch uses; and the prefill of the same prompt at batch 1 by both. Recorded as missing where
 llama_cpp is not importable.
 """
 from __future__ import annotations
@@ -83,21 +85,32 @@ def _ours_int4(device: str, quick: bool):
 
 
 def _ours_decode(ctx, batch, new, variant):
-    """variant: '' (eager), 'graph' (the eager step as a CUDA graph), 'compiled' (compiled, in a
-    CUDA graph), each optionally with 'int4' weights."""
+    """variant: '' (generate's default: on the CPU the decode plan, on a GPU the eager step),
+    'eager' (CPU: the eager step, without the plan), 'graph' (the eager step as a CUDA graph),
+    'compiled' (compiled, in a CUDA graph), each optionally with 'int4' weights."""
+    import llama.generate
     from llama.generate import Sampling, generate
 
     int4 = "int4" in variant
     ours = _ours_int4(str(ctx.device), ctx.quick) if int4 else _models(str(ctx.device), ctx.quick)[0]
     prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
     compile, graph = "compiled" in variant, "graph" in variant or "compiled" in variant
-    return [lambda: generate(ours, prompts, new, Sampling(temperature=0), compile=compile, cuda_graph=graph)]
+    plan = "eager" not in variant
+
+    def call():
+        llama.generate.CPU_DECODE_PLAN = plan
+        try:
+            return generate(ours, prompts, new, Sampling(temperature=0), compile=compile, cuda_graph=graph)
+        finally:
+            llama.generate.CPU_DECODE_PLAN = True
+
+    return [call]
 
 
-def _ours_prefill(ctx, batch, length):
+def _ours_prefill(ctx, batch, length, int4=False):
     from llama import KVCache
 
-    ours, _ = _models(str(ctx.device), ctx.quick)
+    ours = _ours_int4(str(ctx.device), ctx.quick) if int4 else _models(str(ctx.device), ctx.quick)[0]
     tokens = _tokens(ctx, batch, length, ours.config.vocab_size)
     w = ours.tok_embeddings.weight
     cache = KVCache.allocate(ours.config, batch, length, device=w.device, dtype=w.dtype)
@@ -194,9 +207,10 @@ def _llama_cpp_decode(ctx, new, quant):
     return [call]
 
 
-def _llama_cpp_prefill(ctx, length):
-    """llama.cpp's prefill of a `length`-token prompt (batch 1) on our model written as f32 GGUF:
-    the prompt evaluated into an empty context, as _ours_prefill fills an empty cache."""
+def _llama_cpp_prefill(ctx, length, quant="f32"):
+    """llama.cpp's prefill of a `length`-token prompt (batch 1) on our model written as GGUF
+    (`quant`: f32 or q4_0): the prompt evaluated into an empty context, as _ours_prefill fills an
+    empty cache."""
     from llama_cpp import Llama
 
     import llama.checkpoint
@@ -205,7 +219,7 @@ def _llama_cpp_prefill(ctx, length):
     prompt = _tokens(ctx, 1, length, ours.config.vocab_size)[0].tolist()
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        path = llama.checkpoint.save(ours, f"{tmp}/model-f32.gguf", "gguf", quant="f32")
+        path = llama.checkpoint.save(ours, f"{tmp}/model-{quant}.gguf", "gguf", quant=quant)
         llm = Llama(model_path=str(path), n_ctx=length + 1, n_batch=length, n_threads=threads,
                     n_threads_batch=threads, logits_all=False, use_mmap=False, verbose=False)
 
@@ -261,7 +275,8 @@ def decode(ctx: SuiteContext) -> list[Item]:
     prefill = 128 if not ctx.is_cuda else 1024
     batches = (1,) if ctx.quick else (1, 8)
     shape = "sheared-1.3b" if ctx.is_cuda else "stories42M-untied"
-    variants = ["", "int4"] if not ctx.is_cuda else ["", "graph", "compiled", "int4-graph", "int4-compiled"]
+    variants = ["", "int4", "eager", "int4-eager"] if not ctx.is_cuda else [
+        "", "graph", "compiled", "int4-graph", "int4-compiled"]
     if ctx.is_cuda and ctx.quick:
         variants = variants[1:]  # plain eager decodes ~40 tok/s on a GPU: half a minute per case
     items: list[Item] = []
@@ -277,11 +292,16 @@ def decode(ctx: SuiteContext) -> list[Item]:
                            partial(_hf_static_compiled, ctx, batch, new), tokens=batch * new))
         if batch == 1:
             items += _llama_cpp_items(ctx, case, new)
-        items.append(Bench("llama_kernels", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+        pcase = {**case, "prompt": prefill}
+        items.append(Bench("llama_kernels", pcase, dtype_name(dtype), "prefill",
                            partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
-        items.append(Bench("hf", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
+        if not ctx.is_cuda:
+            items.append(Bench("llama_kernels-int4", pcase, dtype_name(dtype), "prefill",
+                               partial(_ours_prefill, ctx, batch, prefill, True), tokens=batch * prefill))
+        items.append(Bench("hf", pcase, dtype_name(dtype), "prefill",
                            partial(_hf_prefill, ctx, batch, prefill), tokens=batch * prefill))
         if batch == 1 and not _llama_cpp_missing(ctx):  # (missing: recorded once, with decode)
-            items.append(Bench("llama.cpp-f32", {**case, "prompt": prefill}, dtype_name(dtype), "prefill",
-                               partial(_llama_cpp_prefill, ctx, prefill), tokens=prefill))
+            for quant in ("f32", "q4_0"):
+                items.append(Bench(f"llama.cpp-{quant}", pcase, dtype_name(dtype), "prefill",
+                                   partial(_llama_cpp_prefill, ctx, prefill, quant), tokens=prefill))
     return items

@@ -282,7 +282,7 @@ def _block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if ff.swiglu:
         gate = masked_linear(ff.w1, normed, m.w1_row, m.hidden, eager)
         up = masked_linear(ff.w3, normed, m.w3_row, m.hidden, eager)
-        if not eager and ff.fused and training:
+        if not eager and ff.fused and (training or x.device.type == "cpu"):  # as FeedForward.forward
             act = llama_kernels.swiglu(gate, up)
         else:
             act = F.silu(gate) * up
