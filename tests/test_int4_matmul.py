@@ -6,6 +6,7 @@ import llama_kernels
 from llama_kernels import QuantizedWeight, dequantize, int4_matmul, int4_matmul_reference, quantize_int4, quantize_nf4
 from llama_kernels import int4_format
 from llama_kernels.cpu import int4_matmul as cpu_int4
+from llama_kernels.ops.int4_matmul import int4_matmul_q8_reference
 from llama_kernels.cuda import int4_matmul as cuda_int4
 from tests.helpers import poisoned
 
@@ -221,7 +222,8 @@ def test_cpu_many_rows_dequantize_panels_then_gemm(fmt, dtype, monkeypatch):
 
 @pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 def test_cpu_dispatch_by_rows(monkeypatch):
-    """Up to MAX_CPU_ROWS rows the kernel multiplies the codes; more go to dequantize + GEMM; the
+    """Up to the kernel's row limit (MAX_CPU_ROWS_INT8 for int4 with int8 activations,
+    MAX_CPU_ROWS with fp32 ones) the kernel multiplies the codes; more go to dequantize + GEMM; the
     backward dequantizes with the C++ kernel too."""
     calls = []
     real_call, real_gemm, real_deq = cpu_int4.forward_rows, cpu_int4.panel_gemm, cpu_int4.dequantize_into
@@ -229,12 +231,18 @@ def test_cpu_dispatch_by_rows(monkeypatch):
     monkeypatch.setattr(cpu_int4, "panel_gemm", lambda *a: calls.append("gemm") or real_gemm(*a))
     monkeypatch.setattr(cpu_int4, "dequantize_into", lambda *a: calls.append("dequantize") or real_deq(*a))
     qw = quantize_int4(torch.randn(8, 64), 32)
-    with torch.no_grad():
-        for rows in (cpu_int4.MAX_CPU_ROWS, cpu_int4.MAX_CPU_ROWS + 1):
-            x = torch.randn(rows, 64)
+    parts = [(qw.packed, qw.scales, qw.zeros)]
+    for activations, limit in (("int8", cpu_int4.MAX_CPU_ROWS_INT8), ("fp32", cpu_int4.MAX_CPU_ROWS)):
+        monkeypatch.setattr(cpu_int4, "ACTIVATIONS", activations)
+        assert cpu_int4.kernel_rows(parts) == limit
+        with torch.no_grad():
+            x = torch.randn(limit, 64)  # the kernel: the int8 path's maths, or the fp32 reference's
+            ref = int4_matmul_q8_reference(x, qw).float() if activations == "int8" else int4_matmul_reference(x, qw)
+            torch.testing.assert_close(int4_matmul(x, qw), ref, atol=1e-4, rtol=1e-4)
+            x = torch.randn(limit + 1, 64)  # the panels: the fp32 reference
             torch.testing.assert_close(int4_matmul(x, qw), int4_matmul_reference(x, qw), atol=1e-4, rtol=1e-4)
-    assert calls == ["kernel", "gemm", "dequantize"]
-    calls.clear()
+        assert calls == ["kernel", "gemm", "dequantize"]
+        calls.clear()
     x = torch.randn(3, 64, requires_grad=True)
     (dx,) = torch.autograd.grad(int4_matmul(x, qw).sum(), x)
     assert calls == ["kernel", "dequantize"]

@@ -703,19 +703,25 @@ void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m,
   std::vector<int8_t> xq(static_cast<size_t>(m * k));
   std::vector<float> d(static_cast<size_t>(m * chunks * 4)), xsum(static_cast<size_t>(m * groups));
   std::vector<int32_t> corr(static_cast<size_t>(m * chunks * 4));
-  std::vector<int64_t> redo;  // rows of x with a non-finite element or group sum
   std::vector<Q8Row> rows(static_cast<size_t>(m));
+  std::vector<char> nonfinite(static_cast<size_t>(m), 0);  // a non-finite element or group sum
+  const int pt = threads_for(m * k, m, num_threads);  // many rows (a prefill): quantized in parallel
+  (void)pt;
+#pragma omp parallel for schedule(static) num_threads(pt) if (pt > 1)
   for (int64_t i = 0; i < m; ++i) {
     int8_t* qi = xq.data() + i * k;
     float* di = d.data() + i * chunks * 4;
     int32_t* ci = corr.data() + i * chunks * 4;
     float* si = xsum.data() + i * groups;
     if (!q8_prepare(x + i * x_stride, k, group, qi, di, ci, si)) {
-      redo.push_back(i);
+      nonfinite[i] = 1;
       std::fill(si, si + groups, 0.f);  // the row runs as zeros, then is redone in fp32 below
     }
     rows[i] = Q8Row{qi, di, ci, si};
   }
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < m; ++i)
+    if (nonfinite[i]) redo.push_back(i);
   const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
   parallel_parts(parts.n, kRowBlock, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
     const auto* packed = parts.packed[p];

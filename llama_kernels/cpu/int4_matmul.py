@@ -3,7 +3,8 @@ int4/NF4 kernel that multiplies the 4-bit codes directly, the dequantization ker
 rows where the kernel pays, panels of dequantized weight rows handed to a BLAS GEMM.
 
 Inputs arrive validated by llama_kernels/ops/int4_matmul.py, which takes the kernel up to
-MAX_CPU_ROWS rows and the panel GEMM past it.
+kernel_rows() rows (MAX_CPU_ROWS, or MAX_CPU_ROWS_INT8 with int8 activations) and the panel GEMM
+past it.
 
 Activations (`ACTIVATIONS`, or the `activations` argument): the kernel multiplies int4 codes
 either with x in fp32 ("fp32", the reference path: w = (q - 8) * s + z in fp32 FMAs) or with x
@@ -30,8 +31,12 @@ from .. import dispatch
 
 # Rows up to which the C++ CPU kernel multiplies the 4-bit codes directly. Past it, the weight is
 # dequantized (C++, into a scratch buffer) for a BLAS GEMM, whose efficiency grows with M while
-# the kernel's cost per row stays flat; the two meet near 64 rows on the shapes measured.
+# the kernel's cost per row stays flat; with fp32 activations the two meet near 64 rows on the
+# shapes measured. With int8 activations the kernel's integer dot products keep it ahead longer:
+# at 128 rows it took 0.27-0.94x the panel GEMM's time on the stories42M projections (2 threads,
+# AVX-512 VNNI; K = 1376 is the closest), so a 128-token prefill stays on the kernel.
 MAX_CPU_ROWS = 64
+MAX_CPU_ROWS_INT8 = 128
 CPU_PANEL_BYTES = 1 << 21  # fp32 weight rows dequantized at a time past MAX_CPU_ROWS: cache-sized
 ACTIVATION_CHOICES = ("int8", "fp32")
 # How the kernel takes x for int4 weights (see the module docstring); NF4 always takes "fp32".
@@ -62,6 +67,11 @@ def int8_activations(parts, activations=None) -> bool:
         raise ValueError(f"activations: expected one of {ACTIVATION_CHOICES} (or LLAMA_KERNELS_INT4_CPU_ACTIVATIONS), "
                          f"got {activations!r}")
     return activations == "int8" and all(z is not None for _, _, z in parts)
+
+
+def kernel_rows(parts, activations=None) -> int:
+    """Rows of x up to which the kernel serves these parts (past it: panel_gemm)."""
+    return MAX_CPU_ROWS_INT8 if int8_activations(parts, activations) else MAX_CPU_ROWS
 
 
 def forward_rows(x, rows, x_stride, parts, lut, group_size, outs, y_stride, activations=None):

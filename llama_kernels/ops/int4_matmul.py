@@ -5,8 +5,8 @@ run.
 
 Backends: the C++ CPU kernel (int4 by default with x quantized to int8 per block of 32 and
 integer dot products, NF4 with fp32 activations; `llama_kernels.cpu.int4_matmul.ACTIVATIONS`
-chooses, and int4_matmul_q8_reference below is the int8 path's maths), and past MAX_CPU_ROWS
-rows panels of dequantized rows through BLAS (llama_kernels/cpu/int4_matmul.py); on CUDA the tensor-core kernel for few rows and dequantize +
+chooses, and int4_matmul_q8_reference below is the int8 path's maths), and past its row limit
+(llama_kernels.cpu.int4_matmul.kernel_rows) panels of dequantized rows through BLAS (llama_kernels/cpu/int4_matmul.py); on CUDA the tensor-core kernel for few rows and dequantize +
 cuBLAS for many (llama_kernels/cuda/int4_matmul.py), the Triton GEMV/GEMM in between and for fp32
 activations (llama_kernels/triton/int4_matmul.py); the PyTorch reference anywhere.
 """
@@ -162,7 +162,7 @@ def _forward_parts(x, parts, lut, group_size, n=None):
     if backend != "cpu":
         BACKENDS[backend](x2 if x2 is not None else _rows(x), *parts[0], lut, group_size, y.view(rows, n))
         return y
-    if rows > cpu_int4.MAX_CPU_ROWS:
+    if rows > cpu_int4.kernel_rows(parts):
         cpu_int4.panel_gemm(_rows(x), parts, lut, group_size, y.view(rows, n))
         return y
     # A contiguous x needs no 2-D view: the kernel takes its address, row count and row stride K.
