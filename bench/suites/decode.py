@@ -14,8 +14,9 @@ and the compiled step in a CUDA graph (`llama_kernels-compiled`). `int4` variant
 linear layer including the head (group 32); on the CPU the int4 model's prefill is timed too.
 Peers: HF `generate` (eager, dynamic cache), and HF with a static cache and a one-token step
 compiled with mode="reduce-overhead" (CUDA graphs on a GPU), marking each step.
-On the CPU, at batch 1, llama.cpp through llama-cpp-python (the `peers` extra; README: Export to
-GGUF / llama.cpp) on the GGUF files our exporter writes from the same weights: `llama.cpp-f32`
+On the CPU, llama.cpp through llama-cpp-python (the `peers` extra; README: Export to GGUF /
+llama.cpp) on the GGUF files our exporter writes from the same weights (batch 1: its `generate`;
+batch 8: its batched decode through the low-level API, one llama_decode per step): `llama.cpp-f32`
 (compare with ours in fp32) and `llama.cpp-q4_0` (compare with our int4; its blocks are our Q4_0
 arithmetic, the embedding and head included). Greedy, as many new tokens, on as many threads as
 torch uses; and the prefill of the same prompt at batch 1 by both. Recorded as missing where
@@ -207,6 +208,66 @@ def _llama_cpp_decode(ctx, new, quant):
     return [call]
 
 
+def _llama_cpp_batched_decode(ctx, batch, new, quant):
+    """llama.cpp's own batched greedy decode of `batch` sequences (its low-level API, as its
+    `batched` example does): one llama_decode per step with a token of each sequence, every
+    sequence under its own id in one KV cache; the prompts' prefill is one call. The argmax is
+    taken from each sequence's logits row (numpy, a few microseconds each)."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    import llama.checkpoint
+
+    ours, _ = _models(str(ctx.device), ctx.quick)
+    prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
+    threads = torch.get_num_threads()
+    tmp = tempfile.TemporaryDirectory()
+    path = llama.checkpoint.save(ours, f"{tmp.name}/model-{quant}.gguf", "gguf", quant=quant)
+    params = lc.llama_context_default_params()
+    params.n_ctx = batch * (PROMPT + new)
+    params.n_batch = params.n_ubatch = batch * PROMPT
+    params.n_seq_max = batch
+    params.n_threads = params.n_threads_batch = threads
+    with suppress_stdout_stderr(disable=False):  # as its Llama(verbose=False) loads
+        lc.llama_backend_init()
+        model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        context = lc.llama_init_from_model(model, params) if model else None
+    if not model or not context:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    tokens = lc.llama_batch_init(batch * PROMPT, 0, 1)
+
+    def fill(entries):  # (token, position, sequence, wants logits)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            tokens.token[i], tokens.pos[i], tokens.n_seq_id[i] = token, pos, 1
+            tokens.seq_id[i][0], tokens.logits[i] = seq, logits
+        tokens.n_tokens = len(entries)
+
+    def argmax(i):
+        row = lc.llama_get_logits_ith(context, i)
+        return int(np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).argmax())
+
+    def call():
+        lc.llama_memory_clear(lc.llama_get_memory(context), True)
+        fill([(t, i, s, i == PROMPT - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
+        if lc.llama_decode(context, tokens) != 0:
+            raise RuntimeError("llama_decode failed on the prompts")
+        out = [[argmax((s + 1) * PROMPT - 1)] for s in range(batch)]
+        for step in range(1, new):
+            fill([(out[s][-1], PROMPT + step - 1, s, True) for s in range(batch)])
+            if lc.llama_decode(context, tokens) != 0:
+                raise RuntimeError("llama_decode failed")
+            for s in range(batch):
+                out[s].append(argmax(s))
+        return out
+
+    call.keep = (tmp, model, context, tokens)  # the model file and llama.cpp's objects live with the call
+    return [call]
+
+
 def _llama_cpp_prefill(ctx, length, quant="f32"):
     """llama.cpp's prefill of a `length`-token prompt (batch 1) on our model written as GGUF
     (`quant`: f32 or q4_0): the prompt evaluated into an empty context, as _ours_prefill fills an
@@ -238,14 +299,16 @@ def _llama_cpp_missing(ctx: SuiteContext) -> str | None:
     return None
 
 
-def _llama_cpp_items(ctx: SuiteContext, case: dict, new: int) -> list[Item]:
+def _llama_cpp_items(ctx: SuiteContext, case: dict, new: int, batch: int) -> list[Item]:
     impls = {"llama.cpp-f32": "f32", "llama.cpp-q4_0": "q4_0"}
     missing = _llama_cpp_missing(ctx)
     if missing:
-        return [Unavailable(impl, missing) for impl in impls]
-    # fp32 activations both, as our int4 variants are recorded: one case compares them all
-    return [Bench(impl, {**case, "new": new}, dtype_name(torch.float32), "decode",
-                  partial(_llama_cpp_decode, ctx, new, quant), tokens=new) for impl, quant in impls.items()]
+        return [Unavailable(impl, missing) for impl in impls] if batch == 1 else []
+    # fp32 activations both, as our int4 variants are recorded: one case compares them all.
+    # Batch 1 through the high-level generate; more sequences through llama.cpp's batched decode.
+    make = partial(_llama_cpp_decode, ctx, new) if batch == 1 else partial(_llama_cpp_batched_decode, ctx, batch, new)
+    return [Bench(impl, {**case, "new": new}, dtype_name(torch.float32), "decode", partial(make, quant),
+                  tokens=batch * new) for impl, quant in impls.items()]
 
 
 def _cache_keyword(hf) -> str:
@@ -290,8 +353,7 @@ def decode(ctx: SuiteContext) -> list[Item]:
                                partial(_hf_decode, ctx, batch, new), tokens=batch * new))
         items.append(Bench("hf-static-compiled", {**case, "new": new}, dtype_name(dtype), "decode",
                            partial(_hf_static_compiled, ctx, batch, new), tokens=batch * new))
-        if batch == 1:
-            items += _llama_cpp_items(ctx, case, new)
+        items += _llama_cpp_items(ctx, case, new, batch)
         pcase = {**case, "prompt": prefill}
         items.append(Bench("llama_kernels", pcase, dtype_name(dtype), "prefill",
                            partial(_ours_prefill, ctx, batch, prefill), tokens=batch * prefill))
