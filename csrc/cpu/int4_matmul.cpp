@@ -502,7 +502,8 @@ inline typename QV<kW>::f fold(vfloat v) {
 
 // x of one row, prepared by q8_prepare: the int8 values in block order, and per 32-bit lane (4 per
 // chunk, lane 4c + j covering codes 4j..4j+3 and 16+4j..16+4j+3 of chunk c) the block scale d_c
-// and the start value -8 * (sum of those 8 xq); the fp32 sums of x per weight group.
+// and the start value -8 * (sum of those 8 xq); the fp32 sums of x per weight group (padded with zeros
+// to padded_groups).
 struct Q8Row {
   const int8_t* xq;
   const float* d;
@@ -612,17 +613,47 @@ inline void q8_main(const Q8Row* xs, const uint8_t* packed, int64_t packed_strid
   }
 }
 
-// A tail block of W lanes at chunk c0, its sums added to out.
+// A tail block of W lanes at chunk c0, its sums added to the low lanes of the wide accumulators
+// (one horizontal sum per row pair at the end, not one per tail).
 template <int W, int RB, int MB>
 inline void q8_tail(const Q8Row* xs, const uint8_t* packed, int64_t packed_stride, const float* sf, int64_t groups,
-                    int group, int64_t c0, float out[MB][RB]) {
+                    int group, int64_t c0, typename QV<kW>::f wide[MB][RB]) {
   typename QV<W>::f sw[RB], acc[MB][RB];
   for (int r = 0; r < RB; ++r) sw[r] = lane_scales<W>(sf + r * groups, c0, group);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = typename QV<W>::f{};
   q8_step<W, RB, MB>(xs, packed, packed_stride, sw, c0, acc);
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] += hsum_w<W>(acc[m][r]);
+    for (int r = 0; r < RB; ++r) {
+      typename QV<kW>::f v{};
+      std::memcpy(&v, &acc[m][r], sizeof(acc[m][r]));
+      wide[m][r] += v;
+    }
+}
+
+// Lanes of the group sums of x and of the zeros a row holds: `groups` rounded up to whole
+// vectors, the rest zero, so the zero term runs in whole vectors.
+inline int64_t padded_groups(int64_t groups) { return (groups + kLanes - 1) / kLanes * kLanes; }
+
+// The fp16 zeros of RB weight rows as fp32, each row padded with zeros to padded_groups.
+template <int RB>
+inline void to_fp32_rows_padded(const f16_t* src, int64_t groups, std::vector<float>& dst) {
+  const int64_t gp = padded_groups(groups);
+  dst.resize(static_cast<size_t>(RB * gp));
+  for (int r = 0; r < RB; ++r) {
+    const f16_t* in = src + r * groups;
+    float* out = dst.data() + r * gp;
+    int64_t g = 0;
+#if defined(__AVX512F__)
+    for (; g + 16 <= groups; g += 16)
+      _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + g))));
+#elif defined(__F16C__)
+    for (; g + 8 <= groups; g += 8)
+      _mm256_storeu_ps(out + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + g))));
+#endif
+    for (; g < groups; ++g) out[g] = to_float(in[g]);
+    for (; g < gp; ++g) out[g] = 0.f;
+  }
 }
 
 template <int RB, int MB>
@@ -638,33 +669,30 @@ inline void q8_block(const Q8Row* xs, const uint8_t* packed, int64_t packed_stri
   if (group == 32) q8_main<RB, MB, 32>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
   if (group == 64) q8_main<RB, MB, 64>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
   if (group == 128) q8_main<RB, MB, 128>(xs, packed, packed_stride, sf, groups, blocks, acc, ahead);
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] = 0.f;
   int64_t c = blocks * kQ8Chunks;
   if constexpr (kQ8Chunks > 2) {
     if (chunks - c >= 2) {
-      q8_tail<8, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, out);
+      q8_tail<8, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, acc);
       c += 2;
     }
   }
   if constexpr (kQ8Chunks > 1) {
-    if (chunks - c >= 1) q8_tail<4, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, out);
+    if (chunks - c >= 1) q8_tail<4, RB, MB>(xs, packed, packed_stride, sf, groups, group, c, acc);
   }
   if (zeros) {  // sum_g zero[r, g] * (sum of x over group g), as in block(), into the same sums
-    to_fp32_rows<RB>(zeros, groups, scratch.zeros);
-    const int64_t whole = groups / kLanes * kLanes;
+    to_fp32_rows_padded<RB>(zeros, groups, scratch.zeros);
+    const int64_t gp = padded_groups(groups);
     for (int r = 0; r < RB; ++r) {
-      const float* z = scratch.zeros.data() + r * groups;
+      const float* z = scratch.zeros.data() + r * gp;
       for (int m = 0; m < MB; ++m) {
         vfloat t{};
-        for (int64_t g = 0; g < whole; g += kLanes) t += loadf(z + g) * loadf(xs[m].xsum + g);
+        for (int64_t g = 0; g < gp; g += kLanes) t += loadf(z + g) * loadf(xs[m].xsum + g);
         acc[m][r] += fold(t);
-        for (int64_t g = whole; g < groups; ++g) out[m][r] += z[g] * xs[m].xsum[g];
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] += hsum_w<kW>(acc[m][r]);
+    for (int r = 0; r < RB; ++r) out[m][r] = hsum_w<kW>(acc[m][r]);
 }
 
 template <int MB, typename TX>
@@ -701,7 +729,8 @@ void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m,
              int64_t x_stride, int64_t y_stride, int num_threads) {
   const int64_t groups = k / group, chunks = k / 32;
   std::vector<int8_t> xq(static_cast<size_t>(m * k));
-  std::vector<float> d(static_cast<size_t>(m * chunks * 4)), xsum(static_cast<size_t>(m * groups));
+  const int64_t gp = padded_groups(groups);  // each row's group sums, padded with zeros (q8_block)
+  std::vector<float> d(static_cast<size_t>(m * chunks * 4)), xsum(static_cast<size_t>(m * gp), 0.f);
   std::vector<int32_t> corr(static_cast<size_t>(m * chunks * 4));
   std::vector<Q8Row> rows(static_cast<size_t>(m));
   std::vector<char> nonfinite(static_cast<size_t>(m), 0);  // a non-finite element or group sum
@@ -712,7 +741,7 @@ void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m,
     int8_t* qi = xq.data() + i * k;
     float* di = d.data() + i * chunks * 4;
     int32_t* ci = corr.data() + i * chunks * 4;
-    float* si = xsum.data() + i * groups;
+    float* si = xsum.data() + i * gp;
     if (!q8_prepare(x + i * x_stride, k, group, qi, di, ci, si)) {
       nonfinite[i] = 1;
       std::fill(si, si + groups, 0.f);  // the row runs as zeros, then is redone in fp32 below
