@@ -334,8 +334,18 @@ class Attention(nn.Module):
         if positions is None and seqlens is None:
             # Prefill of an empty cache: causal attention over the prompt (right padding cannot
             # reach earlier tokens), then its rotated keys and values fill slots 0..S-1.
-            out = llama_kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
-            k_cache[:, :s] = apply_rope(k, cos[:s], sin[:s]).to(k_cache.dtype)
+            kr = apply_rope(k, cos[:s], sin[:s])
+            if x.is_cpu and q.dtype == torch.float32 and dropout == 0:
+                # The CPU op is RoPE then SDPA in fp32 (its torch backend): the same here, with the
+                # keys rotated once for the attention and the cache, and no gather of the tables.
+                qr = apply_rope(q, cos[:s], sin[:s])
+                out = F.scaled_dot_product_attention(
+                    qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                    enable_gqa=self.n_heads != self.n_kv_heads,
+                ).transpose(1, 2)
+            else:
+                out = llama_kernels.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=dropout)
+            k_cache[:, :s] = kr.to(k_cache.dtype)
             v_cache[:, :s] = v.to(v_cache.dtype)
             return self.wo(out.reshape(b, s, -1))
         if seqlens is not None:

@@ -414,3 +414,20 @@ def test_compiled_decode_step_takes_joined_projections():
         compiled = generate(model, [[1, 2, 3]], 6, Sampling(temperature=0), compile=True)
         assert compiled == eager
         assert "_joined" in model.layers[0].attention.wq.__dict__
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_cpu_prefill_into_an_empty_cache_is_the_forward_without_one(n_kv_heads):
+    """On the CPU an fp32 prefill rotates q and k once and runs SDPA itself (the keys it rotated
+    go to the cache too): the logits are those of the forward without a cache, bit for bit, and the
+    cache holds the rotated keys."""
+    cfg = tiny(n_kv_heads=n_kv_heads)
+    model = randomized(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        plain = model(tokens)
+        cache = KVCache.allocate(cfg, 2, 16)
+        cached = model(tokens, cache=cache)
+    assert torch.equal(plain, cached)
+    assert cache.seqlens.tolist() == [11, 11] and not cache.k[0][:, 11:].any()
+    assert cache.k[0][:, :11].abs().sum() > 0
