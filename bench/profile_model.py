@@ -10,7 +10,8 @@ Random weights in the preset's shape (bf16 on a GPU, fp32 on the CPU). Phases:
   kernels, and so their count per step, are the same); on a GPU the projections are joined, as
   generation joins them;
 * on the CPU, `decode-plan`: the decode plan's step (one C++ call, what generation runs there),
-  timed op by op by the plan itself (greedy: the head's argmax);
+  timed op by op by the plan itself (greedy: the head's argmax), with each projection's weight
+  bytes per second against the host's copy and read-only bandwidths measured in the same run;
 * with `--hf`, `hf-prefill`: Hugging Face's model on the same shape, for the peer's kernel mix.
 
 For each phase, DIR/profile_<phase>.txt holds the operators and kernels sorted by self time,
@@ -68,6 +69,43 @@ def _profile(name: str, call, device: torch.device, out: Path, iters: int = ITER
     return summary
 
 
+def _projection_bytes(model) -> dict[str, int]:
+    """Bytes of weights each of the plan's projection ops reads per step (all layers): fp32
+    weights, or 4-bit codes with their fp16 scales and zeros."""
+    from llama.quantize import QuantLinear
+
+    def nbytes(layer) -> int:
+        tensors = [layer.packed, layer.scales, layer.zeros] if isinstance(layer, QuantLinear) else [layer.weight]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    out = {"qkv": 0, "wo": 0, "gate_up": 0, "down": 0, "head": nbytes(model.output)}
+    for block in model.layers:
+        a, f = block.attention, block.feed_forward
+        out["qkv"] += nbytes(a.wq) + nbytes(a.wk) + nbytes(a.wv)
+        out["wo"] += nbytes(a.wo)
+        out["gate_up"] += nbytes(f.w1) + nbytes(f.w3)
+        out["down"] += nbytes(f.w2)
+    return out
+
+
+def _bandwidths(numel: int = 32 * 2**20) -> tuple[float, float]:
+    """The host's memory bandwidth now, GB/s, the fastest of 5 calls over 128 MiB of fp32: a copy
+    as the bench's roofline measures it (dst.copy_(src), read + written bytes), and a read-only
+    stream (src.sum()), which is what a GEMV does."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    dst.copy_(src)
+    src.sum()
+    copy = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    read = min(_timed(src.sum) for _ in range(5))
+    return 2 * numel * 4 / copy / 1e9, numel * 4 / read / 1e9
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def _plan_ops(model, cache, prefill, tokens: torch.Tensor, out: Path, steps: int = 20) -> dict:
     """`decode-plan`: the CPU decode plan's step (what generation runs on the CPU), op by op, as
     the plan times them (microseconds per step, summed over layers); `outside_ops_us` is the rest
@@ -91,9 +129,17 @@ def _plan_ops(model, cache, prefill, tokens: torch.Tensor, out: Path, steps: int
             decode_plan.step(tokens, argmax=argmax)
         wall_us = (time.perf_counter() - start) * 1e6 / steps
     ops = decode_plan.op_times()
+    weights = _projection_bytes(model)
+    copy_gbps, read_gbps = _bandwidths()
+    gbps = {op: weights[op] / (ops[op] * 1e-6) / 1e9 for op in weights if ops[op] > 0}
     summary = {"phase": "decode-plan", "wall_ms_per_iter": round(wall_us / 1e3, 3),
                "op_us_per_step": {op: round(us, 1) for op, us in ops.items()},
-               "outside_ops_us": round(wall_us - sum(ops.values()), 1)}
+               "outside_ops_us": round(wall_us - sum(ops.values()), 1),
+               # the projections' weight bytes over their time, against a copy measured now
+               "weights_gbps": {op: round(v, 1) for op, v in gbps.items()},
+               "copy_gbps": round(copy_gbps, 1), "read_gbps": round(read_gbps, 1),
+               "fraction_of_copy": {op: round(v / copy_gbps, 2) for op, v in gbps.items()},
+               "fraction_of_read": {op: round(v / read_gbps, 2) for op, v in gbps.items()}}
     (out / "profile_decode-plan.txt").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
     return summary

@@ -83,6 +83,8 @@ def test_profile_model_writes_tables_traces_and_a_summary(tmp_path):
     plan = summary["phases"][2]  # the CPU decode plan's step, timed op by op
     assert plan["op_us_per_step"]["qkv"] > 0 and plan["op_us_per_step"]["head"] > 0
     assert sum(plan["op_us_per_step"].values()) <= plan["wall_ms_per_iter"] * 1e3
+    assert plan["copy_gbps"] > 0 and plan["read_gbps"] > 0
+    assert set(plan["weights_gbps"]) == {"qkv", "wo", "gate_up", "down", "head"}
     for phase in ("prefill", "decode"):
         assert "aten::" in (tmp_path / f"profile_{phase}.txt").read_text()
         assert json.loads((tmp_path / f"profile_{phase}.json").read_text())["traceEvents"]
