@@ -570,7 +570,10 @@ class Transformer(nn.Module):
         else:
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
-            fresh = cache.empty and s > 1 and cache.k[0].dtype == h.dtype
+            # The cache holds the model's dtype, or 16 bits under an fp32 model (written rounded).
+            cache_ok = cache.k[0].dtype == h.dtype or (
+                h.dtype == torch.float32 and cache.k[0].dtype in (torch.float16, torch.bfloat16))
+            fresh = cache.empty and s > 1 and cache_ok
             if host_sync_allowed(tokens):
                 needed = s if fresh else int(cache.seqlens.max()) + s
                 if needed > cache.capacity:
@@ -579,7 +582,7 @@ class Transformer(nn.Module):
                     self.setup_rope(needed)
             if fresh:  # prefill from position 0: the fused training op, tables as they are
                 cos, sin, seqlens, positions = self.rope_cos, self.rope_sin, None, None
-            elif s == 1 and cache.k[0].dtype == h.dtype:  # decode: the fused op reads the tables itself
+            elif s == 1 and cache_ok:  # decode: the fused op reads the tables itself
                 cos, sin, seqlens = self.rope_cos, self.rope_sin, cache.seqlens
                 positions = None
             else:

@@ -338,6 +338,42 @@ def test_decode_cpu_kernel_matches_reference(isa, dtype, heads, kv_heads, head_d
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lengths,capacity", [
+    (4, 4, 64, [0, 37, 99], 100),
+    (8, 2, 40, [5, 40], 41),  # a head dim past the last whole 16-lane vector
+])
+def test_decode_cpu_kernel_16_bit_cache_under_fp32_q(isa, cache_dtype, heads, kv_heads, head_dim, lengths, capacity):
+    """fp32 q with a 16-bit cache (generation's CPU default): the new key and value are written
+    rounded to the cache's dtype, and attention reads the cache in fp32, as the reference does
+    with the same rounded cache; the public op takes the same kernel."""
+    q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(len(lengths), heads, kv_heads, head_dim, capacity,
+                                                                lengths, torch.float32)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    cos, sin = tables(capacity + 2, head_dim)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expect = rope_decode_attention_reference(q, k_new, v_new, ref_k, ref_v, seqlens, cos, sin)
+    before_k = k_cache.clone()
+    out = poisoned(q.shape, torch.float32)
+    cpu_decode.decode(q, k_new, v_new, k_cache, v_cache, seqlens, cos, sin, out, 1 / math.sqrt(head_dim))
+    rows = torch.arange(len(lengths))
+    assert torch.equal(v_cache[rows, seqlens], v_new[:, 0].to(cache_dtype))  # rounded once, as written
+    torch.testing.assert_close(k_cache[rows, seqlens].float(), ref_k[rows, seqlens].float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expect, atol=2e-2 if cache_dtype == torch.bfloat16 else 2e-3, rtol=1e-2)
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    written[rows, seqlens] = True
+    assert torch.equal(k_cache[~written], before_k[~written])
+    kc, vc = before_k.clone(), v_cache.clone()
+    again = llama_kernels.rope_decode_attention(q, k_new, v_new, kc, vc, seqlens, cos, sin)
+    assert torch.equal(again, out)
+    with pytest.raises(TypeError, match="k_cache: dtype torch.float16 differs from q's torch.bfloat16"):
+        llama_kernels.rope_decode_attention(q.bfloat16(), k_new.bfloat16(), v_new.bfloat16(), kc.half(), vc.half(),
+                                            seqlens, cos, sin)
+    with pytest.raises(TypeError, match="v_cache: dtype"):
+        llama_kernels.rope_decode_attention(q, k_new, v_new, kc, vc.float(), seqlens, cos, sin)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("sharpness", [8.0, 200.0])
 def test_decode_cpu_kernel_peaked_softmax(isa, sharpness):
     """Large scores (weights from 1 down to underflow, past e^-87) through the kernel's vector exp."""

@@ -6,7 +6,8 @@
 //   x = embedding[token]
 //   per layer: normed, x = add_rms_norm(x, h)   (the first layer: rms_norm(x))
 //              q|k|v = normed @ [Wq|Wk|Wv]^T
-//              attention = rope_decode_attention(q, k, v, caches, seqlens)   (writes slot seqlens[b])
+//              attention = rope_decode_attention(q, k, v, caches, seqlens)   (writes slot seqlens[b];
+//                          the caches fp32, or fp16/bf16 when the decoder keeps them so)
 //              h = attention @ Wo^T
 //              normed, x = add_rms_norm(x, h)
 //              gate|up = normed @ [W1|W3]^T;  h = swiglu(gate, up) @ W2^T
@@ -98,11 +99,12 @@ void PlanWeights::apply(const float* x, float* y, int64_t m, int threads) const 
 DecodePlan::DecodePlan(int64_t batch, int64_t dim, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t vocab,
                        int64_t capacity, float eps, float softmax_scale, const float* embedding,
                        const float* final_norm, PlanWeights head, const float* cos, const float* sin,
-                       int64_t table_len, int64_t table_stride, int64_t* seqlens)
+                       int64_t table_len, int64_t table_stride, int64_t* seqlens, int cache_dtype)
     : batch_(batch), dim_(dim), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), vocab_(vocab),
       capacity_(capacity), eps_(eps), scale_(softmax_scale), embedding_(embedding), final_norm_(final_norm),
       head_(std::move(head)), cos_(cos), sin_(sin), table_len_(table_len), table_stride_(table_stride),
-      seqlens_(seqlens) {
+      seqlens_(seqlens), cache_dtype_(cache_dtype) {
+  to_dtype(cache_dtype, "k_caches");  // a float dtype: fp32, or a 16-bit cache (rope_decode_attention)
   LLAMA_KERNELS_CHECK(batch > 0 && dim > 0 && vocab > 0 && capacity > 0,
                       "batch, dim, vocab, capacity: expected positive sizes, got " << batch << ", " << dim << ", "
                                                                                   << vocab << ", " << capacity);
@@ -182,7 +184,7 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
     laps.lap(kQkv);
     rope_decode_attention(qkv, qkv + q, qkv + q + kv, layer.k_cache, layer.v_cache, seqlens_, true, cos_, sin_,
                           attention_.data(), batch_, heads_, kv_heads_, head_dim_, capacity_, table_len_, strides,
-                          kF32, scale_, threads);
+                          kF32, cache_dtype_, scale_, threads);
     laps.lap(kAttention);
     layer.wo.apply(attention_.data(), h, batch_, threads);
     laps.lap(kWo);

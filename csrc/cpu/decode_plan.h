@@ -39,8 +39,8 @@ struct PlanLayer {
   const float* attention_norm;
   const float* ffn_norm;
   PlanWeights qkv, wo, gate_up, down;
-  float* k_cache;  // (batch, capacity, kv_heads, head_dim), contiguous
-  float* v_cache;
+  void* k_cache;  // (batch, capacity, kv_heads, head_dim), contiguous; the plan's cache dtype
+  void* v_cache;
 };
 
 class DecodePlan {
@@ -48,7 +48,7 @@ class DecodePlan {
   DecodePlan(int64_t batch, int64_t dim, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t vocab,
              int64_t capacity, float eps, float softmax_scale, const float* embedding, const float* final_norm,
              PlanWeights head, const float* cos, const float* sin, int64_t table_len, int64_t table_stride,
-             int64_t* seqlens);
+             int64_t* seqlens, int cache_dtype);
   void add_layer(PlanLayer layer);
   // One step: tokens (batch,) enter at position seqlens[b]; writes the keys and values there, adds
   // 1 to each seqlens[b], and writes logits (batch, vocab) and/or the greedy tokens argmax
@@ -73,6 +73,7 @@ class DecodePlan {
   const float* sin_;
   int64_t table_len_, table_stride_;
   int64_t* seqlens_;
+  int cache_dtype_;  // a DType code: float32, or float16/bfloat16 (keys and values rounded to it)
   std::vector<PlanLayer> layers_;
   // Step buffers: the residual stream (two, alternating, so a norm never writes the row it
   // reads), a branch output, the normed input, q|k|v, the attention output, gate|up, the FFN's

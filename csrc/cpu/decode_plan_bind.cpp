@@ -61,23 +61,23 @@ LLAMA_KERNELS_BIND(decode_plan_cpu) {
       .def(py::init([](int64_t batch, int64_t dim, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t vocab,
                        int64_t capacity, float eps, float scale, uintptr_t embedding, uintptr_t final_norm,
                        PlanWeights head, uintptr_t cos, uintptr_t sin, int64_t table_len, int64_t table_stride,
-                       uintptr_t seqlens) {
+                       uintptr_t seqlens, int cache_dtype) {
              return new DecodePlan(batch, dim, heads, kv_heads, head_dim, vocab, capacity, eps, scale,
                                    address_ptr<const float>(embedding), address_ptr<const float>(final_norm),
                                    std::move(head), address_ptr<const float>(cos), address_ptr<const float>(sin),
-                                   table_len, table_stride, address_ptr<int64_t>(seqlens));
+                                   table_len, table_stride, address_ptr<int64_t>(seqlens), cache_dtype);
            }),
            py::arg("batch"), py::arg("dim"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("vocab"), py::arg("capacity"), py::arg("eps"), py::arg("softmax_scale"), py::arg("embedding"),
            py::arg("final_norm"), py::arg("head"), py::arg("cos"), py::arg("sin"), py::arg("table_len"),
-           py::arg("table_stride"), py::arg("seqlens"))
+           py::arg("table_stride"), py::arg("seqlens"), py::arg("cache_dtype"))
       .def(
           "add_layer",
           [](DecodePlan& plan, uintptr_t attention_norm, uintptr_t ffn_norm, PlanWeights qkv, PlanWeights wo,
              PlanWeights gate_up, PlanWeights down, uintptr_t k_cache, uintptr_t v_cache) {
             plan.add_layer(PlanLayer{address_ptr<const float>(attention_norm), address_ptr<const float>(ffn_norm),
                                      std::move(qkv), std::move(wo), std::move(gate_up), std::move(down),
-                                     address_ptr<float>(k_cache), address_ptr<float>(v_cache)});
+                                     address_ptr<void>(k_cache), address_ptr<void>(v_cache)});
           },
           py::arg("attention_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("wo"), py::arg("gate_up"),
           py::arg("down"), py::arg("k_cache"), py::arg("v_cache"))

@@ -10,7 +10,8 @@
 // declarations of every ISA's variant and the dispatching functions in dispatch.cpp; the
 // arguments are the parameters' names, in order, for the call the dispatcher forwards.
 // rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
-// (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride.
+// (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride;
+// the caches are in q's dtype, or in fp16/bf16 under fp32 q (cache_dtype).
 #define LLAMA_KERNELS_CPU_KERNELS(X)                                                              \
   X(rms_norm_fwd,                                                                                \
     (const void* x, const void* h, const void* w, void* y, void* s, float* rstd, int64_t rows,    \
@@ -48,9 +49,10 @@
     (const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,           \
      const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,      \
      int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,          \
-     int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads),         \
+     int64_t table_len, const int64_t* strides, int dtype, int cache_dtype, float scale,          \
+     int num_threads),                                                                            \
     (q, k_new, v_new, k_cache, v_cache, seqlens, seqlens_int64, cos, sin, out, batch, heads,      \
-     kv_heads, head_dim, capacity, table_len, strides, dtype, scale, num_threads))             \
+     kv_heads, head_dim, capacity, table_len, strides, dtype, cache_dtype, scale, num_threads))   \
   X(swiglu_fwd,                                                                                  \
     (const void* a, const void* b, void* y, int64_t rows, int64_t cols, int64_t a_stride,         \
      int64_t b_stride, int64_t y_stride, int dtype, int num_threads),                             \

@@ -21,12 +21,16 @@
 #include "cpu/kernels_cpu.h"
 #include "cpu/simd.h"
 
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace llama_kernels {
 namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
 
-// 16 keys or values as fp32 lanes: bf16 widens by a shift, fp16 converts (F16C where built).
+// 16 keys or values as fp32 lanes: bf16 widens by a shift, fp16 converts (vcvtph2ps where built).
 template <typename T>
 inline vfloat load_lanes(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
@@ -42,7 +46,17 @@ inline vfloat load_lanes(const T* p) {
     return f;
   } else {
     vfloat f;
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    std::memcpy(&f, &v, sizeof(f));
+#elif defined(__F16C__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&f, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&f) + sizeof(lo), &hi, sizeof(hi));
+#else
     for (int i = 0; i < kLanes; ++i) f[i] = to_float(p[i]);
+#endif
     return f;
   }
 }
@@ -90,8 +104,9 @@ struct Unit {
   int64_t b, n0, n1;
 };
 
-template <typename T>
-void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const void* seqlens,
+// T: q, the new key and value, and out; TC: the caches (T, or 16-bit under fp32 activations).
+template <typename T, typename TC>
+void decode_impl(const T* q, const T* k_new, const T* v_new, TC* k_cache, TC* v_cache, const void* seqlens,
                  bool seqlens_int64, const float* cos, const float* sin, T* out, int64_t batch, int64_t heads,
                  int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t table_len, const int64_t* st,
                  float scale, int num_threads) {
@@ -143,14 +158,18 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       // The rotated key, rounded to the cache dtype as every later step reads it, and v.
       const T* kn = k_new + b * kn_b + kh * kn_h;
       const T* vn = v_new + b * vn_b + kh * vn_h;
-      T* kslot = k_cache + b * c_b + L * c_s + kh * c_h;
-      T* vslot = v_cache + b * c_b + L * c_s + kh * c_h;
+      TC* kslot = k_cache + b * c_b + L * c_s + kh * c_h;
+      TC* vslot = v_cache + b * c_b + L * c_s + kh * c_h;
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = to_float(kn[i]), x2 = to_float(kn[i + half]);
-        kslot[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
-        kslot[i + half] = from_float<T>(x2 * c[i] + x1 * s[i]);
+        kslot[i] = from_float<TC>(x1 * c[i] - x2 * s[i]);
+        kslot[i + half] = from_float<TC>(x2 * c[i] + x1 * s[i]);
       }
-      for (int64_t d = 0; d < D; ++d) vslot[d] = vn[d];
+      if constexpr (std::is_same_v<T, TC>) {
+        for (int64_t d = 0; d < D; ++d) vslot[d] = vn[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) vslot[d] = from_float<TC>(to_float(vn[d]));
+      }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kh * group + g;
         const T* qh = q + b * q_b + h * q_h;
@@ -171,9 +190,9 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
       const int64_t len = unit.n1 - unit.n0;
       scores.resize(static_cast<size_t>(heads * len));
       const float* qr = qr_all.data() + unit.b * heads * D;
-      const T* kbase = k_cache + unit.b * c_b + unit.n0 * c_s;
+      const TC* kbase = k_cache + unit.b * c_b + unit.n0 * c_s;
       for (int64_t n = 0; n < len; ++n) {
-        const T* row = kbase + n * c_s;
+        const TC* row = kbase + n * c_s;
         for (int64_t kh = 0; kh < kv_heads; ++kh)
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = kh * group + g;
@@ -201,17 +220,21 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
         out_part[h * part + 1] = sum;
         std::fill(out_part + h * part + 2, out_part + (h + 1) * part, 0.f);
       }
-      const T* vbase = v_cache + unit.b * c_b + unit.n0 * c_s;
+      const TC* vbase = v_cache + unit.b * c_b + unit.n0 * c_s;
       for (int64_t n = 0; n < len; ++n) {
-        const T* row = vbase + n * c_s;
+        const TC* row = vbase + n * c_s;
         for (int64_t kh = 0; kh < kv_heads; ++kh) {
-          const T* vr = row + kh * c_h;
+          const TC* vr = row + kh * c_h;
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = kh * group + g;
             const float p = scores[h * len + n];
             float* a = out_part + h * part + 2;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(vr[d]);
+            int64_t d = 0;
+            for (; d + kLanes <= D; d += kLanes) {
+              const vfloat sum = loadf(a + d) + p * load_lanes(vr + d);
+              std::memcpy(a + d, &sum, sizeof(sum));
+            }
+            for (; d < D; ++d) a[d] += p * to_float(vr[d]);
           }
         }
       }
@@ -249,24 +272,28 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_ca
 void rope_decode_attention(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
                            const void* seqlens, bool seqlens_int64, const float* cos, const float* sin, void* out,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                           int64_t table_len, const int64_t* strides, int dtype, float scale, int num_threads) {
-  switch (to_dtype(dtype, "q")) {
-    case DType::F32:
-      return decode_impl(static_cast<const float*>(q), static_cast<const float*>(k_new),
-                         static_cast<const float*>(v_new), static_cast<float*>(k_cache),
-                         static_cast<float*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<float*>(out),
-                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
-    case DType::F16:
-      return decode_impl(static_cast<const f16_t*>(q), static_cast<const f16_t*>(k_new),
-                         static_cast<const f16_t*>(v_new), static_cast<f16_t*>(k_cache),
-                         static_cast<f16_t*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<f16_t*>(out),
-                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
-    case DType::BF16:
-      return decode_impl(static_cast<const bf16_t*>(q), static_cast<const bf16_t*>(k_new),
-                         static_cast<const bf16_t*>(v_new), static_cast<bf16_t*>(k_cache),
-                         static_cast<bf16_t*>(v_cache), seqlens, seqlens_int64, cos, sin, static_cast<bf16_t*>(out),
-                         batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale, num_threads);
-  }
+                           int64_t table_len, const int64_t* strides, int dtype, int cache_dtype, float scale,
+                           int num_threads) {
+  const DType t = to_dtype(dtype, "q"), tc = to_dtype(cache_dtype, "k_cache");
+  LLAMA_KERNELS_CHECK(tc == t || t == DType::F32,
+                      "k_cache, v_cache: expected q's dtype, or a 16-bit cache under float32 q, got "
+                          << dtype_name(tc) << " under " << dtype_name(t));
+  auto run = [&](auto* qt, auto* ct) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(qt)>>;
+    using TC = std::remove_pointer_t<decltype(ct)>;
+    decode_impl(static_cast<const T*>(q), static_cast<const T*>(k_new), static_cast<const T*>(v_new),
+                static_cast<TC*>(k_cache), static_cast<TC*>(v_cache), seqlens, seqlens_int64, cos, sin,
+                static_cast<T*>(out), batch, heads, kv_heads, head_dim, capacity, table_len, strides, scale,
+                num_threads);
+  };
+  with_float_type(dtype, "q", [&](auto* qt) {
+    using T = std::remove_pointer_t<decltype(qt)>;
+    if (tc == t) return run(qt, static_cast<T*>(nullptr));
+    if constexpr (std::is_same_v<T, float>) {  // a 16-bit cache under fp32 activations
+      if (tc == DType::F16) return run(qt, static_cast<f16_t*>(nullptr));
+      return run(qt, static_cast<bf16_t*>(nullptr));
+    }
+  });
 }
 
 }  // namespace LLAMA_KERNELS_ISA

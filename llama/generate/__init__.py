@@ -12,8 +12,9 @@ step after the prefill takes its tokens from the fused head and argmax, `Decoder
 the same tokens, without the logits). Sampling filters compose in the order top-k, epsilon (drop
 tokens below a probability), top-p. On the CPU, a float32 model of our dense or 4-bit layers
 decodes through the decode plan (`llama.generate.plan`): each step is one C++ call that runs the
-same kernels as the eager step, with the same results. On a GPU the one-token decode step is
-compiled and replayed as a CUDA graph over the static cache.
+same kernels as the eager step, with the same results; the KV cache of a float32 model there is
+float16 (CPU_CACHE_DTYPE). On a GPU the one-token decode step is compiled and replayed as a CUDA
+graph over the static cache.
 
 `generate` may be called from several threads: calls on one model take turns (a lock per model),
 calls on different models run at once.
@@ -39,6 +40,17 @@ FUSED_GREEDY_HEAD = True
 # On the CPU, a decode step of a model the plan runs (llama.generate.plan) is one C++ call;
 # False runs the eager step, for comparison.
 CPU_DECODE_PLAN = True
+# The KV cache of a float32 model on the CPU: float16, as llama.cpp keeps it by default (half the
+# bytes that each decode step streams; keys and values are rounded once, as they are written, and
+# attention reads them back in fp32). None keeps the model's dtype.
+CPU_CACHE_DTYPE: Optional[torch.dtype] = torch.float16
+
+
+def cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The KV cache dtype generation uses for a model whose embedding is `weight`."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and CPU_CACHE_DTYPE is not None:
+        return CPU_CACHE_DTYPE
+    return weight.dtype
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ class Decoder:
         if cuda_graph and not weight.is_cuda:
             raise ValueError(f"cuda_graph: needs a model on a CUDA device, got {weight.device}")
         self.model = model
-        self.cache = KVCache.allocate(model.config, batch, capacity, device=weight.device, dtype=weight.dtype)
+        self.cache = KVCache.allocate(model.config, batch, capacity, device=weight.device, dtype=cache_dtype(weight))
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
         self._step = self._eager_step
         if compile:
@@ -225,7 +237,7 @@ def _decoder(model: Transformer, batch: int, capacity: int, compile: bool, cuda_
     if model.config.rope_scaling == "none":
         capacity = min(capacity, model.config.max_seq_len)
     weight = model.tok_embeddings.weight
-    key = (batch, capacity, compile, cuda_graph, weight.device, weight.dtype)
+    key = (batch, capacity, compile, cuda_graph, weight.device, weight.dtype, cache_dtype(weight))
     decoders = model.__dict__.setdefault("_decoders", {})  # dropped when the model is copied
     if key in decoders and decoders[key].in_use:
         # Only a generate() nested in another's on_token gets here (the model's lock is held):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llama_kernels.cpu.decode_plan import DecodePlan, LayerWeights
+from llama_kernels.cpu.decode_plan import CACHE_DTYPES, DecodePlan, LayerWeights
 
 from ..model import FUSED_PROJECTION_MAX_ROWS, KVCache, Linear, RMSNorm, Transformer
 from ..quantize import QuantLinear
@@ -56,8 +56,8 @@ def unsupported(model: Transformer, cache: KVCache) -> Optional[str]:
         return f"norm {cfg.norm!r} and mlp {cfg.mlp!r}: the plan runs RMSNorm and SwiGLU"
     if cache.batch > FUSED_PROJECTION_MAX_ROWS:
         return f"batch {cache.batch}: the plan runs decode-sized batches (up to {FUSED_PROJECTION_MAX_ROWS})"
-    if model.tok_embeddings.weight.dtype != torch.float32 or cache.k[0].dtype != torch.float32:
-        return "the plan runs float32 models and caches"
+    if model.tok_embeddings.weight.dtype != torch.float32 or cache.k[0].dtype not in CACHE_DTYPES:
+        return f"the plan runs float32 models with a cache of {CACHE_DTYPES}"
     if type(model.tok_embeddings) is not nn.Embedding or not model.tok_embeddings.weight.is_contiguous():
         return "the embedding is not a plain nn.Embedding with a contiguous table"
     norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]

@@ -10,7 +10,7 @@ checks everything once, when it is built, and a step checks only the token ids a
 The plan reads the tensors it was built from by address: they must stay alive and in place,
 which `DecodePlan` sees to by holding them; a model whose weights, RoPE tables or cache were
 replaced needs a new plan. Everything is fp32 (the 4-bit weights' codes, scales and zeros
-excepted), on the CPU, with contiguous rows.
+excepted, and the KV cache, which may be fp16 or bf16), on the CPU, with contiguous rows.
 
 Ops, in the model's order: the embedding row; per layer add_rms_norm, the Q/K/V projection (one
 multi-weight call), rope_decode_attention (which writes slot seqlens[b] of the caches), the output
@@ -32,6 +32,9 @@ from ..int4_format import QuantizedWeight
 from . import int4_matmul as cpu_int4
 
 Weights = Sequence[Union[torch.Tensor, QuantizedWeight]]
+# The caches' dtypes: float32, or 16 bits (keys and values rounded to it once, as they are written;
+# attention reads them back into fp32): half the bytes that each step streams.
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -96,7 +99,8 @@ class DecodePlan:
 
     embedding (vocab, dim); final_norm (dim,); head: one weight (vocab, dim), dense or 4-bit;
     layers: a LayerWeights per block; cos, sin: RoPE tables (positions, head_dim / 2);
-    k_caches, v_caches: per layer (batch, capacity, kv_heads, head_dim); seqlens: int64 (batch,),
+    k_caches, v_caches: per layer (batch, capacity, kv_heads, head_dim), all of one dtype of
+    CACHE_DTYPES; seqlens: int64 (batch,),
     each sequence's next position, which `step` advances. All are read in place, never copied.
     """
 
@@ -119,9 +123,16 @@ class DecodePlan:
         if len(cache_shape) != 4 or cache_shape[0] != batch:
             raise ValueError(f"k_caches[0]: expected (batch {batch}, capacity, kv_heads, head_dim), got {cache_shape}")
         _, capacity, kv_heads, head_dim = cache_shape
+        cache_dtype = k_caches[0].dtype
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"k_caches[0]: expected one of {CACHE_DTYPES}, got {cache_dtype}")
         for i, (k, v) in enumerate(zip(k_caches, v_caches)):
-            _check_fp32(f"k_caches[{i}]", k, cache_shape)
-            _check_fp32(f"v_caches[{i}]", v, cache_shape)
+            for name, t in ((f"k_caches[{i}]", k), (f"v_caches[{i}]", v)):
+                if (t.dtype != cache_dtype or t.device.type != "cpu" or not t.is_contiguous()
+                        or tuple(t.shape) != cache_shape):
+                    raise ValueError(f"{name}: expected a contiguous {cache_dtype} CPU tensor of shape {cache_shape} "
+                                     f"(as k_caches[0]), got {t.dtype} {tuple(t.shape)}, "
+                                     f"{'' if t.is_contiguous() else 'non-'}contiguous, on {t.device}")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or heads % kv_heads:
             raise ValueError(f"heads: expected a positive multiple of kv_heads {kv_heads}, got {heads!r}")
         for name, t in (("cos", cos), ("sin", sin)):
@@ -139,7 +150,7 @@ class DecodePlan:
         self._plan = ext.DecodePlanCpu(
             batch, dim, heads, kv_heads, head_dim, vocab, capacity, float(eps), scale, embedding.data_ptr(),
             final_norm.data_ptr(), _projection("head", [head], dim, keep), cos.data_ptr(), sin.data_ptr(),
-            cos.shape[0], cos.stride(0), seqlens.data_ptr(),
+            cos.shape[0], cos.stride(0), seqlens.data_ptr(), dispatch.DTYPE_CODES[cache_dtype],
         )
         for i, layer in enumerate(layers):
             _check_fp32(f"layers[{i}].attention_norm", layer.attention_norm, (dim,))

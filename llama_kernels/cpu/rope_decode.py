@@ -21,5 +21,5 @@ def decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, out, soft
         q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         cache_seqlens.data_ptr(), cache_seqlens.dtype == torch.int64, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
         batch, heads, k_cache.shape[2], head_dim, k_cache.shape[1], cos.shape[0], strides,
-        dispatch.DTYPE_CODES[q.dtype], softmax_scale, torch.get_num_threads(),
+        dispatch.DTYPE_CODES[q.dtype], dispatch.DTYPE_CODES[k_cache.dtype], softmax_scale, torch.get_num_threads(),
     )

@@ -501,8 +501,10 @@ def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
             raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
-        if t.dtype != q.dtype:
+        if t.dtype != q.dtype and not (name.endswith("cache") and q.dtype == torch.float32):
             raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache: dtype {v_cache.dtype} differs from k_cache's {k_cache.dtype}")
     b, s, heads, d = q.shape
     if s != 1:
         raise ValueError(f"q: expected one new token per sequence, shape (batch, 1, heads, head_dim), "
@@ -537,7 +539,9 @@ def rope_decode_attention(
     """One decoding step of attention for a batch of sequences of different lengths.
 
     q (B, 1, H, D), k_new and v_new (B, 1, Hkv, D): the new token's projections. k_cache and
-    v_cache (B, capacity, Hkv, D), in q's dtype. cache_seqlens (B,) int32/int64: positions already
+    v_cache (B, capacity, Hkv, D), in q's dtype, or in fp16/bf16 under fp32 q (the new key and value
+    are rounded to it as they are written; attention reads the cache back in fp32: the C++ CPU
+    kernel, or the reference on a GPU). cache_seqlens (B,) int32/int64: positions already
     cached, L_b. Rotates q and k_new at position L_b (cos/sin tables of (positions, D/2)), writes
     the rotated key and the value into slot L_b of the caches in place (cache_seqlens is not
     advanced), and returns attention over slots 0..L_b, (B, 1, H, D). Split-K over the cache
