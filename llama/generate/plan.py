@@ -3,9 +3,9 @@ llama_kernels.cpu.decode_plan.DecodePlan.
 
 `Decoder` (llama.generate) builds one at each prefill where the model is one the plan runs, and
 its steps then make one C++ call each instead of a few hundred Python-level ones. The plan runs
-the model's eager step op for op with the same kernels, so tokens and logits are those of the
-eager step, up to the order of float sums inside a kernel. A model with anything else falls back
-to the eager step; `unsupported` says why.
+the model's eager step op for op with the same kernels in the same order, so tokens, logits and
+cache contents are those of the eager step, bit for bit (tests/test_decode_plan.py). A model with
+anything else falls back to the eager step; `unsupported` says why.
 """
 from __future__ import annotations
 
