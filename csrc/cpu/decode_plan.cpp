@@ -35,12 +35,8 @@ int64_t argmax_row(const float* v, int64_t n) {
   }
   return at;
 }
-}  // namespace
 
-const char* const DecodePlan::kOpNames[DecodePlan::kOps] = {
-    "embedding", "rms_norm", "qkv", "attention", "wo", "gate_up", "swiglu", "down", "head"};
-
-namespace {
+// The ops a step times, in DecodePlan::kOpNames order.
 enum Op { kEmbedding, kNorm, kQkv, kAttention, kWo, kGateUp, kSwiglu, kDown, kHead };
 
 // Adds the time since the last lap to an op's total, when timing is on.
@@ -62,6 +58,9 @@ class Laps {
   std::chrono::steady_clock::time_point last_;
 };
 }  // namespace
+
+const char* const DecodePlan::kOpNames[DecodePlan::kOps] = {
+    "embedding", "rms_norm", "qkv", "attention", "wo", "gate_up", "swiglu", "down", "head"};
 
 void DecodePlan::set_timing(bool on) {
   timing_ = on;
