@@ -100,8 +100,8 @@ class DecodePlan:
     embedding (vocab, dim); final_norm (dim,); head: one weight (vocab, dim), dense or 4-bit;
     layers: a LayerWeights per block; cos, sin: RoPE tables (positions, head_dim / 2);
     k_caches, v_caches: per layer (batch, capacity, kv_heads, head_dim), all of one dtype of
-    CACHE_DTYPES; seqlens: int64 (batch,),
-    each sequence's next position, which `step` advances. All are read in place, never copied.
+    CACHE_DTYPES; seqlens: int64 (batch,), each sequence's next position, which `step` advances.
+    All are read in place, never copied.
     """
 
     def __init__(self, *, embedding: torch.Tensor, final_norm: torch.Tensor, head: Union[torch.Tensor, QuantizedWeight],
