@@ -223,15 +223,7 @@ template <int RB>
 inline void to_fp32_rows(const f16_t* src, int64_t groups, std::vector<float>& dst) {
   const int64_t count = RB * groups;
   dst.resize(static_cast<size_t>(count + 4));  // + 4: wide_scales loads 4 at a time
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= count; i += 16)
-    _mm512_storeu_ps(dst.data() + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(__F16C__)
-  for (; i + 8 <= count; i += 8)
-    _mm256_storeu_ps(dst.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-  for (; i < count; ++i) dst[i] = to_float(src[i]);
+  to_fp32(src, count, dst.data());
 }
 
 // Per-thread buffers for the fp32 scales and zeros of the current row block.
@@ -641,18 +633,9 @@ inline void to_fp32_rows_padded(const f16_t* src, int64_t groups, std::vector<fl
   const int64_t gp = padded_groups(groups);
   dst.resize(static_cast<size_t>(RB * gp));
   for (int r = 0; r < RB; ++r) {
-    const f16_t* in = src + r * groups;
     float* out = dst.data() + r * gp;
-    int64_t g = 0;
-#if defined(__AVX512F__)
-    for (; g + 16 <= groups; g += 16)
-      _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + g))));
-#elif defined(__F16C__)
-    for (; g + 8 <= groups; g += 8)
-      _mm256_storeu_ps(out + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + g))));
-#endif
-    for (; g < groups; ++g) out[g] = to_float(in[g]);
-    for (; g < gp; ++g) out[g] = 0.f;
+    to_fp32(src + r * groups, groups, out);
+    std::fill(out + groups, out + gp, 0.f);
   }
 }
 

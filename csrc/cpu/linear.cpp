@@ -20,35 +20,8 @@ namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
 
-typedef uint32_t vuint __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef uint16_t vhalfbits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
 constexpr int kRowBlock = 4;  // weight rows per inner block
 constexpr int kMaxM = 4;      // rows of x per pass
-
-inline vfloat load(const float* p) { return loadf(p); }
-
-inline vfloat load(const bf16_t* p) {
-  vhalfbits h;
-  std::memcpy(&h, p, sizeof(h));
-  vuint u = __builtin_convertvector(h, vuint) << 16;
-  vfloat v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
-inline vfloat load(const f16_t* p) {
-#if defined(__FLT16_MAX__)
-  typedef _Float16 vhalf __attribute__((vector_size(kLanes * sizeof(_Float16))));
-  vhalf h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, vfloat);
-#else
-  vfloat v;
-  for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
-  return v;
-#endif
-}
 
 // Two ways through the weights (measured on a 2-core AVX-512 VM, bench/suites/linear.py):
 // * one row at a time, front to back (dot_row): W's rows are contiguous, so a thread's rows form
@@ -82,14 +55,14 @@ inline void dot_block(const float* const* xs, const TW* w, int64_t w_stride, int
   int64_t c = 0;
   for (; c + kLanes <= k; c += kLanes) {
     vfloat wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = load(w + r * w_stride + c);
+    for (int r = 0; r < RB; ++r) wv[r] = load_lanes(w + r * w_stride + c);
     if (PREFETCH) {
       // One prefetch per 64-byte line: every iteration for fp32 (16 lanes), every other for 16-bit.
       if (sizeof(TW) == 4 || (c & (2 * kLanes - 1)) == 0)
         for (int r = 0; r < RB; ++r) __builtin_prefetch(w + ahead + r * w_stride + c, 0, 0);
     }
     for (int m = 0; m < MB; ++m) {
-      const vfloat xv = load(xs[m] + c);
+      const vfloat xv = load_lanes(xs[m] + c);
       for (int r = 0; r < RB; ++r) acc[m][r] += xv * wv[r];
     }
   }
@@ -113,13 +86,13 @@ inline void dot_row(const float* const* xs, const TW* w, int64_t k, float out[MB
   int64_t c = 0;
   for (; c + U * kLanes <= k; c += U * kLanes) {
     vfloat wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = load(w + c + u * kLanes);
+    for (int u = 0; u < U; ++u) wv[u] = load_lanes(w + c + u * kLanes);
     for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] += load(xs[m] + c + u * kLanes) * wv[u];
+      for (int u = 0; u < U; ++u) acc[m][u] += load_lanes(xs[m] + c + u * kLanes) * wv[u];
   }
   for (; c + kLanes <= k; c += kLanes) {
-    const vfloat wv = load(w + c);
-    for (int m = 0; m < MB; ++m) acc[m][0] += load(xs[m] + c) * wv;
+    const vfloat wv = load_lanes(w + c);
+    for (int m = 0; m < MB; ++m) acc[m][0] += load_lanes(xs[m] + c) * wv;
   }
   for (int m = 0; m < MB; ++m) {
     float s = hsum((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]));

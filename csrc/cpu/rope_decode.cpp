@@ -21,45 +21,10 @@
 #include "cpu/kernels_cpu.h"
 #include "cpu/simd.h"
 
-#if defined(__F16C__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace llama_kernels {
 namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
-
-// 16 keys or values as fp32 lanes: bf16 widens by a shift, fp16 converts (vcvtph2ps where built).
-template <typename T>
-inline vfloat load_lanes(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return loadf(p);
-  } else if constexpr (std::is_same_v<T, bf16_t>) {
-    typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-    typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-    vu16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const vu32 w = __builtin_convertvector(h, vu32) << 16;
-    vfloat f;
-    std::memcpy(&f, &w, sizeof(f));
-    return f;
-  } else {
-    vfloat f;
-#if defined(__AVX512F__)
-    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    std::memcpy(&f, &v, sizeof(f));
-#elif defined(__F16C__)
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-    std::memcpy(&f, &lo, sizeof(lo));
-    std::memcpy(reinterpret_cast<char*>(&f) + sizeof(lo), &hi, sizeof(hi));
-#else
-    for (int i = 0; i < kLanes; ++i) f[i] = to_float(p[i]);
-#endif
-    return f;
-  }
-}
 
 // q . k over one head: 16 lanes at a time, then a tree sum.
 template <typename T>

@@ -5,12 +5,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "common.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -25,6 +28,50 @@ inline vfloat loadf(const float* p) {
   vfloat v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+// 16 values as fp32 lanes: fp32 as they are, bf16 widened by a shift, fp16 converted (vcvtph2ps
+// where the build has F16C or AVX-512, else the exact software conversion, which vectorises).
+template <typename T>
+inline vfloat load_lanes(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return loadf(p);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const vu32 w = __builtin_convertvector(h, vu32) << 16;
+    vfloat f;
+    std::memcpy(&f, &w, sizeof(f));
+    return f;
+  } else {
+    static_assert(std::is_same_v<T, f16_t>, "load_lanes: fp32, bf16 or fp16");
+    vfloat f;
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    std::memcpy(&f, &v, sizeof(f));
+#elif defined(__F16C__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&f, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&f) + sizeof(lo), &hi, sizeof(hi));
+#else
+    for (int i = 0; i < kLanes; ++i) f[i] = to_float(p[i]);
+#endif
+    return f;
+  }
+}
+
+// out[0, n) = in[0, n) as fp32, 16 values at a time.
+template <typename T>
+inline void to_fp32(const T* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat v = load_lanes(in + i);
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) out[i] = to_float(in[i]);
 }
 
 // Sum of the lanes as a tree (log2 16 dependent adds, not 15).
