@@ -224,16 +224,17 @@ def _llama_cpp_batched_decode(ctx, batch, new, quant):
     ours, _ = _models(str(ctx.device), ctx.quick)
     prompts = _tokens(ctx, batch, PROMPT, ours.config.vocab_size).tolist()
     threads = torch.get_num_threads()
-    tmp = tempfile.TemporaryDirectory()
-    path = llama.checkpoint.save(ours, f"{tmp.name}/model-{quant}.gguf", "gguf", quant=quant)
     params = lc.llama_context_default_params()
     params.n_ctx = batch * (PROMPT + new)
     params.n_batch = params.n_ubatch = batch * PROMPT
     params.n_seq_max = batch
     params.n_threads = params.n_threads_batch = threads
-    with suppress_stdout_stderr(disable=False):  # as its Llama(verbose=False) loads
+    model_params = lc.llama_model_default_params()
+    model_params.use_mmap = False  # read whole, as _llama_cpp_decode loads: the file can go
+    with tempfile.TemporaryDirectory() as tmp, suppress_stdout_stderr(disable=False):  # as Llama(verbose=False)
+        path = llama.checkpoint.save(ours, f"{tmp}/model-{quant}.gguf", "gguf", quant=quant)
         lc.llama_backend_init()
-        model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        model = lc.llama_model_load_from_file(str(path).encode(), model_params)
         context = lc.llama_init_from_model(model, params) if model else None
     if not model or not context:
         raise RuntimeError(f"llama.cpp could not load {path}")
@@ -264,7 +265,6 @@ def _llama_cpp_batched_decode(ctx, batch, new, quant):
                 out[s].append(argmax(s))
         return out
 
-    call.keep = (tmp, model, context, tokens)  # the model file and llama.cpp's objects live with the call
     return [call]
 
 
