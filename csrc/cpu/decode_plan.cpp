@@ -70,29 +70,17 @@ void DecodePlan::set_timing(bool on) {
 
 int64_t PlanWeights::total() const {
   int64_t t = 0;
-  for (int64_t v : n) t += v;
+  for (int64_t v : n()) t += v;
   return t;
 }
 
-void PlanWeights::apply(const float* x, float* y, int64_t m, int threads) const {
+void PlanWeights::apply(const float* x, float* y, int64_t m, int threads) {
   const int64_t stride = total();
-  if (int4) {
-    Int4Parts parts;
-    parts.packed = packed;
-    parts.scales = scales;
-    parts.zeros = zeros;
-    parts.n = n;
-    for (size_t p = 0, offset = 0; p < n.size(); offset += n[p], ++p) parts.y.push_back(y + offset);
-    if (q8) int4_matmul_q8(x, parts, lut, m, k, group, k, stride, kF32, threads);
-    else int4_matmul(x, parts, lut, m, k, group, k, stride, kF32, threads);
-    return;
-  }
-  LinearParts parts;
-  parts.w = w;
-  parts.bias.assign(n.size(), nullptr);
-  parts.n = n;
-  for (size_t p = 0, offset = 0; p < n.size(); offset += n[p], ++p) parts.y.push_back(y + offset);
-  linear(x, parts, m, k, k, stride, kF32, kF32, kF32, threads);
+  std::vector<void*>& outs = int4 ? quant.y : dense.y;  // sized when made: no allocation per step
+  for (size_t p = 0, offset = 0; p < outs.size(); offset += n()[p], ++p) outs[p] = y + offset;
+  if (!int4) linear(x, dense, m, k, k, stride, kF32, kF32, kF32, threads);
+  else if (q8) int4_matmul_q8(x, quant, lut, m, k, group, k, stride, kF32, threads);
+  else int4_matmul(x, quant, lut, m, k, group, k, stride, kF32, threads);
 }
 
 DecodePlan::DecodePlan(int64_t batch, int64_t dim, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t vocab,
@@ -126,22 +114,22 @@ DecodePlan::DecodePlan(int64_t batch, int64_t dim, int64_t heads, int64_t kv_hea
 void DecodePlan::add_layer(PlanLayer layer) {
   const int64_t q = heads_ * head_dim_, kv = kv_heads_ * head_dim_;
   const auto& qkv = layer.qkv;
-  LLAMA_KERNELS_CHECK(qkv.k == dim_ && qkv.n.size() == 3 && qkv.n[0] == q && qkv.n[1] == kv && qkv.n[2] == kv,
+  LLAMA_KERNELS_CHECK(qkv.k == dim_ && qkv.n().size() == 3 && qkv.n()[0] == q && qkv.n()[1] == kv && qkv.n()[2] == kv,
                       "layers[" << layers_.size() << "].qkv: expected Q, K, V of " << q << ", " << kv << ", " << kv
                                 << " rows over " << dim_ << " columns");
   LLAMA_KERNELS_CHECK(layer.wo.k == q && layer.wo.total() == dim_,
                       "layers[" << layers_.size() << "].wo: expected (" << dim_ << ", " << q << ")");
   const auto& gu = layer.gate_up;
-  LLAMA_KERNELS_CHECK(gu.k == dim_ && gu.n.size() == 2 && gu.n[0] == gu.n[1] && gu.n[0] > 0,
+  LLAMA_KERNELS_CHECK(gu.k == dim_ && gu.n().size() == 2 && gu.n()[0] == gu.n()[1] && gu.n()[0] > 0,
                       "layers[" << layers_.size() << "].gate_up: expected two weights of equal rows over " << dim_
                                 << " columns");
-  LLAMA_KERNELS_CHECK(layer.down.k == gu.n[0] && layer.down.total() == dim_,
-                      "layers[" << layers_.size() << "].down: expected (" << dim_ << ", " << gu.n[0] << ")");
+  LLAMA_KERNELS_CHECK(layer.down.k == gu.n()[0] && layer.down.total() == dim_,
+                      "layers[" << layers_.size() << "].down: expected (" << dim_ << ", " << gu.n()[0] << ")");
   LLAMA_KERNELS_CHECK(layer.k_cache && layer.v_cache && layer.attention_norm && layer.ffn_norm,
                       "layers[" << layers_.size() << "]: a cache or norm address is missing");
   qkv_.resize(std::max<size_t>(qkv_.size(), batch_ * (q + 2 * kv)));
-  gate_up_.resize(std::max<size_t>(gate_up_.size(), batch_ * 2 * gu.n[0]));
-  hidden_.resize(std::max<size_t>(hidden_.size(), batch_ * gu.n[0]));
+  gate_up_.resize(std::max<size_t>(gate_up_.size(), batch_ * 2 * gu.n()[0]));
+  hidden_.resize(std::max<size_t>(hidden_.size(), batch_ * gu.n()[0]));
   layers_.push_back(std::move(layer));
 }
 
@@ -175,7 +163,7 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
   const int64_t strides[12] = {qkv_row, head_dim_, qkv_row, head_dim_, qkv_row, head_dim_,
                                capacity_ * kv, kv, head_dim_, q, head_dim_, table_stride_};
   bool first = true;
-  for (const PlanLayer& layer : layers_) {
+  for (PlanLayer& layer : layers_) {
     add_norm(first ? nullptr : h, layer.attention_norm);
     first = false;
     float* qkv = qkv_.data();
@@ -188,7 +176,7 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
     layer.wo.apply(attention_.data(), h, batch_, threads);
     laps.lap(kWo);
     add_norm(h, layer.ffn_norm);
-    const int64_t hidden = layer.gate_up.n[0];
+    const int64_t hidden = layer.gate_up.n()[0];
     float* gu = gate_up_.data();
     layer.gate_up.apply(normed, gu, batch_, threads);
     laps.lap(kGateUp);
@@ -199,7 +187,7 @@ void DecodePlan::step(const int64_t* tokens, float* logits, int64_t* argmax, int
   }
   add_norm(first ? nullptr : h, final_norm_);
   if (argmax && !logits && !head_.int4) {  // the greedy head: no logits written
-    linear_argmax(normed, head_.w[0], batch_, vocab_, dim_, dim_, kF32, kF32, argmax, nullptr, threads);
+    linear_argmax(normed, head_.dense.w[0], batch_, vocab_, dim_, dim_, kF32, kF32, argmax, nullptr, threads);
   } else {
     float* out = logits ? logits : logits_.data();
     head_.apply(normed, out, batch_, threads);

@@ -24,15 +24,17 @@ struct PlanWeights {
   bool int4 = false, q8 = false;
   int64_t k = 0;  // in_features
   int group = 0;
-  std::vector<int64_t> n;                   // out_features of each weight
-  std::vector<const void*> w;               // dense: fp32 (n[p], k), contiguous
-  std::vector<const uint8_t*> packed;       // 4-bit: (n[p], k / 2)
-  std::vector<const void*> scales, zeros;   // 4-bit: fp16 (n[p], k / group); zeros may be null
-  const float* lut = nullptr;               // 4-bit: the code table
+  const float* lut = nullptr;  // 4-bit: the code table
+  // The kernels' own descriptions, made once: dense fp32 (n[p], k) weights without bias, or
+  // 4-bit ones (packed codes, fp16 scales and zeros; zeros null for NF4). Their outputs (y) are
+  // pointed at the step's buffer by apply().
+  LinearParts dense;
+  Int4Parts quant;
 
+  const std::vector<int64_t>& n() const { return int4 ? quant.n : dense.n; }  // out_features of each
   int64_t total() const;
   // y (m, total()) = x (m, k) @ W^T, row strides k and total().
-  void apply(const float* x, float* y, int64_t m, int threads) const;
+  void apply(const float* x, float* y, int64_t m, int threads);
 };
 
 struct PlanLayer {

@@ -23,8 +23,10 @@ PlanWeights dense(int64_t k, const std::vector<uintptr_t>& w, const std::vector<
   LLAMA_KERNELS_CHECK(!n.empty() && w.size() == n.size(), "weights: expected one address per weight");
   PlanWeights p;
   p.k = k;
-  p.n = n;
-  p.w = address_ptrs<const void>(w);
+  p.dense.w = address_ptrs<const void>(w);
+  p.dense.bias.assign(n.size(), nullptr);
+  p.dense.y.assign(n.size(), nullptr);
+  p.dense.n = n;
   return p;
 }
 
@@ -38,11 +40,12 @@ PlanWeights int4(int64_t k, int group, bool q8, uintptr_t lut, const std::vector
   p.q8 = q8;
   p.k = k;
   p.group = group;
-  p.n = n;
-  p.packed = address_ptrs<const uint8_t>(packed);
-  p.scales = address_ptrs<const void>(scales);
-  p.zeros = address_ptrs<const void>(zeros);
   p.lut = address_ptr<const float>(lut);
+  p.quant.packed = address_ptrs<const uint8_t>(packed);
+  p.quant.scales = address_ptrs<const void>(scales);
+  p.quant.zeros = address_ptrs<const void>(zeros);
+  p.quant.y.assign(n.size(), nullptr);
+  p.quant.n = n;
   return p;
 }
 
