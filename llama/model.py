@@ -28,7 +28,7 @@ from torch import nn
 
 import llama_kernels
 from llama_kernels.dispatch import host_sync_allowed
-from llama_kernels.ops.rope_attention import rotate
+from llama_kernels.ops.rope_attention import cache_dtype_supported, rotate
 
 from .config import ModelConfig
 
@@ -571,8 +571,7 @@ class Transformer(nn.Module):
             if cache.batch != b:
                 raise ValueError(f"cache: holds {cache.batch} sequences but tokens has {b}")
             # The cache holds the model's dtype, or 16 bits under an fp32 model (written rounded).
-            cache_ok = cache.k[0].dtype == h.dtype or (
-                h.dtype == torch.float32 and cache.k[0].dtype in (torch.float16, torch.bfloat16))
+            cache_ok = cache_dtype_supported(h.dtype, cache.k[0].dtype)
             fresh = cache.empty and s > 1 and cache_ok
             if host_sync_allowed(tokens):
                 needed = s if fresh else int(cache.seqlens.max()) + s

@@ -492,6 +492,12 @@ def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin, softmax_scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def cache_dtype_supported(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether rope_decode_attention takes caches of `cache_dtype` under q of `dtype`: q's own
+    dtype, or 16 bits under fp32 q."""
+    return cache_dtype == dtype or (dtype == torch.float32 and cache_dtype in (torch.float16, torch.bfloat16))
+
+
 def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
     for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
         _is_tensor(name, t)
@@ -501,7 +507,8 @@ def _check_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens) -> None:
             raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
-        if t.dtype != q.dtype and not (name.endswith("cache") and q.dtype == torch.float32):
+        cache = name in ("k_cache", "v_cache")
+        if not (cache_dtype_supported(q.dtype, t.dtype) if cache else t.dtype == q.dtype):
             raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache: dtype {v_cache.dtype} differs from k_cache's {k_cache.dtype}")
