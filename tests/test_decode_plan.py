@@ -52,9 +52,7 @@ def steps(model, prompts, tokens_per_step, use_plan, eager_only):
         decoder.prefill(padded, lengths)
         assert (decoder._plan is not None) == use_plan
         for toks in tokens_per_step:
-            logits = torch.full((batch, model.config.vocab_size), float("nan"))
-            logits.copy_(decoder.step(torch.tensor(toks)))
-            out.append(logits)
+            out.append(decoder.step(torch.tensor(toks)))
     return out, [t.clone() for t in decoder.cache.k + decoder.cache.v], decoder.cache.seqlens.clone()
 
 
@@ -266,3 +264,21 @@ def test_plan_times_its_ops_when_asked():
     assert all(v >= 0 for v in times.values()) and times["qkv"] > 0 and times["head"] > 0
     plan.time_ops(False)
     assert all(v == 0 for v in plan.op_times().values())
+
+
+@pytest.mark.parametrize("quant", [None, Int4Config(group_size=32)], ids=["dense", "int4"])
+def test_plan_writes_every_output_it_is_given(quant):
+    """The plan's outputs poisoned first: logits and tokens both written (the head then the argmax),
+    or the tokens alone (a dense head: linear_argmax), equal to the eager model's one-token step."""
+    model = model_of(quant=quant)
+    tokens = torch.tensor([3, 4])
+    with torch.inference_mode():
+        eager = model(tokens[:, None], cache=KVCache.allocate(model.config, 2, 8), last_only=True)
+    plan, _ = plan_for(model)
+    logits, chosen = torch.full((2, 97), float("nan")), torch.full((2,), -1)
+    plan.step(tokens, logits=logits, argmax=chosen)
+    assert torch.equal(logits, eager) and chosen.tolist() == eager.argmax(-1).tolist()
+    plan, _ = plan_for(model)
+    alone = torch.full((2,), -1)
+    plan.step(tokens, argmax=alone)
+    assert alone.tolist() == chosen.tolist()
