@@ -16,11 +16,28 @@ ISAS = EXT.cpu_isas() if EXT is not None else []
 pytestmark = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 
 # (M, N, K): M = 1..9, N not a multiple of the row block, K with tails past the widest block
-# (96 = 3 chunks, 224 = 7, 416 = 13) as well as whole blocks.
+# (96 = 3 chunks, 224 = 7, 416 = 13) as well as whole blocks; rows split across threads (N = 301).
+# From gemm_rows(isa) rows of x (8 or 10) the kernel takes its many-rows path (weight rows
+# interleaved, a lane each): M on both sides of it and of its blocks of x rows, N not a multiple
+# of the 8, 16 or 32 rows of a tile (and below one), weights split across threads.
 SHAPES = [(1, 1, 32), (1, 37, 64), (2, 5, 128), (3, 33, 96), (4, 100, 256), (5, 7, 384), (6, 13, 224),
-          (7, 9, 416), (8, 70, 512), (9, 3, 128), (2, 301, 480)]  # the last: rows split across threads
+          (7, 9, 416), (8, 70, 512), (9, 3, 128), (2, 301, 480),
+          (10, 45, 160), (11, 1, 64), (12, 45, 160), (13, 17, 96), (21, 300, 416), (37, 33, 224),
+          (64, 129, 128)]
 CASES = [(shape, g) for shape in SHAPES for g in (32, 64, 128) if shape[2] % g == 0]
 OUT_TOL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # the output's rounding
+
+
+def gemm_rows(isa):
+    """The rows of x from which `isa`'s build takes the many-rows path."""
+    EXT.set_cpu_isa(isa)
+    try:
+        return EXT.int4_matmul_q8_gemm_rows()
+    finally:
+        EXT.set_cpu_isa("")
+
+
+GEMM_ROWS = max(map(gemm_rows, ISAS), default=8)  # rows that take the many-rows path on every build
 
 
 def _run(x, qws, ys, isa, activations="int8"):
@@ -74,7 +91,7 @@ def test_close_to_dequantized_reference(isa, shape, group):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (9, 256, 128)], ids=str)
+@pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (9, 256, 128), (19, 416, 32)], ids=str)
 def test_several_weights_write_only_their_slices(isa, m, k, group):
     qws = [quantize_int4(torch.randn(n, k), group) for n in (13, 70, 5)]
     x = torch.randn(m, k)
@@ -88,46 +105,65 @@ def test_several_weights_write_only_their_slices(isa, m, k, group):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_isas_agree(isa):
+@pytest.mark.parametrize("m", [5, 19])
+def test_isas_agree(isa, m):
     """The integer sums are exact on every ISA: only the fp32 order of the block sums differs."""
     qw = quantize_int4(torch.randn(67, 480), 32)
-    x = torch.randn(5, 480)
-    y, y_base = poisoned((5, 67), torch.float32), poisoned((5, 67), torch.float32)
+    x = torch.randn(m, 480)
+    y, y_base = poisoned((m, 67), torch.float32), poisoned((m, 67), torch.float32)
     _run(x, [qw], [y], isa)
     _run(x, [qw], [y_base], "baseline")
     torch.testing.assert_close(y, y_base, atol=1e-5 * float(_bound(x, qw).max()), rtol=0)
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_many_rows_path_agrees_with_the_row_path(isa, group):
+    """The same rows of x through the many-rows path (all at once) and the row path (a few at a
+    time): equal integer sums, so the results differ only by the fp32 order of the chunk sums."""
+    assert 3 < gemm_rows(isa) <= GEMM_ROWS
+    qw = quantize_int4(torch.randn(77, 384), group)
+    x = torch.randn(3 * GEMM_ROWS, 384)
+    y_all, y_few = poisoned((x.shape[0], 77), torch.float32), poisoned((x.shape[0], 77), torch.float32)
+    _run(x, [qw], [y_all], isa)
+    for i in range(0, x.shape[0], 3):
+        _run(x[i:i + 3], [qw], [y_few[i:i + 3]], isa)
+    torch.testing.assert_close(y_all, y_few, atol=1e-5 * float(_bound(x, qw).max()), rtol=0)
+    assert not torch.equal(y_all, torch.zeros_like(y_all))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_non_finite_rows_take_the_fp32_path(isa, bad):
+@pytest.mark.parametrize("m", [4, GEMM_ROWS + 3])
+def test_non_finite_rows_take_the_fp32_path(isa, bad, m):
     """A row of x holding inf or NaN has no int8 form: it is computed with fp32 activations (so
     it gives what the fp32 kernel and the reference give: inf/NaN where they do), and the other
     rows keep the int8 results."""
     qw = quantize_int4(torch.randn(21, 256), 64)
-    x = torch.randn(4, 256)
+    x = torch.randn(m, 256)
     x[1, 70] = bad
     x[3, 200] = bad
-    y, y_fp32 = poisoned((4, 21), torch.float32), poisoned((4, 21), torch.float32)
+    y, y_fp32 = poisoned((m, 21), torch.float32), poisoned((m, 21), torch.float32)
     _run(x, [qw], [y], isa)
     _run(x, [qw], [y_fp32], isa, activations="fp32")
     torch.testing.assert_close(y[[1, 3]], y_fp32[[1, 3]], equal_nan=True, atol=0, rtol=0)
     assert not torch.isfinite(y[[1, 3]]).any()  # inf times weights of both signs, or NaN
-    ok = [0, 2]
+    ok = [0, 2] + list(range(4, m))
     ref = int4_matmul_q8_reference(x[ok], qw)
     assert torch.all((y[ok].double() - ref).abs() <= 1e-6 * _bound(x[ok], qw))
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_zero_and_tiny_blocks(isa):
+@pytest.mark.parametrize("m", [3, GEMM_ROWS + 1])
+def test_zero_and_tiny_blocks(isa, m):
     """An all-zero block and one of subnormals (d below FLT_MIN) contribute nothing to the int8
     sums; the zero term still takes their fp32 sums. Huge finite values stay finite."""
     qw = quantize_int4(torch.randn(9, 128), 32)
-    x = torch.randn(3, 128)
+    x = torch.randn(m, 128)
     x[0] = 0
     x[1, :32] = 1e-40
     x[2, 32:64] = 1e35
-    y = poisoned((3, 9), torch.float32)
+    y = poisoned((m, 9), torch.float32)
     _run(x, [qw], [y], isa)
     assert torch.isfinite(y).all()
     ref = int4_matmul_q8_reference(x, qw)

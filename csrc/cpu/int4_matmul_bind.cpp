@@ -56,6 +56,14 @@ LLAMA_KERNELS_BIND(int4_matmul_cpu) {
       "int4_matmul_cpu with x quantized to int8 per block of 32 (an fp32 scale each) and integer dot "
       "products (AVX-512 VNNI, AVX2/AVX-512BW vpmaddubsw); int4 weights only (lut = code - 8)");
   m.def(
+      "int4_matmul_q8_gemm_rows",
+      [] {
+        int64_t rows = 0;
+        llama_kernels::cpu::int4_matmul_q8_gemm_rows(&rows);
+        return rows;
+      },
+      "rows of x from which int4_matmul_q8_cpu takes its many-rows path, in the selected ISA build");
+  m.def(
       "int4_dequantize_cpu",
       [](uintptr_t packed, uintptr_t scales, uintptr_t zeros, uintptr_t lut, uintptr_t w, int64_t n, int64_t k,
          int group, int w_dtype, int threads) {

@@ -12,6 +12,8 @@
 // rope_decode_attention: strides (in elements) are q (batch, head), k_new (batch, head), v_new
 // (batch, head), the caches (batch, slot, head), out (batch, head), then the cos/sin row stride;
 // the caches are in q's dtype, or in fp16/bf16 under fp32 q (cache_dtype).
+// int4_matmul_q8_gemm_rows: the rows of x from which that ISA's int4_matmul_q8 takes its
+// many-rows path (csrc/cpu/int4_matmul.cpp).
 #define LLAMA_KERNELS_CPU_KERNELS(X)                                                              \
   X(rms_norm_fwd,                                                                                \
     (const void* x, const void* h, const void* w, void* y, void* s, float* rstd, int64_t rows,    \
@@ -41,6 +43,7 @@
     (const void* x, const Int4Parts& parts, const float* lut, int64_t m, int64_t k, int group,    \
      int64_t x_stride, int64_t y_stride, int x_dtype, int num_threads),                           \
     (x, parts, lut, m, k, group, x_stride, y_stride, x_dtype, num_threads))                       \
+  X(int4_matmul_q8_gemm_rows, (int64_t* rows), (rows))                                          \
   X(int4_dequantize,                                                                             \
     (const uint8_t* packed, const void* scales, const void* zeros, const float* lut, void* w,     \
      int64_t n, int64_t k, int group, int w_dtype, int num_threads),                              \

@@ -12,14 +12,17 @@ quantized to int8 once per call ("int8": per block of 32 elements, d = amax / 12
 round(x / d), fp32 d; exact integer dot products of the unsigned codes with xq, AVX-512 VNNI
 vpdpbusd where the CPU has it (the avx512vnni build), vpmaddubsw + vpmaddwd on AVX2 and
 AVX-512BW; then y += s * d * (sum q xq - 8 sum xq) per block, plus z * (fp32 sum of x) per group).
-The weights keep their packed layout. "int8" is the default: 1.3-2x faster on the stories42M
-decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near 1e-2, and the
-held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe, every row
-through this kernel) within 0.03% of "fp32". NF4 always takes the fp32 path: its code book is not integers, so an int8
-dot product would need the code book rounded to int8 (a second quantization of every weight)
-and a table lookup (vpshufb) per byte. A row of x with inf or NaN is computed with fp32
-activations, so it gives what the reference gives. LLAMA_KERNELS_INT4_CPU_ACTIVATIONS sets the
-default at import.
+The weights keep their packed layout; from 8 rows of x on AVX-512, 10 on AVX2 (a prompt, a batch;
+the extension's int4_matmul_q8_gemm_rows()) each thread copies 16 weight rows at a time (8 on AVX2)
+into an interleaved tile, so that each SIMD lane accumulates one weight row's whole 32-code chunk
+before the fp32 conversion, and y comes out in whole vectors. "int8" is the default: 1.3-2x faster
+on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near
+1e-2, and the held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe,
+every row through this kernel) within 0.03% of "fp32". NF4 always takes the fp32 path: its code book
+is not integers, so an int8 dot product would need the code book rounded to int8 (a second
+quantization of every weight) and a table lookup (vpshufb) per byte. A row of x with inf or NaN is
+computed with fp32 activations, so it gives what the reference gives.
+LLAMA_KERNELS_INT4_CPU_ACTIVATIONS sets the default at import.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ from .. import dispatch
 # Rows up to which the C++ CPU kernel multiplies the 4-bit codes directly. Past it, the weight is
 # dequantized (C++, into a scratch buffer) for a BLAS GEMM, whose efficiency grows with M while
 # the kernel's cost per row stays flat; with fp32 activations the two meet near 64 rows on the
-# shapes measured. With int8 activations the kernel's integer dot products keep it ahead longer:
-# at 128 rows it took 0.27-0.94x the panel GEMM's time on the stories42M projections (2 threads,
-# AVX-512 VNNI; K = 1376 is the closest), so a 128-token prefill stays on the kernel.
+# shapes measured. With int8 activations the kernel's integer dot products keep it ahead: from
+# 8 or 10 rows (int4_matmul_q8_gemm_rows()) it takes its many-rows path (weight rows interleaved
+# per call, one lane per weight row), which took 0.47-0.70x the panel GEMM's time on the
+# stories42M projections at 128 to 512 rows with AVX-512 VNNI, and 0.5x at 128 rows to 0.87x at
+# 512 with AVX2 (2 threads), so prompts up to 512 tokens stay on the kernel.
 MAX_CPU_ROWS = 64
-MAX_CPU_ROWS_INT8 = 128
+MAX_CPU_ROWS_INT8 = 512
 CPU_PANEL_BYTES = 1 << 21  # fp32 weight rows dequantized at a time past MAX_CPU_ROWS: cache-sized
 ACTIVATION_CHOICES = ("int8", "fp32")
 # How the kernel takes x for int4 weights (see the module docstring); NF4 always takes "fp32".
