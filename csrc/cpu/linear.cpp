@@ -1,10 +1,10 @@
 // y = x @ W^T (+ bias) for a few rows of x (decode-sized M), streaming W once.
 //
-// W is (N, K) row-major and is read exactly once per call: each weight row (or block of 4 rows)
-// is multiplied into every row of x (up to 4 at a time) while it is in registers/L1, so the call
-// runs at memory bandwidth (the two walks: see stream_rows). linear_argmax runs the same walk for
-// greedy decoding's head and keeps only each row of x's largest logit and its index. The vector code uses GCC vector extensions; this file is compiled
-// once per instruction set (see CMakeLists.txt), giving SSE, AVX2 or AVX-512 code from one source.
+// W is (N, K) row-major and is read exactly once per call: each weight row (or block of rows)
+// is multiplied into every row of x (up to kMaxM at a time) while it is in registers/L1, so the
+// call runs at memory bandwidth (the two walks: see stream_rows). linear_argmax runs the same walk
+// for greedy decoding's head and keeps only each row of x's largest logit and its index. The
+// vector code uses GCC vector extensions; this file is compiled once per instruction set (see CMakeLists.txt), giving SSE, AVX2 or AVX-512 code from one source.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -20,15 +20,24 @@ namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
 
+// Register blocking follows the register file (the dot products run in nfloat, simd.h):
+// AVX-512 has 32 vector registers, for 16 accumulators (4 rows of x by 4 weight rows) beside the
+// weight vectors; AVX2 and SSE have 16, for 8 (4 rows of x by 2 weight rows).
+#if defined(__AVX512F__)
 constexpr int kRowBlock = 4;  // weight rows per inner block
-constexpr int kMaxM = 4;      // rows of x per pass
+constexpr int kAccumulators = 16;
+#else
+constexpr int kRowBlock = 2;
+constexpr int kAccumulators = 8;
+#endif
+constexpr int kMaxM = 4;  // rows of x per pass
 
 // Two ways through the weights (measured on a 2-core AVX-512 VM, bench/suites/linear.py):
 // * one row at a time, front to back (dot_row): W's rows are contiguous, so a thread's rows form
 //   one linear stream that the hardware prefetchers follow. Taken when the rows of x are few and
 //   short enough to stay in L1 beside the stream (stream_rows): 1.7-1.9x the blocked walk at one
 //   row of x, 1.3-1.7x at four rows of K = 512.
-// * blocks of kRowBlock rows side by side (dot_block), each vector of x reused for four weight
+// * blocks of kRowBlock rows side by side (dot_block), each vector of x reused for the block's
 //   rows: better for more or longer rows of x, where the row-at-a-time walk re-reads x from L2.
 //   Interleaving the rows restarts several short streams at every block (2 KB each at K = 512),
 //   which the hardware prefetchers pick up late: a software prefetch (non-temporal: W is read
@@ -49,53 +58,56 @@ inline bool stream_rows(int64_t m, int64_t k) {
 template <int RB, int MB, bool PREFETCH = false, typename TW>
 inline void dot_block(const float* const* xs, const TW* w, int64_t w_stride, int64_t k, float out[MB][RB],
                       int64_t ahead = 0) {
-  vfloat acc[MB][RB];
+  nfloat acc[MB][RB];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = vfloat{};
+    for (int r = 0; r < RB; ++r) acc[m][r] = nfloat{};
   int64_t c = 0;
-  for (; c + kLanes <= k; c += kLanes) {
-    vfloat wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = load_lanes(w + r * w_stride + c);
+  for (; c + kN <= k; c += kN) {
+    nfloat wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = load_n(w + r * w_stride + c);
     if (PREFETCH) {
-      // One prefetch per 64-byte line: every iteration for fp32 (16 lanes), every other for 16-bit.
-      if (sizeof(TW) == 4 || (c & (2 * kLanes - 1)) == 0)
+      // One prefetch per 64-byte line of each row.
+      if (((c * int64_t(sizeof(TW))) & 63) == 0)
         for (int r = 0; r < RB; ++r) __builtin_prefetch(w + ahead + r * w_stride + c, 0, 0);
     }
     for (int m = 0; m < MB; ++m) {
-      const vfloat xv = load_lanes(xs[m] + c);
+      const nfloat xv = load_n(xs[m] + c);
       for (int r = 0; r < RB; ++r) acc[m][r] += xv * wv[r];
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) {
-      float s = hsum(acc[m][r]);
+      float s = hsum_n(acc[m][r]);
       for (int64_t t = c; t < k; ++t) s += xs[m][t] * to_float(w[r * w_stride + t]);
       out[m][r] = s;
     }
 }
 
-// out[m] = dot(x[m], w) for one weight row, read front to back with four accumulators per row of
-// x: consecutive rows then form one linear stream, which the hardware prefetchers follow (rows
-// interleaved in blocks restart several short streams at every block: slower at K = 512).
+// out[m] = dot(x[m], w) for one weight row, read front to back with 4 accumulators per row of x (2
+// past kAccumulators): consecutive rows then form one linear stream, which the hardware
+// prefetchers follow (rows interleaved in blocks restart several short streams at every block:
+// slower at K = 512).
 template <int MB, typename TW>
 inline void dot_row(const float* const* xs, const TW* w, int64_t k, float out[MB]) {
-  constexpr int U = 4;
-  vfloat acc[MB][U];
+  constexpr int U = MB * 4 <= kAccumulators ? 4 : 2;
+  nfloat acc[MB][U];
   for (int m = 0; m < MB; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = vfloat{};
+    for (int u = 0; u < U; ++u) acc[m][u] = nfloat{};
   int64_t c = 0;
-  for (; c + U * kLanes <= k; c += U * kLanes) {
-    vfloat wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = load_lanes(w + c + u * kLanes);
+  for (; c + U * kN <= k; c += U * kN) {
+    nfloat wv[U];
+    for (int u = 0; u < U; ++u) wv[u] = load_n(w + c + u * kN);
     for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] += load_lanes(xs[m] + c + u * kLanes) * wv[u];
+      for (int u = 0; u < U; ++u) acc[m][u] += load_n(xs[m] + c + u * kN) * wv[u];
   }
-  for (; c + kLanes <= k; c += kLanes) {
-    const vfloat wv = load_lanes(w + c);
-    for (int m = 0; m < MB; ++m) acc[m][0] += load_lanes(xs[m] + c) * wv;
+  for (; c + kN <= k; c += kN) {
+    const nfloat wv = load_n(w + c);
+    for (int m = 0; m < MB; ++m) acc[m][0] += load_n(xs[m] + c) * wv;
   }
   for (int m = 0; m < MB; ++m) {
-    float s = hsum((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]));
+    for (int stride = 1; stride < U; stride *= 2)  // (a0 + a1) + (a2 + a3)
+      for (int u = 0; u + stride < U; u += 2 * stride) acc[m][u] += acc[m][u + stride];
+    float s = hsum_n(acc[m][0]);
     for (int64_t t = c; t < k; ++t) s += xs[m][t] * to_float(w[t]);
     out[m] = s;
   }
@@ -130,6 +142,16 @@ void rows_pass(const float* const* xs, TX* const* ys, const TW* w, const float* 
   }
 }
 
+// rows_pass for mb (1 <= mb <= MB) rows of x.
+template <int MB, typename TX, typename TW>
+void rows_pass_some(int mb, const float* const* xs, TX* const* ys, const TW* w, const float* bias, int64_t n0,
+                    int64_t n1, int64_t k, bool stream) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return rows_pass_some<MB - 1>(mb, xs, ys, w, bias, n0, n1, k, stream);
+  }
+  rows_pass<MB>(xs, ys, w, bias, n0, n1, k, stream);
+}
+
 // All rows of x against weight rows [n0, n1): the weights are walked in tiles small enough to
 // stay in L2 while every group of up to kMaxM rows of x passes over them, so W streams once.
 template <typename TX, typename TW>
@@ -147,12 +169,7 @@ void tile_pass(const float* xf, TX* y, const TW* w, const float* bias, int64_t m
         xs[j] = xf + (i + j) * k;
         ys[j] = y + (i + j) * y_stride;
       }
-      switch (mb) {
-        case 1: rows_pass<1>(xs, ys, w, bias, t0, t1, k, stream); break;
-        case 2: rows_pass<2>(xs, ys, w, bias, t0, t1, k, stream); break;
-        case 3: rows_pass<3>(xs, ys, w, bias, t0, t1, k, stream); break;
-        default: rows_pass<4>(xs, ys, w, bias, t0, t1, k, stream); break;
-      }
+      rows_pass_some<kMaxM>(mb, xs, ys, w, bias, t0, t1, k, stream);
     }
   }
 }
@@ -227,12 +244,7 @@ void linear_argmax_impl(const TX* x, const TW* w, int64_t m, int64_t n, int64_t 
           ys[j] = buf[j];
         }
         const TW* wt = w + t0 * k;
-        switch (mb) {
-          case 1: rows_pass<1>(xs, ys, wt, nullptr, 0, t1 - t0, k, stream); break;
-          case 2: rows_pass<2>(xs, ys, wt, nullptr, 0, t1 - t0, k, stream); break;
-          case 3: rows_pass<3>(xs, ys, wt, nullptr, 0, t1 - t0, k, stream); break;
-          default: rows_pass<4>(xs, ys, wt, nullptr, 0, t1 - t0, k, stream); break;
-        }
+        rows_pass_some<kMaxM>(mb, xs, ys, wt, static_cast<const float*>(nullptr), 0, t1 - t0, k, stream);
         for (int j = 0; j < mb; ++j) {
           float& b = best[t * m + i + j];
           int64_t& at = where[t * m + i + j];

@@ -26,13 +26,13 @@ namespace cpu {
 namespace LLAMA_KERNELS_ISA {
 namespace {
 
-// q . k over one head: 16 lanes at a time, then a tree sum.
+// q . k over one head: the build's vector width at a time (nfloat), then a tree sum.
 template <typename T>
 inline float dot(const float* r, const T* k, int64_t n) {
-  vfloat acc{};
+  nfloat acc{};
   int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) acc += loadf(r + d) * load_lanes(k + d);
-  float total = hsum(acc);
+  for (; d + kN <= n; d += kN) acc += load_n(r + d) * load_n(k + d);
+  float total = hsum_n(acc);
   for (; d < n; ++d) total += r[d] * to_float(k[d]);
   return total;
 }
@@ -195,8 +195,8 @@ void decode_impl(const T* q, const T* k_new, const T* v_new, TC* k_cache, TC* v_
             const float p = scores[h * len + n];
             float* a = out_part + h * part + 2;
             int64_t d = 0;
-            for (; d + kLanes <= D; d += kLanes) {
-              const vfloat sum = loadf(a + d) + p * load_lanes(vr + d);
+            for (; d + kN <= D; d += kN) {
+              const nfloat sum = load_n(a + d) + p * load_n(vr + d);
               std::memcpy(a + d, &sum, sizeof(sum));
             }
             for (; d < D; ++d) a[d] += p * to_float(vr[d]);

@@ -13,7 +13,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -78,12 +78,83 @@ inline void to_fp32(const T* in, int64_t n, float* out) {
 inline float hsum(vfloat v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(__m512(v));
+#elif defined(__AVX2__)
+  // The same tree in registers: lanes i + 8, then + 4, + 2, + 1 (the loop below spills to memory
+  // and adds 15 scalars, which cost as much as a 512-long dot product's FMAs).
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
 #else
   float t[kLanes];
   std::memcpy(t, &v, sizeof(t));
   for (int width = kLanes / 2; width > 0; width /= 2)
     for (int i = 0; i < width; ++i) t[i] += t[i + width];
   return t[0];
+#endif
+}
+
+// Vectors of the build's own width (nfloat: kN = 16 lanes with AVX-512, 8 with AVX2, 4 with
+// SSE), for accumulating loops. Without AVX-512, GCC keeps 16-lane vfloat accumulators on the
+// stack: with them the linear kernel's 8 rows of x cost 9x one row on a 2-core AVX2 VM, and its
+// one row ran at half the memory bandwidth.
+#if defined(__AVX512F__)
+constexpr int kN = 16;
+#elif defined(__AVX2__)
+constexpr int kN = 8;
+#else
+constexpr int kN = 4;
+#endif
+typedef float nfloat __attribute__((vector_size(kN * sizeof(float))));
+
+// kN values as fp32 lanes (fp32, bf16 widened by a shift, fp16 converted), as load_lanes.
+template <typename T>
+inline nfloat load_n(const T* p) {
+  if constexpr (kN == kLanes) {
+    return load_lanes(p);
+  } else if constexpr (std::is_same_v<T, float>) {
+    nfloat v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    typedef uint16_t nu16 __attribute__((vector_size(kN * sizeof(uint16_t))));
+    typedef uint32_t nu32 __attribute__((vector_size(kN * sizeof(uint32_t))));
+    nu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const nu32 w = __builtin_convertvector(h, nu32) << 16;
+    nfloat f;
+    std::memcpy(&f, &w, sizeof(f));
+    return f;
+  } else {
+    static_assert(std::is_same_v<T, f16_t>, "load_n: fp32, bf16 or fp16");
+    nfloat f;
+#if defined(__F16C__) && !defined(__AVX512F__)
+    if constexpr (kN == 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&f, &v, sizeof(f));
+      return f;
+    }
+#endif
+    for (int i = 0; i < kN; ++i) f[i] = to_float(p[i]);
+    return f;
+  }
+}
+
+// Sum of an nfloat's lanes as a tree (i + kN/2, then + kN/4, ...), in registers.
+inline float hsum_n(nfloat v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(v));
+#elif defined(__AVX2__)
+  __m256 s8;
+  std::memcpy(&s8, &v, sizeof(s8));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
 }
 
