@@ -17,13 +17,13 @@ pytestmark = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not bui
 
 # (M, N, K): M = 1..9, N not a multiple of the row block, K with tails past the widest block
 # (96 = 3 chunks, 224 = 7, 416 = 13) as well as whole blocks; rows split across threads (N = 301).
-# From gemm_rows(isa) rows of x (8 or 10) the kernel takes its many-rows path (weight rows
+# From gemm_rows(isa) rows of x (8 or 32) the kernel takes its many-rows path (weight rows
 # interleaved, a lane each): M on both sides of it and of its blocks of x rows, N not a multiple
 # of the 8, 16 or 32 rows of a tile (and below one), weights split across threads.
 SHAPES = [(1, 1, 32), (1, 37, 64), (2, 5, 128), (3, 33, 96), (4, 100, 256), (5, 7, 384), (6, 13, 224),
           (7, 9, 416), (8, 70, 512), (9, 3, 128), (2, 301, 480),
-          (10, 45, 160), (11, 1, 64), (12, 45, 160), (13, 17, 96), (21, 300, 416), (37, 33, 224),
-          (64, 129, 128)]
+          (10, 45, 160), (11, 1, 64), (13, 17, 96), (21, 300, 416), (31, 45, 160), (32, 45, 160),
+          (37, 33, 224), (64, 129, 128)]
 CASES = [(shape, g) for shape in SHAPES for g in (32, 64, 128) if shape[2] % g == 0]
 OUT_TOL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # the output's rounding
 

@@ -89,6 +89,7 @@ constexpr int kW = 8;
 #else
 constexpr int kW = 4;
 #endif
+static_assert(kW == kN, "the wide lanes are simd.h's nfloat lanes (the zero term adds nfloat sums to them)");
 #if defined(__AVX512F__) || defined(__AVX2__)
 constexpr bool kWideAnyTable = true;
 #else
@@ -471,6 +472,8 @@ template <int W>
 inline float hsum_w(typename QV<W>::f v) {
   if constexpr (W == kLanes) {
     return hsum(v);
+  } else if constexpr (W == kN) {
+    return hsum_n(v);
   } else {
     float t[W];
     std::memcpy(t, &v, sizeof(t));
@@ -478,18 +481,6 @@ inline float hsum_w(typename QV<W>::f v) {
       for (int i = 0; i < width; ++i) t[i] += t[i + width];
     return t[0];
   }
-}
-
-// A 16-lane vector folded into kW lanes (lane l gets the lanes l, l + kW, ...), for one sum.
-inline typename QV<kW>::f fold(vfloat v) {
-  typename QV<kW>::f out;
-  std::memcpy(&out, &v, sizeof(out));
-  for (int part = 1; part < kLanes / kW; ++part) {
-    typename QV<kW>::f more;
-    std::memcpy(&more, reinterpret_cast<const char*>(&v) + part * sizeof(out), sizeof(more));
-    out += more;
-  }
-  return out;
 }
 
 // x of one row, prepared by q8_prepare: the int8 values in block order, and per 32-bit lane (4 per
@@ -678,9 +669,9 @@ inline void q8_block(const Q8Row* xs, const uint8_t* packed, int64_t packed_stri
     for (int r = 0; r < RB; ++r) {
       const float* z = scratch.zeros.data() + r * gp;
       for (int m = 0; m < MB; ++m) {
-        vfloat t{};
-        for (int64_t g = 0; g < gp; g += kLanes) t += loadf(z + g) * loadf(xs[m].xsum + g);
-        acc[m][r] += fold(t);
+        nfloat t{};  // the build's width, the accumulators' type (kN == kW)
+        for (int64_t g = 0; g < gp; g += kN) t += load_n(z + g) * load_n(xs[m].xsum + g);
+        acc[m][r] += t;
       }
     }
   }
@@ -816,10 +807,11 @@ inline void q8_gemm_block(const Q8Row* xs, const Q8Tile* tiles, int64_t chunks, 
     }
 }
 
-// Rows of x from which impl_q8 takes this path (measured on the stories42M/110M projections, 2
-// threads): with 16 lanes (AVX-512 VNNI) it is 1.3x the row path at 8 rows and 1.65x at 16; with
-// 8 (AVX2 vpmaddubsw) it only breaks even at 8 rows, and is 1.15x at 10 and 1.3x at 12.
-constexpr int64_t kQ8GemmRows = kW >= 16 ? 8 : 10;
+// Rows of x from which impl_q8 takes this path (measured on the stories42M projections and head,
+// 2 threads): with 16 lanes (AVX-512 VNNI) it is 1.3x the row path at 8 rows and 1.65x at 16;
+// with 8 (AVX2 vpmaddubsw, which needs twice the instructions per chunk) the row path is faster up
+// to about 24 rows (2x at 8), and this one 1.1-1.6x from 32.
+constexpr int64_t kQ8GemmRows = kW >= 16 ? 8 : 32;
 
 // Tiles of kQ8GemmTiles * kW weight rows against kQ8GemmM rows of x per register block: AVX-512's
 // 32 registers hold 2 x 5 int32 and fp32 accumulators with the codes; narrower ISAs take one tile.

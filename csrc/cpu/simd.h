@@ -63,17 +63,6 @@ inline vfloat load_lanes(const T* p) {
   }
 }
 
-// out[0, n) = in[0, n) as fp32, 16 values at a time.
-template <typename T>
-inline void to_fp32(const T* in, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = load_lanes(in + i);
-    std::memcpy(out + i, &v, sizeof(v));
-  }
-  for (; i < n; ++i) out[i] = to_float(in[i]);
-}
-
 // Sum of the lanes as a tree (log2 16 dependent adds, not 15).
 inline float hsum(vfloat v) {
 #if defined(__AVX512F__)
@@ -156,6 +145,17 @@ inline float hsum_n(nfloat v) {
 #else
   return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
+}
+
+// out[0, n) = in[0, n) as fp32, kN values at a time.
+template <typename T>
+inline void to_fp32(const T* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kN <= n; i += kN) {
+    const nfloat v = load_n(in + i);
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) out[i] = to_float(in[i]);
 }
 
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
