@@ -4,7 +4,8 @@
 // is multiplied into every row of x (up to kMaxM at a time) while it is in registers/L1, so the
 // call runs at memory bandwidth (the two walks: see stream_rows). linear_argmax runs the same walk
 // for greedy decoding's head and keeps only each row of x's largest logit and its index. The
-// vector code uses GCC vector extensions; this file is compiled once per instruction set (see CMakeLists.txt), giving SSE, AVX2 or AVX-512 code from one source.
+// vector code uses GCC vector extensions; this file is compiled once per instruction set (see
+// CMakeLists.txt), giving SSE, AVX2 or AVX-512 code from one source.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>

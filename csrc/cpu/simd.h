@@ -1,6 +1,7 @@
 // Shared by the CPU kernels: 16-lane vectors (GCC vector extensions, which each per-ISA build
-// lowers to SSE, AVX2 or AVX-512), their loads and sums, and when to use threads. Everything is
-// inside the ISA namespace so that the differently compiled copies never merge at link time.
+// lowers to SSE, AVX2 or AVX-512) and vectors of the build's own width (nfloat, for accumulating
+// loops), their loads and sums, and when to use threads. Everything is inside the ISA namespace
+// so that the differently compiled copies never merge at link time.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -63,29 +64,6 @@ inline vfloat load_lanes(const T* p) {
   }
 }
 
-// Sum of the lanes as a tree (log2 16 dependent adds, not 15).
-inline float hsum(vfloat v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(__m512(v));
-#elif defined(__AVX2__)
-  // The same tree in registers: lanes i + 8, then + 4, + 2, + 1 (the loop below spills to memory
-  // and adds 15 scalars, which cost as much as a 512-long dot product's FMAs).
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const __m256 s8 = _mm256_add_ps(lo, hi);
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-#else
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof(t));
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) t[i] += t[i + width];
-  return t[0];
-#endif
-}
-
 // Vectors of the build's own width (nfloat: kN = 16 lanes with AVX-512, 8 with AVX2, 4 with
 // SSE), for accumulating loops. Without AVX-512, GCC keeps 16-lane vfloat accumulators on the
 // stack: with them the linear kernel's 8 rows of x cost 9x one row on a 2-core AVX2 VM, and its
@@ -144,6 +122,26 @@ inline float hsum_n(nfloat v) {
   return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
 #else
   return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+}
+
+// Sum of the lanes as a tree (log2 16 dependent adds, not 15).
+inline float hsum(vfloat v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(v));
+#elif defined(__AVX2__)
+  // The same tree in registers: lanes i + 8, then hsum_n (the loop below spills to memory and adds
+  // 15 scalars, which cost as much as a 512-long dot product's FMAs).
+  nfloat lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return hsum_n(lo + hi);
+#else
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) t[i] += t[i + width];
+  return t[0];
 #endif
 }
 
