@@ -15,7 +15,7 @@ EXT = llama_kernels.capabilities().ext
 ISAS = EXT.cpu_isas() if EXT is not None else []
 pytestmark = pytest.mark.skipif(EXT is None, reason="llama_kernels._C is not built")
 
-# (M, N, K): M = 1..9, N not a multiple of the row block, K with tails past the widest block
+# (M, N, K): M = 1..64, N not a multiple of the row block, K with tails past the widest block
 # (96 = 3 chunks, 224 = 7, 416 = 13) as well as whole blocks; rows split across threads (N = 301).
 # From gemm_rows(isa) rows of x (8 or 32) the kernel takes its many-rows path (weight rows
 # interleaved, a lane each): M on both sides of it and of its blocks of x rows, N not a multiple
@@ -91,7 +91,7 @@ def test_close_to_dequantized_reference(isa, shape, group):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (9, 256, 128), (19, 416, 32)], ids=str)
+@pytest.mark.parametrize("m,k,group", [(1, 416, 32), (3, 448, 64), (9, 256, 128), (19, 416, 32), (33, 416, 32)], ids=str)
 def test_several_weights_write_only_their_slices(isa, m, k, group):
     qws = [quantize_int4(torch.randn(n, k), group) for n in (13, 70, 5)]
     x = torch.randn(m, k)
@@ -105,7 +105,7 @@ def test_several_weights_write_only_their_slices(isa, m, k, group):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [5, 19])
+@pytest.mark.parametrize("m", [5, 19, 33])
 def test_isas_agree(isa, m):
     """The integer sums are exact on every ISA: only the fp32 order of the block sums differs."""
     qw = quantize_int4(torch.randn(67, 480), 32)
