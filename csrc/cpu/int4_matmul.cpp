@@ -470,9 +470,7 @@ inline typename QV<W>::i dot(typename QV<W>::i acc, typename QV<W>::b u, typenam
 // Sum of the lanes as a tree (as hsum), not as one chain of W dependent adds.
 template <int W>
 inline float hsum_w(typename QV<W>::f v) {
-  if constexpr (W == kLanes) {
-    return hsum(v);
-  } else if constexpr (W == kN) {
+  if constexpr (W == kN) {
     return hsum_n(v);
   } else {
     float t[W];
@@ -709,7 +707,7 @@ void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f
 }
 
 // ------------------------------------------------------------ int8 activations, many rows of x
-// From kInt4Q8GemmRows rows of x (a prefill, a batch), the layout above spends most of its time
+// From kQ8GemmRows rows of x (a prefill, a batch), the layout above spends most of its time
 // outside the dot products: every lane holds 8 products of one chunk, so each pair of byte dot
 // products is followed by a conversion to fp32, a scale and an add, for every row of x and of W.
 // There the lanes stand for weight rows instead. Each thread copies kW weight rows at a time
