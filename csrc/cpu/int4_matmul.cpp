@@ -718,8 +718,9 @@ void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f
 // steps cover the chunk. A lane then holds the whole chunk's integer sum, which is converted and
 // scaled (s_g of its row times d_c of x) once per chunk, row of x and kW rows of W: a quarter of
 // the conversions, and y comes out as whole vectors, with no horizontal sums. The tile costs one
-// copy of the thread's weight rows per call, shared by every row of x; the weights' stored
-// layout does not change. The zero term is added per group from x's fp32 group sums as above.
+// copy of the thread's weight rows per call, shared by every row of x, made of 8 x 8 word
+// transposes; the weights' stored layout does not change. The zero term is added per group from
+// x's fp32 group sums as above.
 
 // kW weight rows interleaved as above, with their scales and zeros in fp32, per group a vector of
 // kW lanes (rows past the weight's end are zeros).
@@ -727,6 +728,47 @@ struct Q8Tile {
   std::vector<uint32_t> codes;
   std::vector<float> scales, zeros;
 };
+
+// dst[j * dst_stride + i] = word j of row i (at src + i * src_stride bytes), i, j < 8: an 8 x 8
+// transpose of 32-bit words.
+inline void transpose8(const uint8_t* src, int64_t src_stride, uint32_t* dst, int64_t dst_stride) {
+#if defined(__AVX2__)
+  __m256i r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * src_stride));
+  for (int i = 0; i < 8; i += 2) {  // t[i]: words 0, 1 | 4, 5 of rows i, i+1; t[i+1]: 2, 3 | 6, 7
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {  // u[h + j]: word j | j + 4 of rows h..h+3
+    u[h + 0] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * dst_stride), _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j + 4) * dst_stride),
+                        _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) std::memcpy(dst + j * dst_stride + i, src + i * src_stride + 4 * j, 4);
+#endif
+}
+
+// dst[j * kW + r] = word j of row r (src + r * src_stride bytes) for j < words, r < rows (<= kW):
+// 8 x 8 blocks transposed whole, the edges word by word.
+inline void interleave_rows(const uint8_t* src, int64_t src_stride, int rows, int64_t words, uint32_t* dst) {
+  int r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= words; j0 += 8) transpose8(src + r0 * src_stride + 4 * j0, src_stride, dst + j0 * kW + r0, kW);
+    for (int r = r0; r < r0 + 8; ++r)
+      for (int64_t j = j0; j < words; ++j) std::memcpy(dst + j * kW + r, src + r * src_stride + 4 * j, 4);
+  }
+  for (int r = r0; r < rows; ++r)
+    for (int64_t j = 0; j < words; ++j) std::memcpy(dst + j * kW + r, src + r * src_stride + 4 * j, 4);
+}
 
 // Fills `tile` from weight rows [n0, n0 + rows), rows <= kW.
 inline void q8_fill_tile(const uint8_t* packed, const f16_t* scales, const f16_t* zeros, int64_t n0, int rows,
@@ -740,13 +782,18 @@ inline void q8_fill_tile(const uint8_t* packed, const f16_t* scales, const f16_t
     std::fill(tile.scales.begin(), tile.scales.end(), 0.f);
     std::fill(tile.zeros.begin(), tile.zeros.end(), 0.f);
   }
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* row = packed + (n0 + r) * ps;
-    for (int64_t w = 0; w < words; ++w) std::memcpy(&tile.codes[w * kW + r], row + 4 * w, 4);
-    for (int64_t g = 0; g < groups; ++g) {
-      tile.scales[g * kW + r] = to_float(scales[(n0 + r) * groups + g]);
-      if (zeros) tile.zeros[g * kW + r] = to_float(zeros[(n0 + r) * groups + g]);
-    }
+  interleave_rows(packed + n0 * ps, ps, rows, words, tile.codes.data());
+  // The scales and zeros: each row's converted to fp32 (whole vectors), then interleaved the same way.
+  thread_local std::vector<float> rowf;
+  rowf.resize(static_cast<size_t>(kW * groups));
+  const int64_t gbytes = groups * 4;
+  to_fp32(scales + n0 * groups, rows * groups, rowf.data());
+  interleave_rows(reinterpret_cast<const uint8_t*>(rowf.data()), gbytes, rows, groups,
+                  reinterpret_cast<uint32_t*>(tile.scales.data()));
+  if (zeros) {
+    to_fp32(zeros + n0 * groups, rows * groups, rowf.data());
+    interleave_rows(reinterpret_cast<const uint8_t*>(rowf.data()), gbytes, rows, groups,
+                    reinterpret_cast<uint32_t*>(tile.zeros.data()));
   }
 }
 
@@ -806,10 +853,12 @@ inline void q8_gemm_block(const Q8Row* xs, const Q8Tile* tiles, int64_t chunks, 
 }
 
 // Rows of x from which impl_q8 takes this path (measured on the stories42M projections and head,
-// 2 threads): with 16 lanes (AVX-512 VNNI) it is 1.3x the row path at 8 rows and 1.65x at 16;
-// with 8 (AVX2 vpmaddubsw, which needs twice the instructions per chunk) the row path is faster up
-// to about 24 rows (2x at 8), and this one 1.1-1.6x from 32.
-constexpr int64_t kQ8GemmRows = kW >= 16 ? 8 : 32;
+// 2 threads). 16 lanes (AVX-512 VNNI): 1.3x the row path at 8 rows and 1.65x at 16, when the tile
+// was still filled word by word (not re-measured since). 8 lanes (AVX2 vpmaddubsw): with the
+// transposed fill, about even at 3 rows, 1.06-1.09x at 4, 1.2-1.3x at 8, 1.5x at 16 and 1.6-1.8x
+// at 32-64; the word-by-word fill cost about as much as the dot products at 8 rows. 4 lanes (the
+// baseline build, no AVX2): 1.2x at 4 rows, 1.3x at 32.
+constexpr int64_t kQ8GemmRows = kW >= 16 ? 8 : 4;
 
 // Tiles of kQ8GemmTiles * kW weight rows against kQ8GemmM rows of x per register block: AVX-512's
 // 32 registers hold 2 x 5 int32 and fp32 accumulators with the codes; narrower ISAs take one tile.

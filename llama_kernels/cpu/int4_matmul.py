@@ -12,9 +12,9 @@ quantized to int8 once per call ("int8": per block of 32 elements, d = amax / 12
 round(x / d), fp32 d; exact integer dot products of the unsigned codes with xq, AVX-512 VNNI
 vpdpbusd where the CPU has it (the avx512vnni build), vpmaddubsw + vpmaddwd on AVX2 and
 AVX-512BW; then y += s * d * (sum q xq - 8 sum xq) per block, plus z * (fp32 sum of x) per group).
-The weights keep their packed layout; from 8 rows of x on AVX-512, 32 on AVX2 (a prompt, a batch;
+The weights keep their packed layout; from 8 rows of x on AVX-512, 4 on AVX2 (a prompt, a batch;
 the extension's int4_matmul_q8_gemm_rows()) each thread copies 16 weight rows at a time (8 on AVX2)
-into an interleaved tile, so that each SIMD lane accumulates one weight row's whole 32-code chunk
+into an interleaved tile (8 x 8 word transposes), so that each SIMD lane accumulates one weight row's whole 32-code chunk
 before the fp32 conversion, and y comes out in whole vectors. "int8" is the default: 1.3-2x faster
 on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near
 1e-2, and the held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe,
@@ -36,7 +36,7 @@ from .. import dispatch
 # dequantized (C++, into a scratch buffer) for a BLAS GEMM, whose efficiency grows with M while
 # the kernel's cost per row stays flat; with fp32 activations the two meet near 64 rows on the
 # shapes measured. With int8 activations the kernel's integer dot products keep it ahead: from
-# 8 or 32 rows (int4_matmul_q8_gemm_rows()) it takes its many-rows path (weight rows interleaved
+# 8 or 4 rows (int4_matmul_q8_gemm_rows()) it takes its many-rows path (weight rows interleaved
 # per call, one lane per weight row), which took 0.47-0.70x the panel GEMM's time on the
 # stories42M projections at 128 to 512 rows with AVX-512 VNNI, and 0.5x at 128 rows to 0.87x at
 # 512 with AVX2 (2 threads), so prompts up to 512 tokens stay on the kernel.
