@@ -158,33 +158,37 @@ inline void to_fp32(const T* in, int64_t n, float* out) {
 
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// e^x in 16 lanes with plain arithmetic, so that it vectorises (expf would not, without
-// -ffast-math): relative error about 2e-7 on [-87, 88], inf above, 0 below, NaN kept.
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6, 2^n as exponent
-// bits. Adding 1.5 * 2^23 rounds to an integer; ln2 is split in two so that n * ln2 is exact in
-// the first part.
-inline vfloat exp16(vfloat x_in) {
-  vfloat x = x_in < -87.f ? vfloat{} - 87.f : x_in;
-  x = x > 88.f ? vfloat{} + 88.f : x;
-  x = x == x ? x : vfloat{};  // NaN lanes: computed as 0, restored below
+// e^x lane by lane with plain arithmetic, so that it vectorises (expf would not, without
+// -ffast-math), on any fp32 vector type (vfloat, nfloat): relative error about 2e-7 on [-87, 88],
+// inf above, 0 below, NaN kept. x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial
+// to degree 6, 2^n as exponent bits. Adding 1.5 * 2^23 rounds to an integer; ln2 is split in two
+// so that n * ln2 is exact in the first part.
+template <typename VF>
+inline VF expv(VF x_in) {
+  using VI = decltype(x_in < x_in);  // the int32 vector of as many lanes
+  VF x = x_in < -87.f ? VF{} - 87.f : x_in;
+  x = x > 88.f ? VF{} + 88.f : x;
+  x = x == x ? x : VF{};  // NaN lanes: computed as 0, restored below
   const float shifter = 12582912.f;
-  const vfloat n = (x * 1.44269504088896341f + shifter) - shifter;
-  const vfloat r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  vfloat p = vfloat{} + 1.f / 720;
+  const VF n = (x * 1.44269504088896341f + shifter) - shifter;
+  const VF r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  VF p = VF{} + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
   p = p * r + 1.f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat two_n;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  vfloat e = p * two_n;
-  e = x_in > 88.f ? vfloat{} + __builtin_inff() : e;
-  e = x_in < -87.f ? vfloat{} : e;
+  VF e = p * two_n;
+  e = x_in > 88.f ? VF{} + __builtin_inff() : e;
+  e = x_in < -87.f ? VF{} : e;
   return x_in == x_in ? e : x_in;
 }
+
+inline vfloat exp16(vfloat x) { return expv(x); }
 
 // Below this many elements a call runs on the calling thread: waking a thread pool costs more
 // than the work, and idle OpenMP workers spinning beside torch's own pool slow both down.
