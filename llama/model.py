@@ -265,7 +265,9 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
     thread start-up costs about as much as its arithmetic. Layers of one class that define
     `fused_forward(x, layers)` (our Linear; QuantLinear of one format) then run as one kernel
     call, whose output is split into views, even when they are not joined. Everything else, and
-    inputs with more than FUSED_PROJECTION_MAX_ROWS rows, runs one layer at a time.
+    inputs with more than FUSED_PROJECTION_MAX_ROWS rows, runs one layer at a time, unless the
+    class sets FUSED_ANY_ROWS (QuantLinear: one call quantizes a prompt's rows to int8 once for
+    all its weights).
     """
     if "_joined" in layers[0].__dict__:
         record = _usable_joined(layers)
@@ -273,8 +275,8 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
             return list(record.forward(x, record.operand).split(record.sizes, dim=-1))
     cls = type(layers[0])
     fused = getattr(cls, "fused_forward", None)
-    decode_sized = x.numel() <= FUSED_PROJECTION_MAX_ROWS * x.shape[-1]
-    if fused is not None and x.is_cpu and decode_sized and all(type(layer) is cls for layer in layers):
+    sized = getattr(cls, "FUSED_ANY_ROWS", False) or x.numel() <= FUSED_PROJECTION_MAX_ROWS * x.shape[-1]
+    if fused is not None and x.is_cpu and sized and all(type(layer) is cls for layer in layers):
         y = fused(x, layers)
         if y is not None:
             return list(y.split([layer.out_features for layer in layers], dim=-1))

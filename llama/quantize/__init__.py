@@ -196,6 +196,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_matmul(x, self.qweight, self.bias)
 
+    # project() takes fused_forward at every size, prompts too: below the kernel's rows x is
+    # converted to int8 once for all the weights, past them int4_matmul takes each weight in turn.
+    FUSED_ANY_ROWS = True
+
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: Sequence["QuantLinear"]) -> Optional[torch.Tensor]:
         """The layers' outputs side by side from one int4_matmul call, or None when they differ in
