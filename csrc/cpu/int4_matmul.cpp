@@ -805,7 +805,8 @@ inline void transpose8(const uint8_t* src, int64_t src_stride, uint32_t* dst, in
     u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
   }
   for (int j = 0; j < 4; ++j) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * dst_stride), _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * dst_stride),
+                        _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j + 4) * dst_stride),
                         _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
   }
