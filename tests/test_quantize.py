@@ -115,19 +115,24 @@ def test_quantize_swaps_layers_and_logits_stay_close(name, monkeypatch):
     assert model_size_bytes(model) < 0.45 * model_size_bytes(dense)
 
 
-def test_cpu_projections_that_share_an_input_run_as_one_call(monkeypatch):
-    """Q/K/V and gate/up of a 4-bit model are one int4_matmul call each on the CPU, and give
+@pytest.mark.parametrize("batch, length", [(1, 3), (2, 20)], ids=["decode-sized", "prompt"])
+def test_cpu_projections_that_share_an_input_run_as_one_call(monkeypatch, batch, length):
+    """Q/K/V and gate/up of a 4-bit model are one int4_matmul call each on the CPU, for a
+    decode step and for a prompt past llama.model.FUSED_PROJECTION_MAX_ROWS rows alike, and give
     the logits that one call per layer gives."""
+    from llama.model import FUSED_PROJECTION_MAX_ROWS
     from llama_kernels.ops import int4_matmul as im
+    assert (batch * length > FUSED_PROJECTION_MAX_ROWS) == (batch > 1)  # each case on its side
     model = quantize_(tiny(), Int4Config(64))
     calls, real = [], im._forward_parts
     monkeypatch.setattr(im, "_forward_parts", lambda x, parts, *a: calls.append(len(parts)) or real(x, parts, *a))
+    tokens = TOKENS[:batch, :length]
     with torch.no_grad():
-        fused = model(TOKENS[:1, :3])
+        fused = model(tokens)
         assert calls == [3, 1, 2, 1] * 2 + [1]
         monkeypatch.setattr(QuantLinear, "fused_forward", None)
         calls.clear()
-        single = model(TOKENS[:1, :3])
+        single = model(tokens)
         assert calls == [1] * 15
     torch.testing.assert_close(fused, single, atol=1e-5, rtol=1e-5)
 

@@ -14,9 +14,9 @@ vpdpbusd where the CPU has it (the avx512vnni build), vpmaddubsw + vpmaddwd on A
 AVX-512BW; then y += s * d * (sum q xq - 8 sum xq) per block, plus z * (fp32 sum of x) per group).
 The weights keep their packed layout; from 8 rows of x on AVX-512, 4 on AVX2 (a prompt, a batch;
 the extension's int4_matmul_q8_gemm_rows()) each thread copies 16 weight rows at a time (8 on AVX2)
-into an interleaved tile (8 x 8 word transposes), so that each SIMD lane accumulates one weight row's whole 32-code chunk
-before the fp32 conversion, and y comes out in whole vectors. "int8" is the default: 1.3-2x faster
-on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near
+into an interleaved tile (8 x 8 word transposes), so that each SIMD lane accumulates one weight
+row's whole 32-code chunk before the fp32 conversion, and y comes out in whole vectors. "int8" is
+the default: 1.3-2x faster on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near
 1e-2, and the held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe,
 every row through this kernel) within 0.03% of "fp32". NF4 always takes the fp32 path: its code book
 is not integers, so an int8 dot product would need the code book rounded to int8 (a second
