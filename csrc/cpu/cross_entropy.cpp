@@ -57,7 +57,7 @@ void row(float* x, int64_t v, int64_t target, int64_t ignore_index, float smooth
   for (int64_t c = 0; c < v; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, v - c);
     const vfloat xv = load_part(x + c, n, -INFINITY);
-    vsum += exp16(xv - shift);
+    vsum += expv(xv - shift);
     if (smoothing != 0.f) vx += load_part(x + c, n, 0.f);
   }
   const float lse = shift + std::log(hsum(vsum));
@@ -70,7 +70,7 @@ void row(float* x, int64_t v, int64_t target, int64_t ignore_index, float smooth
   const float gain = scale * (1.f + 2.f * z_loss * lse), floor = scale * smoothing / static_cast<float>(v);
   for (int64_t c = 0; c < v; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, v - c);
-    const vfloat g = exp16(load_part(x + c, n, -INFINITY) - lse) * gain - floor;
+    const vfloat g = expv(load_part(x + c, n, -INFINITY) - lse) * gain - floor;
     if (n == kLanes) {
       std::memcpy(x + c, &g, sizeof(g));
     } else {

@@ -544,15 +544,13 @@ inline int64_t q8_offset(int64_t c, int i, int64_t chunks) {
 }
 
 // One chunk of x (32 values) in int8, kN lanes at a time: q (natural order) = x / d rounded to
-// the nearest integer, ties to even, as nearbyint does (adding and subtracting 1.5 * 2^23 rounds
-// |v| < 2^22), within [-127, 127]. Returns d (0 when inv is 0), and sets the chunk's fp32 sum and
-// sum of q. A chunk whose sum is not finite, or whose amax is below FLT_MIN * 127, is all zeros.
+// the nearest integer, ties to even, as nearbyint does (round_even), within [-127, 127]. Returns
+// d (0 when inv is 0), and sets the chunk's fp32 sum and sum of q. A chunk whose sum is not finite, or whose amax is below FLT_MIN * 127, is all zeros.
 template <typename TX>
 inline float q8_chunk(const TX* x, int8_t* q, float& sum, int32_t& qsum) {
   constexpr int kV = 32 / kN;  // vectors per chunk
   typedef int32_t nint __attribute__((vector_size(kN * sizeof(int32_t))));
   typedef int8_t nbyte __attribute__((vector_size(kN)));
-  const float shifter = 12582912.f;
   nfloat f[kV], s{}, a{};
   for (int v = 0; v < kV; ++v) {
     f[v] = load_n(x + v * kN);
@@ -571,7 +569,7 @@ inline float q8_chunk(const TX* x, int8_t* q, float& sum, int32_t& qsum) {
     r = r == r ? r : nfloat{};  // inf or NaN times inv = 0 (a non-finite chunk): 0
     r = r > 127.f ? nfloat{} + 127.f : r;
     r = r < -127.f ? nfloat{} - 127.f : r;
-    const nint qi = __builtin_convertvector((r + shifter) - shifter, nint);
+    const nint qi = __builtin_convertvector(round_even(r), nint);
     qs += qi;
     const nbyte b = __builtin_convertvector(qi, nbyte);
     std::memcpy(q + v * kN, &b, sizeof(b));
@@ -819,15 +817,16 @@ inline void transpose8(const uint8_t* src, int64_t src_stride, uint32_t* dst, in
 // dst[j * kW + r] = word j of row r (src + r * src_stride bytes) for j < words, r < rows (<= kW):
 // 8 x 8 blocks transposed whole, the edges word by word.
 inline void interleave_rows(const uint8_t* src, int64_t src_stride, int rows, int64_t words, uint32_t* dst) {
+  const auto by_word = [&](int r, int64_t j0) {  // words [j0, words) of row r
+    for (int64_t j = j0; j < words; ++j) std::memcpy(dst + j * kW + r, src + r * src_stride + 4 * j, 4);
+  };
   int r0 = 0;
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t j0 = 0;
     for (; j0 + 8 <= words; j0 += 8) transpose8(src + r0 * src_stride + 4 * j0, src_stride, dst + j0 * kW + r0, kW);
-    for (int r = r0; r < r0 + 8; ++r)
-      for (int64_t j = j0; j < words; ++j) std::memcpy(dst + j * kW + r, src + r * src_stride + 4 * j, 4);
+    for (int r = r0; r < r0 + 8; ++r) by_word(r, j0);
   }
-  for (int r = r0; r < rows; ++r)
-    for (int64_t j = 0; j < words; ++j) std::memcpy(dst + j * kW + r, src + r * src_stride + 4 * j, 4);
+  for (int r = r0; r < rows; ++r) by_word(r, 0);
 }
 
 // Fills `tile` from weight rows [n0, n0 + rows), rows <= kW.
@@ -846,15 +845,13 @@ inline void q8_fill_tile(const uint8_t* packed, const f16_t* scales, const f16_t
   // The scales and zeros: each row's converted to fp32 (whole vectors), then interleaved the same way.
   thread_local std::vector<float> rowf;
   rowf.resize(static_cast<size_t>(kW * groups));
-  const int64_t gbytes = groups * 4;
-  to_fp32(scales + n0 * groups, rows * groups, rowf.data());
-  interleave_rows(reinterpret_cast<const uint8_t*>(rowf.data()), gbytes, rows, groups,
-                  reinterpret_cast<uint32_t*>(tile.scales.data()));
-  if (zeros) {
-    to_fp32(zeros + n0 * groups, rows * groups, rowf.data());
-    interleave_rows(reinterpret_cast<const uint8_t*>(rowf.data()), gbytes, rows, groups,
-                    reinterpret_cast<uint32_t*>(tile.zeros.data()));
-  }
+  const auto per_group = [&](const f16_t* src, std::vector<float>& dst) {
+    to_fp32(src + n0 * groups, rows * groups, rowf.data());
+    interleave_rows(reinterpret_cast<const uint8_t*>(rowf.data()), groups * 4, rows, groups,
+                    reinterpret_cast<uint32_t*>(dst.data()));
+  };
+  per_group(scales, tile.scales);
+  if (zeros) per_group(zeros, tile.zeros);
 }
 
 // Keeps v in a register at this point. Without it GCC reassociates a chain of integer adds into

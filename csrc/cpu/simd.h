@@ -158,19 +158,27 @@ inline void to_fp32(const T* in, int64_t n, float* out) {
 
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+// Each lane rounded to the nearest integer, ties to even (as nearbyint in the default rounding
+// mode), for |v| < 2^22: adding and subtracting 1.5 * 2^23 leaves no fraction bits. Any fp32
+// vector type.
+template <typename VF>
+inline VF round_even(VF v) {
+  const float shifter = 12582912.f;
+  return (v + shifter) - shifter;
+}
+
 // e^x lane by lane with plain arithmetic, so that it vectorises (expf would not, without
 // -ffast-math), on any fp32 vector type (vfloat, nfloat): relative error about 2e-7 on [-87, 88],
 // inf above, 0 below, NaN kept. x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial
-// to degree 6, 2^n as exponent bits. Adding 1.5 * 2^23 rounds to an integer; ln2 is split in two
-// so that n * ln2 is exact in the first part.
+// to degree 6, 2^n as exponent bits (n by round_even); ln2 is split in two so that n * ln2 is
+// exact in the first part.
 template <typename VF>
 inline VF expv(VF x_in) {
   using VI = decltype(x_in < x_in);  // the int32 vector of as many lanes
   VF x = x_in < -87.f ? VF{} - 87.f : x_in;
   x = x > 88.f ? VF{} + 88.f : x;
   x = x == x ? x : VF{};  // NaN lanes: computed as 0, restored below
-  const float shifter = 12582912.f;
-  const VF n = (x * 1.44269504088896341f + shifter) - shifter;
+  const VF n = round_even(x * 1.44269504088896341f);
   const VF r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
   VF p = VF{} + 1.f / 720;
   p = p * r + 1.f / 120;
@@ -187,8 +195,6 @@ inline VF expv(VF x_in) {
   e = x_in < -87.f ? VF{} : e;
   return x_in == x_in ? e : x_in;
 }
-
-inline vfloat exp16(vfloat x) { return expv(x); }
 
 // Below this many elements a call runs on the calling thread: waking a thread pool costs more
 // than the work, and idle OpenMP workers spinning beside torch's own pool slow both down.

@@ -37,7 +37,10 @@ inline nfloat load_part(const T* p, int64_t n) {
 template <typename T>
 inline void store_part(T* p, nfloat v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (n == kN) return std::memcpy(p, &v, sizeof(v)), void();
+    if (n == kN) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    }
   }
   float t[kN];
   std::memcpy(t, &v, sizeof(t));
