@@ -153,15 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=None, help="prefill length (default: 1024 on a GPU, 128 on CPU)")
     p.add_argument("--int4", action="store_true", help="quantize every linear layer to int4, group 32")
+    p.add_argument("--untied", action="store_true",
+                   help="an output layer of its own (the decode suite's stories42M-untied), which --int4 quantizes too")
     p.add_argument("--hf", action="store_true", help="also profile Hugging Face's prefill on the same shape")
     args = p.parse_args(argv)
 
     from llama import KVCache, ModelConfig, build
+    from llama.generate import cache_dtype
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = args.preset or ("sheared-1.3b" if cuda else "stories42M")
     cfg = ModelConfig.preset(preset)
+    if args.untied:
+        cfg = cfg.replace(tie_embeddings=False)
     dtype = torch.bfloat16 if cuda else torch.float32
     prompt = args.prompt or (1024 if cuda else 128)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         model.join_projections()  # as generation does on a GPU
     tokens = torch.randint(3, cfg.vocab_size, (args.batch, prompt), device=device)
-    cache = KVCache.allocate(cfg, args.batch, prompt + 64, device=device, dtype=dtype)  # room for every phase's steps
+    # room for every phase's steps; the dtype generation gives the cache (fp16 for an fp32 model on the CPU)
+    cache = KVCache.allocate(cfg, args.batch, prompt + 64, device=device, dtype=cache_dtype(model.tok_embeddings.weight))
 
     def prefill():
         cache.reset()

@@ -734,7 +734,14 @@ inline void q8_block(const Q8Row* xs, const uint8_t* packed, int64_t packed_stri
     for (int r = 0; r < RB; ++r) out[m][r] = hsum_w<kW>(acc[m][r]);
 }
 
-template <int MB, typename TX>
+// Weight rows per register block of the int8 row path when x has one row (a batch-1 decode step):
+// AVX2 has the registers for 4 (kRowBlock's 2 leave it for two or more rows of x). On the
+// stories42M decode stream (8 layers and the head, 2 threads), 4 rows ran 1.09-1.12x as fast as 2,
+// which spend a quarter of the time on each block's setup and sums at k = 512; 8 spill and gain
+// nothing. The other builds keep kRowBlock (not measured).
+constexpr int kQ8RowBlock1 = kW == 8 ? 4 : kRowBlock;
+
+template <int MB, int RB, typename TX>
 void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f16_t* scales, const f16_t* zeros,
                   int64_t n0, int64_t n1, int64_t k, int group) {
   const int64_t groups = k / group, ps = k / 2;
@@ -742,18 +749,18 @@ void q8_rows_pass(const Q8Row* xs, TX* const* ys, const uint8_t* packed, const f
   // Row blocks side by side restart short streams at every block, which the hardware prefetchers
   // pick up late (as in linear.cpp): the codes of the rows a block or more ahead (at least
   // kPrefetchBytes) are prefetched, and the next block's scales and zeros.
-  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (kRowBlock * ps)) * kRowBlock * ps;
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (RB * ps)) * RB * ps;
   int64_t n = n0;
-  for (; n + kRowBlock <= n1; n += kRowBlock) {
-    for (int64_t g = 0; g < kRowBlock * groups; g += 32) {
-      __builtin_prefetch(scales + (n + kRowBlock) * groups + g, 0, 0);
-      if (zeros) __builtin_prefetch(zeros + (n + kRowBlock) * groups + g, 0, 0);
+  for (; n + RB <= n1; n += RB) {
+    for (int64_t g = 0; g < RB * groups; g += 32) {
+      __builtin_prefetch(scales + (n + RB) * groups + g, 0, 0);
+      if (zeros) __builtin_prefetch(zeros + (n + RB) * groups + g, 0, 0);
     }
-    float out[MB][kRowBlock];
-    q8_block<kRowBlock, MB>(xs, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr,
-                            groups, k, group, scratch, out, n + kRowBlock < n1 ? ahead : 0);
+    float out[MB][RB];
+    q8_block<RB, MB>(xs, packed + n * ps, ps, scales + n * groups, zeros ? zeros + n * groups : nullptr, groups, k,
+                     group, scratch, out, n + RB < n1 ? ahead : 0);
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < kRowBlock; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
+      for (int r = 0; r < RB; ++r) ys[m][n + r] = from_float<TX>(out[m][r]);
   }
   for (; n < n1; ++n) {
     float out[MB][1];
@@ -1041,8 +1048,9 @@ void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m,
                    group);
     });
   } else {
-    const int64_t tile = std::max<int64_t>(kRowBlock, (int64_t{1} << 17) / (k / 2) / kRowBlock * kRowBlock);
-    parallel_parts(parts.n, kRowBlock, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
+    const int64_t rb = m == 1 ? kQ8RowBlock1 : kRowBlock;
+    const int64_t tile = std::max<int64_t>(rb, (int64_t{1} << 17) / (k / 2) / rb * rb);
+    parallel_parts(parts.n, rb, k, num_threads, [&](size_t p, int64_t n0, int64_t n1) {
       const auto* packed = parts.packed[p];
       const auto* scales = static_cast<const f16_t*>(parts.scales[p]);
       const auto* zeros = static_cast<const f16_t*>(parts.zeros[p]);
@@ -1055,10 +1063,10 @@ void impl_q8(const TX* x, const Int4Parts& parts, const float* lut_p, int64_t m,
           for (int j = 0; j < mb; ++j) ys[j] = y + (i + j) * y_stride;
           const Q8Row* xs = rows.data() + i;
           switch (mb) {
-            case 1: q8_rows_pass<1>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
-            case 2: q8_rows_pass<2>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
-            case 3: q8_rows_pass<3>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
-            default: q8_rows_pass<4>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+            case 1: q8_rows_pass<1, kQ8RowBlock1>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+            case 2: q8_rows_pass<2, kRowBlock>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+            case 3: q8_rows_pass<3, kRowBlock>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
+            default: q8_rows_pass<4, kRowBlock>(xs, ys, packed, scales, zeros, t0, t1, k, group); break;
           }
         }
       }
