@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         model.join_projections()  # as generation does on a GPU
     tokens = torch.randint(3, cfg.vocab_size, (args.batch, prompt), device=device)
     # room for every phase's steps; the dtype generation gives the cache (fp16 for an fp32 model on the CPU)
-    cache = KVCache.allocate(cfg, args.batch, prompt + 64, device=device, dtype=cache_dtype(model.tok_embeddings.weight))
+    kv_dtype = cache_dtype(model.tok_embeddings.weight)
+    cache = KVCache.allocate(cfg, args.batch, prompt + 64, device=device, dtype=kv_dtype)
 
     def prefill():
         cache.reset()
