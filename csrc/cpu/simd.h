@@ -110,6 +110,31 @@ inline nfloat load_n(const T* p) {
   }
 }
 
+// The first n (<= kN) values at p as fp32 lanes, the rest `fill`: a row's last, partial vector.
+template <typename T>
+inline nfloat load_n_part(const T* p, int64_t n, float fill = 0.f) {
+  if (n == kN) return load_n(p);
+  float t[kN];
+  for (int64_t i = 0; i < kN; ++i) t[i] = i < n ? to_float(p[i]) : fill;
+  nfloat v;
+  std::memcpy(&v, t, sizeof(v));
+  return v;
+}
+
+// The first n (<= kN) lanes of v stored at p in T.
+template <typename T>
+inline void store_n_part(T* p, int64_t n, nfloat v) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kN) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    }
+  }
+  float t[kN];
+  std::memcpy(t, &v, sizeof(t));
+  for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(t[i]);
+}
+
 // Sum of an nfloat's lanes as a tree (i + kN/2, then + kN/4, ...), in registers.
 inline float hsum_n(nfloat v) {
 #if defined(__AVX512F__)

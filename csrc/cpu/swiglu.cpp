@@ -23,30 +23,6 @@ namespace {
 
 inline nfloat sigmoid_n(nfloat a) { return 1.f / (1.f + expv(-a)); }
 
-// Up to kN values of a row as fp32 lanes (the rest zero), and back.
-template <typename T>
-inline nfloat load_part(const T* p, int64_t n) {
-  if (n == kN) return load_n(p);
-  float t[kN] = {};
-  for (int64_t i = 0; i < n; ++i) t[i] = to_float(p[i]);
-  nfloat v;
-  std::memcpy(&v, t, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store_part(T* p, nfloat v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kN) {
-      std::memcpy(p, &v, sizeof(v));
-      return;
-    }
-  }
-  float t[kN];
-  std::memcpy(t, &v, sizeof(t));
-  for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(t[i]);
-}
-
 template <typename T>
 void fwd_impl(const T* a, const T* b, T* y, int64_t rows, int64_t cols, int64_t a_stride, int64_t b_stride,
               int64_t y_stride, int num_threads) {
@@ -57,8 +33,8 @@ void fwd_impl(const T* a, const T* b, T* y, int64_t rows, int64_t cols, int64_t 
       T* yr = y + r * y_stride;
       for (int64_t c = 0; c < cols; c += kN) {
         const int64_t n = std::min<int64_t>(kN, cols - c);
-        const nfloat av = load_part(ar + c, n);
-        store_part(yr + c, av * sigmoid_n(av) * load_part(br + c, n), n);
+        const nfloat av = load_n_part(ar + c, n);
+        store_n_part(yr + c, n, av * sigmoid_n(av) * load_n_part(br + c, n));
       }
     }
   });
@@ -76,10 +52,10 @@ void bwd_impl(const T* dy, const T* a, const T* b, T* da, T* db, int64_t rows, i
       T* dbr = db + r * db_stride;
       for (int64_t c = 0; c < cols; c += kN) {
         const int64_t n = std::min<int64_t>(kN, cols - c);
-        const nfloat g = load_part(gr + c, n), av = load_part(ar + c, n), bv = load_part(br + c, n);
+        const nfloat g = load_n_part(gr + c, n), av = load_n_part(ar + c, n), bv = load_n_part(br + c, n);
         const nfloat s = sigmoid_n(av), silu = av * s;
-        store_part(dbr + c, g * silu, n);
-        store_part(dar + c, g * bv * (s + silu * (1.f - s)), n);
+        store_n_part(dbr + c, n, g * silu);
+        store_n_part(dar + c, n, g * bv * (s + silu * (1.f - s)));
       }
     }
   });
