@@ -545,7 +545,8 @@ inline int64_t q8_offset(int64_t c, int i, int64_t chunks) {
 
 // One chunk of x (32 values) in int8, kN lanes at a time: q (natural order) = x / d rounded to
 // the nearest integer, ties to even, as nearbyint does (round_even), within [-127, 127]. Returns
-// d (0 when inv is 0), and sets the chunk's fp32 sum and sum of q. A chunk whose sum is not finite, or whose amax is below FLT_MIN * 127, is all zeros.
+// d (0 when inv is 0), and sets the chunk's fp32 sum and sum of q. A chunk whose sum is not
+// finite, or whose amax is below FLT_MIN * 127, is all zeros.
 template <typename TX>
 inline float q8_chunk(const TX* x, int8_t* q, float& sum, int32_t& qsum) {
   constexpr int kV = 32 / kN;  // vectors per chunk

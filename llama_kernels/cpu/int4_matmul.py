@@ -16,12 +16,13 @@ The weights keep their packed layout; from 8 rows of x on AVX-512, 4 on AVX2 (a 
 the extension's int4_matmul_q8_gemm_rows()) each thread copies 16 weight rows at a time (8 on AVX2)
 into an interleaved tile (8 x 8 word transposes), so that each SIMD lane accumulates one weight
 row's whole 32-code chunk before the fp32 conversion, and y comes out in whole vectors. "int8" is
-the default: 1.3-2x faster on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a relative output error near
-1e-2, and the held-out Botchan perplexity of int4 models (examples/quantize_botchan.py's recipe,
-every row through this kernel) within 0.03% of "fp32". NF4 always takes the fp32 path: its code book
-is not integers, so an int8 dot product would need the code book rounded to int8 (a second
-quantization of every weight) and a table lookup (vpshufb) per byte. A row of x with inf or NaN is
-computed with fp32 activations, so it gives what the reference gives.
+the default: 1.3-2x faster on the stories42M decode shapes (bench/micro/int4_q8_compare.py) at a
+relative output error near 1e-2, and the held-out Botchan perplexity of int4 models
+(examples/quantize_botchan.py's recipe, every row through this kernel) within 0.03% of "fp32". NF4
+always takes the fp32 path: its code book is not integers, so an int8 dot product would need the
+code book rounded to int8 (a second quantization of every weight) and a table lookup (vpshufb) per
+byte. A row of x with inf or NaN is computed with fp32 activations, so it gives what the reference
+gives.
 LLAMA_KERNELS_INT4_CPU_ACTIVATIONS sets the default at import.
 """
 from __future__ import annotations
